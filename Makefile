@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CI runs on 2 cores; pytest-xdist splits the suite over them.
+PYTEST_WORKERS ?= 2
+
+.PHONY: venv test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned (test/convert only): an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m convert.demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/dit_forward.py
+	$(BIN)/python bench/vae.py
+	$(BIN)/python bench/umt5.py
+	$(BIN)/python bench/data.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

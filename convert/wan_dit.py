@@ -1,0 +1,231 @@
+"""Wan2.1 DiT (T2V or VACE) PyTorch checkpoint -> pickstyle_jax checkpoint.
+
+    python -m convert.wan_dit --src SRC --dst DST [--dtype float32|bfloat16] [--config NAME]
+
+SRC is a diffusers transformer folder (`config.json` + safetensors, possibly sharded), an official Wan folder
+(official key names, e.g. `Wan-AI/Wan2.1-VACE-14B` with its index json), or one `.safetensors`/`.pth` file (official,
+diffusers or ComfyUI `model.diffusion_model.` names). Without a `config.json`, `--config` names the variant; if it is
+absent too, the variant is inferred from the tensor shapes and printed.
+
+Our parameter paths are the official key names (see models/wan.py), so the official table is a naming rule checked
+against the model's own parameter tree; the diffusers names are one explicit module table, `DIFFUSERS_MODULES`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from convert import common
+from pickstyle_jax import checkpoints
+from pickstyle_jax.models import wan
+
+# Official module name (inside a block or at the top) -> diffusers module name. Block-level entries apply to both
+# `blocks.i.` and `vace_blocks.j.`. The only table of these names in the project: convert/lora.py imports it.
+DIFFUSERS_TOP = {
+    "patch_embedding": "patch_embedding",
+    "vace_patch_embedding": "vace_patch_embedding",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "head.head": "proj_out",
+    "head.modulation": "scale_shift_table",
+}
+DIFFUSERS_BLOCK = {
+    "modulation": "scale_shift_table",
+    "self_attn.q": "attn1.to_q",
+    "self_attn.k": "attn1.to_k",
+    "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "self_attn.norm_q": "attn1.norm_q",
+    "self_attn.norm_k": "attn1.norm_k",
+    "cross_attn.q": "attn2.to_q",
+    "cross_attn.k": "attn2.to_k",
+    "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "cross_attn.norm_q": "attn2.norm_q",
+    "cross_attn.norm_k": "attn2.norm_k",
+    "norm3": "norm2",  # the affine LayerNorm before cross-attention
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+    "before_proj": "proj_in",
+    "after_proj": "proj_out",
+}
+_BLOCK_RE = re.compile(r"^((?:vace_)?blocks\.\d+)\.(.+)$")
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+
+
+def official_to_diffusers_module(module: str) -> str:
+    """`blocks.3.self_attn.q` -> `blocks.3.attn1.to_q`; raises KeyError for names outside the tables."""
+    m = _BLOCK_RE.match(module)
+    if m:
+        return f"{m.group(1)}.{DIFFUSERS_BLOCK[m.group(2)]}"
+    return DIFFUSERS_TOP[module]
+
+
+def diffusers_to_official_module(module: str) -> str:
+    m = _BLOCK_RE.match(module)
+    if m:
+        inv = {v: k for k, v in DIFFUSERS_BLOCK.items()}
+        return f"{m.group(1)}.{inv[m.group(2)]}"
+    return {v: k for k, v in DIFFUSERS_TOP.items()}[module]
+
+
+def _official_key(path: str) -> tuple[str, common.Transform]:
+    """Our dotted parameter path -> (official torch key, transform to our layout)."""
+    module, leaf = path.rsplit(".", 1)
+    if leaf == "modulation":  # blocks.i.modulation / head.modulation: a raw [1, k, D] tensor
+        return path, common.identity
+    if leaf == "kernel":
+        fn = common.patch_dense if module.endswith("patch_embedding") else common.linear
+        return f"{module}.weight", fn
+    if leaf == "scale":
+        return f"{module}.weight", common.identity
+    if leaf == "bias":
+        return path, common.identity
+    raise KeyError(f"no conversion rule for parameter {path}")
+
+
+def key_table(cfg: wan.WanConfig, *, diffusers: bool) -> tuple[dict, dict]:
+    """(table: our path -> (source key, transform), expected: our path -> shape) for this config."""
+    shapes = jax.eval_shape(lambda: wan.init(cfg, jax.random.key(0)))
+    expected = common.flatten_shapes(shapes)
+    table = {}
+    for path in expected:
+        key, fn = _official_key(path)
+        if diffusers:
+            if key.endswith("modulation"):
+                module, leaf = key, None
+            else:
+                module, leaf = key.rsplit(".", 1)
+            dmod = official_to_diffusers_module(module)
+            key = dmod if leaf is None else f"{dmod}.{leaf}"
+        table[path] = (key, fn)
+    return table, expected
+
+
+# ------------------------------------------------------------------------------------------ configs
+def _config_from_official(c: dict, base: wan.WanConfig) -> wan.WanConfig:
+    n_layers = c["num_layers"]
+    vace = c.get("model_type") == "vace" or "vace_layers" in c or "vace_in_dim" in c
+    fields = dict(dim=c["dim"], ffn_dim=c["ffn_dim"], num_heads=c["num_heads"], num_layers=n_layers,
+                  in_dim=c.get("in_dim", 16), out_dim=c.get("out_dim", 16), text_dim=c.get("text_dim", 4096),
+                  freq_dim=c.get("freq_dim", 256), text_len=c.get("text_len", 512), eps=c.get("eps", 1e-6),
+                  patch_size=tuple(c.get("patch_size", (1, 2, 2))))
+    if c.get("model_type", "t2v") not in ("t2v", "vace"):
+        raise common.ConversionError(f"model_type {c['model_type']!r} is not supported (t2v and vace are)")
+    if vace:
+        fields.update(vace_layers=tuple(c.get("vace_layers", range(0, n_layers, 2))),
+                      vace_in_dim=c.get("vace_in_dim", 96))
+    else:
+        fields.update(vace_layers=())
+    return dataclasses.replace(base, **fields)
+
+
+def _config_from_diffusers(c: dict, base: wan.WanConfig) -> wan.WanConfig:
+    for key, want in (("image_dim", None), ("added_kv_proj_dim", None)):
+        if c.get(key) != want:
+            raise common.ConversionError(f"diffusers config has {key}={c.get(key)!r}: image-conditioned (I2V/FLF2V) "
+                                         f"Wan models are not supported")
+    if c.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads" or not c.get("cross_attn_norm", True):
+        raise common.ConversionError("diffusers config: expected qk_norm='rms_norm_across_heads' and "
+                                     "cross_attn_norm=True (every Wan2.1 release)")
+    fields = dict(dim=c["num_attention_heads"] * c["attention_head_dim"], num_heads=c["num_attention_heads"],
+                  ffn_dim=c["ffn_dim"], num_layers=c["num_layers"], in_dim=c["in_channels"],
+                  out_dim=c["out_channels"], text_dim=c["text_dim"], freq_dim=c["freq_dim"],
+                  eps=c.get("eps", 1e-6), patch_size=tuple(c.get("patch_size", (1, 2, 2))))
+    if "vace_layers" in c:
+        fields.update(vace_layers=tuple(c["vace_layers"]), vace_in_dim=c.get("vace_in_channels", 96))
+    else:
+        fields.update(vace_layers=())
+    return dataclasses.replace(base, **fields)
+
+
+def _config_from_shapes(sd, base: wan.WanConfig) -> wan.WanConfig:
+    """Infers the architecture of an official-named state dict (used when no config.json or --config is given)."""
+    dim, in_dim = sd.shape("patch_embedding.weight")[:2]
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    vace = {int(m.group(1)) for k in sd if (m := re.match(r"vace_blocks\.(\d+)\.", k))}
+    n = max(layers) + 1
+    fields = dict(dim=dim, in_dim=in_dim, num_heads=dim // 128, num_layers=n,
+                  ffn_dim=sd.shape("blocks.0.ffn.0.weight")[0], text_dim=sd.shape("text_embedding.0.weight")[1],
+                  freq_dim=sd.shape("time_embedding.0.weight")[1], out_dim=sd.shape("head.head.weight")[0] // 4)
+    if vace:
+        j = max(vace) + 1
+        if n % j:
+            raise common.ConversionError(f"{j} VACE blocks over {n} layers: cannot infer vace_layers; pass --config")
+        fields.update(vace_layers=tuple(range(0, n, n // j)),
+                      vace_in_dim=sd.shape("vace_patch_embedding.weight")[1])
+    else:
+        fields.update(vace_layers=())
+    return dataclasses.replace(base, **fields)
+
+
+def _detect(sd) -> str:
+    if any(k.startswith("condition_embedder.") for k in sd):
+        return "diffusers"
+    if any(k.startswith("time_embedding.") for k in sd):
+        return "official"
+    raise common.ConversionError(f"{sd.describe}: neither official Wan nor diffusers key names "
+                                 f"(first keys: {sorted(sd)[:5]})")
+
+
+def read_source(src, config: str | None = None):
+    """(cfg, state dict with prefixes removed, "official" | "diffusers") for a source path."""
+    src = Path(src)
+    sd = common.open_state_dict(src, prefer=("diffusion_pytorch_model.safetensors",))
+    sd = common.strip_prefix(sd, COMFY_PREFIXES)
+    layout = _detect(sd)
+    base = wan.WanConfig.named(config) if config else wan.WanConfig.named("t2v-1.3B")
+    cfg_file = (src if src.is_dir() else src.parent) / "config.json"
+    if config:
+        cfg = base
+    elif cfg_file.is_file():
+        c = json.loads(cfg_file.read_text())
+        cfg = _config_from_diffusers(c, base) if "num_attention_heads" in c else _config_from_official(c, base)
+    elif layout == "official":
+        cfg = _config_from_shapes(sd, base)
+    else:
+        raise common.ConversionError(f"{src}: diffusers weights without a config.json; pass --config NAME")
+    return cfg, sd, layout
+
+
+def convert(src, dst, *, dtype=None, config: str | None = None, verbose: bool = True):
+    """Converts `src` and writes the checkpoint `dst`; returns (cfg, params)."""
+    cfg, sd, layout = read_source(src, config)
+    np_dtype = common.parse_dtype(dtype) if isinstance(dtype, (str, type(None))) else dtype
+    if np_dtype is not None:
+        cfg = dataclasses.replace(cfg, param_dtype=np.dtype(np_dtype).name)
+    table, expected = key_table(cfg, diffusers=layout == "diffusers")
+    params = common.convert_strict(sd, table, expected, dtype=np_dtype)
+    checkpoints.save(dst, cfg, params, kind="wan", extra={"source": str(src), "source_layout": layout})
+    if verbose:
+        n = sum(int(np.prod(s)) for s in expected.values())
+        print(f"converted {layout} checkpoint {src} -> {dst}: {len(table)} tensors, {n / 1e6:.2f} M parameters, "
+              f"config {cfg}")
+    return cfg, params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", required=True)
+    ap.add_argument("--dst", required=True)
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: keep the stored dtype)")
+    ap.add_argument("--config", default=None, help="variant name, e.g. vace-14B (overrides config.json)")
+    args = ap.parse_args(argv)
+    try:
+        convert(args.src, args.dst, dtype=args.dtype, config=args.config)
+    except (common.ConversionError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

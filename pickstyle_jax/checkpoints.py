@@ -1,0 +1,165 @@
+"""Converted checkpoints: a directory holding Orbax params and a `config.json`.
+
+Layout of a checkpoint directory `DIR`:
+  DIR/config.json   {"kind": "wan" | "vae" | "umt5" | "lora", "format": 1, "config": {...dataclass fields...}, ...}
+  DIR/params/       Orbax (OCDBT) pytree of arrays, paths mirroring the official PyTorch key names.
+
+Writes are atomic: everything goes to a hidden sibling directory that is renamed into place only when complete,
+so an interrupted conversion never leaves a half-written checkpoint where a good one was.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT = 1
+
+# kind -> (module, config class); imported lazily so loading a VAE does not import the DiT.
+_KINDS = {
+    "wan": ("pickstyle_jax.models.wan", "WanConfig"),
+    "vae": ("pickstyle_jax.models.vae", "VaeConfig"),
+    "umt5": ("pickstyle_jax.models.umt5", "Umt5Config"),
+    "lora": ("pickstyle_jax.lora", "LoraConfig"),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or of the wrong kind."""
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(kind: str, d: dict):
+    """Rebuilds a config dataclass; JSON lists become tuples, unknown fields are an error."""
+    module, name = _KINDS[kind]
+    cls = getattr(importlib.import_module(module), name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise CheckpointError(f"config.json has fields {unknown} that {name} does not know; "
+                              f"it was written by a different version of pickstyle_jax")
+
+    def fix(v):
+        return tuple(fix(x) for x in v) if isinstance(v, list) else v
+
+    return cls(**{k: fix(v) for k, v in d.items()})
+
+
+def _to_numpy(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def save(path, cfg, params, *, kind: str, extra: dict | None = None, overwrite: bool = True) -> Path:
+    """Writes `params` and `cfg` to `path` atomically and returns the path."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {sorted(_KINDS)}")
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True or choose another --dst")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "params", _to_numpy(params))
+        ckptr.wait_until_finished()
+        meta = {"kind": kind, "format": FORMAT, "config": config_to_dict(cfg), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_meta(path) -> dict:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        hint = ""
+        if path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.pth")):
+            hint = " It looks like a PyTorch checkpoint: convert it first with `python -m convert.<model> --src ... --dst ...`."
+        raise CheckpointError(f"{path} is not a pickstyle_jax checkpoint (no config.json).{hint}")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file}: format {meta.get('format')!r}, this version reads format {FORMAT}")
+    return meta
+
+
+def load(path, kind: str, *, dtype=None, sharding: Callable[[tuple, Any], Any] | Any = None):
+    """Returns (config, params) of a checkpoint of `kind`.
+
+    dtype: cast floating parameters to this dtype while reading (the config's param_dtype follows, if it has one).
+    sharding: a `jax.sharding.Sharding` for every leaf, or a function (path_tuple, ShapeDtypeStruct) -> Sharding;
+      default: the first local device.
+    """
+    path = Path(path).absolute()
+    meta = read_meta(path)
+    if meta["kind"] != kind:
+        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {kind!r}")
+    cfg = config_from_dict(kind, meta["config"])
+    ckptr = ocp.StandardCheckpointer()
+    tree_meta = ckptr.metadata(path / "params").item_metadata.tree
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(kp, m):
+        dt = np.dtype(m.dtype)
+        if dtype is not None and (np.issubdtype(dt, np.floating) or dt.name == "bfloat16"):
+            dt = np.dtype(dtype)
+        sds = jax.ShapeDtypeStruct(tuple(m.shape), dt)
+        if sharding is None:
+            sh = default
+        elif callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
+            sh = sharding(tuple(getattr(k, "key", k) for k in kp), sds)
+        else:
+            sh = sharding
+        return jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sh)
+
+    target = jax.tree_util.tree_map_with_path(abstract, tree_meta)
+    params = ckptr.restore(path / "params", target)
+    if dtype is not None and hasattr(cfg, "param_dtype"):
+        cfg = dataclasses.replace(cfg, param_dtype=np.dtype(dtype).name)
+    return cfg, params
+
+
+def load_dit(path, **kw):
+    """(WanConfig, params) of a converted Wan DiT (T2V or VACE)."""
+    return load(path, "wan", **kw)
+
+
+def load_vae(path, **kw):
+    """(VaeConfig, params) of a converted Wan2.1 VAE."""
+    return load(path, "vae", **kw)
+
+
+def load_umt5(path, **kw):
+    """(Umt5Config, params) of a converted umT5 encoder."""
+    return load(path, "umt5", **kw)
+
+
+def load_lora(path, **kw):
+    """A `lora.Lora` (config + A/B arrays) from a converted or trained adapter checkpoint."""
+    from pickstyle_jax import lora
+
+    cfg, params = load(path, "lora", **kw)
+    return lora.Lora(params=params, config=cfg)
+
+
+def save_lora(path, adapters, **kw) -> Path:
+    return save(path, adapters.config, adapters.params, kind="lora", **kw)

@@ -1,0 +1,21 @@
+"""Test-wide setup: exact fp32 matmuls for parity tests, absl flags parsed for grain workers."""
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+# Parity tests compare against torch fp32; XLA's CPU default is already fp32, but on GPU/TPU "default" means bf16
+# passes, so pin it.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# Grain's multiprocess loading reads absl flags in its workers.
+flags.FLAGS.mark_as_parsed()
+
+try:  # torch is a test-only reference; keep it to the two cores CI has.
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+except ImportError:  # pragma: no cover
+    pass
