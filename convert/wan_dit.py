@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from convert import common
@@ -155,6 +156,9 @@ def _config_from_shapes(sd, base: wan.WanConfig) -> wan.WanConfig:
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     vace = {int(m.group(1)) for k in sd if (m := re.match(r"vace_blocks\.(\d+)\.", k))}
     n = max(layers) + 1
+    if dim % 128:  # every Wan2.1 release uses 128-wide heads; the q/k norms span all heads, so weights can't tell
+        raise common.ConversionError(f"width {dim} is not a multiple of Wan's head dim 128: cannot infer num_heads; "
+                                     f"pass --config or put a config.json beside the weights")
     fields = dict(dim=dim, in_dim=in_dim, num_heads=dim // 128, num_layers=n,
                   ffn_dim=sd.shape("blocks.0.ffn.0.weight")[0], text_dim=sd.shape("text_embedding.0.weight")[1],
                   freq_dim=sd.shape("time_embedding.0.weight")[1], out_dim=sd.shape("head.head.weight")[0] // 4)
@@ -206,6 +210,11 @@ def convert(src, dst, *, dtype=None, config: str | None = None, verbose: bool = 
         cfg = dataclasses.replace(cfg, param_dtype=np.dtype(np_dtype).name)
     table, expected = key_table(cfg, diffusers=layout == "diffusers")
     params = common.convert_strict(sd, table, expected, dtype=np_dtype)
+    if np_dtype is None:  # keep the stored dtype where the model can run in it: bf16 if every tensor is bf16
+        leaves = jax.tree.leaves(params)
+        stored = "bfloat16" if all(a.dtype == ml_dtypes.bfloat16 for a in leaves) else "float32"
+        params = jax.tree.map(lambda a: a.astype(np.dtype(stored)), params)
+        cfg = dataclasses.replace(cfg, param_dtype=stored)
     checkpoints.save(dst, cfg, params, kind="wan", extra={"source": str(src), "source_layout": layout})
     if verbose:
         n = sum(int(np.prod(s)) for s in expected.values())
@@ -218,7 +227,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", required=True)
     ap.add_argument("--dst", required=True)
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: keep the stored dtype)")
+    ap.add_argument("--dtype", default=None,
+                    help="float32 | bfloat16 (default: bfloat16 if every stored tensor is bf16, else float32)")
     ap.add_argument("--config", default=None, help="variant name, e.g. vace-14B (overrides config.json)")
     args = ap.parse_args(argv)
     try:
