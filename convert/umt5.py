@@ -142,8 +142,9 @@ def config_from_shapes(sd, source_format: str) -> umt5.Umt5Config:
     except KeyError as e:
         raise ConversionError(f"cannot infer the umT5 config from {getattr(sd, 'describe', 'source')}: no {e}; "
                               f"pass --config") from None
-    return umt5.Umt5Config(vocab_size=V, d_model=D, d_kv=inner // H, d_ff=F, num_layers=max(layers) + 1 if layers else 0,
-                           num_heads=H, num_buckets=N, param_dtype="float32", dtype="float32")
+    return umt5.Umt5Config(vocab_size=V, d_model=D, d_kv=inner // H, d_ff=F,
+                           num_layers=max(layers) + 1 if layers else 0, num_heads=H, num_buckets=N,
+                           param_dtype="float32", dtype="float32")
 
 
 def _dtype_name(dt) -> str:
@@ -194,11 +195,12 @@ def _open(src: Path):
     """(state dict, transformers config dict or None)."""
     if src.is_dir():
         cfg_file = src / "config.json"
-        if cfg_file.is_file():
-            hf = json.loads(cfg_file.read_text())
-            return open_state_dict(src, prefer=("model.safetensors", "pytorch_model.bin")), hf
-        if (src / OFFICIAL_FILE).is_file():
+        hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        is_t5_config = hf is not None and ("d_kv" in hf or hf.get("model_type") in ("umt5", "mt5", "t5"))
+        if not is_t5_config and (src / OFFICIAL_FILE).is_file():  # a Wan folder (its config.json is the DiT's)
             return open_state_dict(src / OFFICIAL_FILE), None
+        if hf is not None:
+            return open_state_dict(src, prefer=("model.safetensors", "pytorch_model.bin")), hf
     return open_state_dict(src), None
 
 

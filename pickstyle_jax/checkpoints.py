@@ -105,7 +105,7 @@ def read_meta(path) -> dict:
 def load(path, kind: str, *, dtype=None, sharding: Callable[[tuple, Any], Any] | Any = None):
     """Returns (config, params) of a checkpoint of `kind`.
 
-    dtype: cast floating parameters to this dtype while reading (the config's param_dtype follows, if it has one).
+    dtype: cast floating parameters to this dtype while reading; the config's param_dtype and compute dtype follow.
     sharding: a `jax.sharding.Sharding` for every leaf, or a function (path_tuple, ShapeDtypeStruct) -> Sharding;
       default: the first local device.
     """
@@ -133,8 +133,9 @@ def load(path, kind: str, *, dtype=None, sharding: Callable[[tuple, Any], Any] |
 
     target = jax.tree_util.tree_map_with_path(abstract, tree_meta)
     params = ckptr.restore(path / "params", target)
-    if dtype is not None and hasattr(cfg, "param_dtype"):
-        cfg = dataclasses.replace(cfg, param_dtype=np.dtype(dtype).name)
+    if dtype is not None:  # weights read in `dtype` also compute in it unless the caller says otherwise
+        name = np.dtype(dtype).name
+        cfg = dataclasses.replace(cfg, **{f: name for f in ("param_dtype", "dtype") if hasattr(cfg, f)})
     return cfg, params
 
 
