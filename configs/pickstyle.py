@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = pipeline.default_config()
     if tiny:
         c.data.update(dict(frames=5, height=32, width=48, batch_size=2, num_epochs=None, synthetic_examples=8,
+                           shift_range=(7, 14),  # the official 100..200 px scaled from 832 to 48 px wide
                            num_workers=0, prefetch=0))
     c.total_steps = 4 if tiny else -1  # -1: all epochs (the official YAML lacks end_step; quirk #4)
     c.log_every = 1 if tiny else 10
