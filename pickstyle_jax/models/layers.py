@@ -1,0 +1,219 @@
+"""Primitives shared by the models: dense, norms, timestep sinusoid, 3D RoPE and attention.
+
+Dimension key: B batch, S query tokens, T key tokens, N heads, K head dim, C features.
+
+Precision rules (PICKSTYLE.md §2.6): matmuls take inputs in the compute dtype and accumulate in fp32
+(`preferred_element_type`); norm statistics, softmax statistics and RoPE run in fp32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+f32 = jnp.float32
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "chunked")
+
+
+def dense(x, p, *, dtype=f32, out_dtype=None):
+    """y = x @ kernel + bias with inputs cast to `dtype`, fp32 accumulation, bias added in fp32."""
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), p["kernel"].astype(dtype), preferred_element_type=f32)
+    if "bias" in p:
+        y = y + p["bias"].astype(f32)
+    return y.astype(out_dtype or dtype)
+
+
+def layer_norm(x, p=None, *, eps=1e-6):
+    """LayerNorm over the last axis in fp32; affine when `p` ({"scale", "bias"}) is given. Returns fp32."""
+    x = x.astype(f32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+    y = centered * jax.lax.rsqrt(var + eps)
+    if p is not None:
+        y = y * p["scale"].astype(f32) + p["bias"].astype(f32)
+    return y
+
+
+def rms_norm(x, p, *, eps=1e-6):
+    """RMSNorm over the last axis with fp32 statistics and a learned scale. Returns fp32."""
+    x = x.astype(f32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return y * p["scale"].astype(f32)
+
+
+def gelu_tanh(x):
+    """tanh-approximate GELU evaluated in fp32, returned in the input dtype."""
+    return jax.nn.gelu(x.astype(f32), approximate=True).astype(x.dtype)
+
+
+def _split_mantissa(a, bits):
+    """float64 array -> (hi, lo) float32 with hi keeping `bits` significant bits, so hi * (small int) is exact."""
+    m, e = np.frexp(a)
+    hi = np.ldexp(np.floor(m * 2.0**bits) / 2.0**bits, e)
+    return hi.astype(np.float32), (a - hi).astype(np.float32)
+
+
+_TWO_PI_HI, _TWO_PI_LO = _split_mantissa(np.float64(2 * np.pi), 16)
+
+
+def timestep_embedding(t_B, dim, *, max_period=10000.0):
+    """Sinusoid [cos(t*w) | sin(t*w)], w_i = max_period^(-i/(dim/2)): cos half first. Returns [B, dim] fp32.
+
+    The reference evaluates this in float64. Plain fp32 loses ~3e-5 at t = 999 because t*w itself is rounded;
+    here t*w is split into an exactly representable part (t on a 1/16 grid times w with 10 significant bits,
+    exact for t < 1024), reduced modulo 2*pi with a two-word constant, plus a small correction, which keeps the
+    error near 2e-7 for t in [0, 1000] (tests/test_wan.py measures it against float64).
+    """
+    half = dim // 2
+    omega = max_period ** (-np.arange(half, dtype=np.float64) / half)
+    omega_hi, omega_lo = _split_mantissa(omega, 10)
+    t = jnp.asarray(t_B, f32)[:, None]
+    t_hi = jnp.floor(t * 16.0) / 16.0  # exact: at most 14 significant bits for t < 1024
+    t_lo = t - t_hi  # exact
+    exact = t_hi * omega_hi  # exact product (<= 24 significant bits)
+    turns = jnp.round(exact / _TWO_PI_HI)
+    reduced = (exact - turns * _TWO_PI_HI) - turns * _TWO_PI_LO  # first subtraction is exact (Sterbenz)
+    theta = reduced + (t_hi * omega_lo + t_lo * omega.astype(np.float32))
+    return jnp.concatenate([jnp.cos(theta), jnp.sin(theta)], axis=-1)
+
+
+def rope_split(head_dim):
+    """Per-head lane split (frame, row, column) of the 3D RoPE: d - 4*(d//6), 2*(d//6), 2*(d//6)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_freqs(head_dim, grid, *, theta=10000.0):
+    """cos/sin tables [S, K/2] (fp32) of the 3D RoPE for a (frames, rows, columns) token grid, frame-major.
+
+    Pair p of a head rotates by pos_axis * theta^(-2k/d_axis), each axis with its own base dimension d_axis
+    (PICKSTYLE.md §2.5). The angles are built on the host in float64 from the static grid and rounded once,
+    like the reference, so the tables equal the float64 ones rounded to fp32.
+    """
+    tables = []
+    for axis, (size, d_axis) in enumerate(zip(grid, rope_split(head_dim))):
+        freqs = 1.0 / theta ** (np.arange(0, d_axis, 2, dtype=np.float64) / d_axis)
+        angle = np.outer(np.arange(size, dtype=np.float64), freqs)  # [size, d_axis/2]
+        shape = [1, 1, 1, d_axis // 2]
+        shape[axis] = size
+        tables.append(angle.reshape(shape))
+    angle_FHWP = np.concatenate([np.broadcast_to(a, (*grid, a.shape[-1])) for a in tables], axis=-1)
+    angle_SP = angle_FHWP.reshape(-1, head_dim // 2)
+    return np.cos(angle_SP).astype(np.float32), np.sin(angle_SP).astype(np.float32)
+
+
+def apply_rope(x_BSNK, cos_SP, sin_SP):
+    """Rotate adjacent lane pairs (2p, 2p+1) by the table angles, in fp32. Returns fp32 [B, S, N, K]."""
+    x = x_BSNK.astype(f32).reshape(*x_BSNK.shape[:-1], -1, 2)
+    a, b = x[..., 0], x[..., 1]
+    cos = jnp.asarray(cos_SP)[None, :, None, :]
+    sin = jnp.asarray(sin_SP)[None, :, None, :]
+    return jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(x_BSNK.shape)
+
+
+# ------------------------------------------------------------------------------------------------- attention
+
+
+def _key_bias(b, t, kv_lens_B, key_bias):
+    """Additive fp32 logit bias [B, T] from key lengths (-inf beyond) and a per-key bias, or None."""
+    if kv_lens_B is None and key_bias is None:
+        return None
+    bias_BT = jnp.broadcast_to(jnp.asarray(0.0 if key_bias is None else key_bias, f32), (b, t))
+    if kv_lens_B is not None:
+        bias_BT = jnp.where(jnp.arange(t)[None, :] < kv_lens_B[:, None], bias_BT, -jnp.inf)
+    return bias_BT
+
+
+def _attend(q_BNSK, k_BNTK, v_BNTK, bias_BT):
+    """Exact softmax attention on head-major, pre-scaled q; fp32 logits and statistics, normalised after the
+    value product (one pass fewer over the [S, T] weights). Returns fp32 [B, N, S, K]."""
+    logits_BNST = jnp.einsum("bnsk,bntk->bnst", q_BNSK, k_BNTK, preferred_element_type=f32)
+    if bias_BT is not None:
+        logits_BNST = logits_BNST + bias_BT[:, None, None, :]
+    weights_BNST = jnp.exp(logits_BNST - jnp.max(logits_BNST, axis=-1, keepdims=True))
+    denom_BNS1 = jnp.sum(weights_BNST, axis=-1, keepdims=True)
+    out_BNSK = jnp.einsum("bnst,bntk->bnsk", weights_BNST.astype(v_BNTK.dtype), v_BNTK, preferred_element_type=f32)
+    return out_BNSK / denom_BNS1
+
+
+def _attend_online(q_BNSK, k_BNTK, v_BNTK, bias_BT, kv_chunk):
+    """Key-chunked online softmax (flash-attention recurrence); never holds more than [B, N, S, kv_chunk]."""
+    b, n, s, kd = q_BNSK.shape
+    t = k_BNTK.shape[2]
+    n_chunks = -(-t // kv_chunk)
+    pad = n_chunks * kv_chunk - t
+    bias_BT = jnp.zeros((b, t), f32) if bias_BT is None else bias_BT
+    bias_chunks = jnp.moveaxis(jnp.pad(bias_BT, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+                               .reshape(b, n_chunks, kv_chunk), 1, 0)
+    k_chunks, v_chunks = (jnp.moveaxis(jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0)))
+                                       .reshape(b, n, n_chunks, kv_chunk, kd), 2, 0) for a in (k_BNTK, v_BNTK))
+
+    def step(carry, xs):
+        acc_BNSK, row_max_BNS1, denom_BNS1 = carry
+        bias_c, k_c, v_c = xs
+        logits = jnp.einsum("bnsk,bntk->bnst", q_BNSK, k_c, preferred_element_type=f32) + bias_c[:, None, None, :]
+        new_max = jnp.maximum(row_max_BNS1, jnp.max(logits, axis=-1, keepdims=True))
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        correction = jnp.exp(row_max_BNS1 - safe_max)
+        weights = jnp.exp(logits - safe_max)
+        acc_BNSK = acc_BNSK * correction + jnp.einsum(
+            "bnst,bntk->bnsk", weights.astype(v_c.dtype), v_c, preferred_element_type=f32)
+        denom_BNS1 = denom_BNS1 * correction + jnp.sum(weights, axis=-1, keepdims=True)
+        return (acc_BNSK, new_max, denom_BNS1), None
+
+    init = (jnp.zeros((b, n, s, kd), f32), jnp.full((b, n, s, 1), -jnp.inf, f32), jnp.zeros((b, n, s, 1), f32))
+    (acc, _, denom), _ = jax.lax.scan(step, init, (bias_chunks, k_chunks, v_chunks))
+    return acc / denom
+
+
+def attention(q_BSNK, k_BTNK, v_BTNK, *, implementation="xla", scale=None, kv_lens=None, key_bias=None,
+              chunk_size=1024, kv_chunk_size=None):
+    """Multi-head softmax attention softmax(scale * q k^T + bias) v; the one attention entry point of the models.
+
+    implementation:
+      "xla"     plain einsum/softmax; materialises [B, N, S, T] fp32 logits.
+      "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"): GPU only, bf16/fp16 inputs, no key_bias.
+      "chunked" memory-bounded: queries in blocks of `chunk_size` under lax.map, each block rematerialised in
+                the backward pass, so only [B, N, chunk_size, T] logits live at once; with `kv_chunk_size`,
+                keys are also streamed with an online softmax ([B, N, chunk_size, kv_chunk_size]).
+    scale: defaults to 1/sqrt(K). Callers holding an fp32 q can fold the scale in before casting and pass 1.0.
+    kv_lens: optional int [B]; keys at positions >= kv_lens[b] are masked out (padded tokens).
+    key_bias: optional fp32 [T] or [B, T] added to the logits of every query (e.g. log-multiplicities).
+    Returns [B, S, N, K] in q's dtype.
+    """
+    scale = 1.0 / math.sqrt(q_BSNK.shape[-1]) if scale is None else scale
+    out_dtype = q_BSNK.dtype
+    if implementation == "cudnn":
+        if key_bias is not None:
+            raise ValueError("the cudnn attention path takes no key_bias")
+        return jax.nn.dot_product_attention(q_BSNK, k_BTNK, v_BTNK, scale=scale, key_value_seq_lengths=kv_lens,
+                                            implementation="cudnn").astype(out_dtype)
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                         f"{implementation!r}")
+    if scale != 1.0:  # on q rather than on the [S, T] logits: one pass fewer over the largest array
+        q_BSNK = (q_BSNK.astype(f32) * scale).astype(out_dtype)
+    bias_BT = _key_bias(q_BSNK.shape[0], k_BTNK.shape[1], kv_lens, key_bias)
+    # head-major layout makes both products plain batched matmuls
+    q_BNSK, k_BNTK, v_BNTK = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q_BSNK, k_BTNK, v_BTNK))
+    if implementation == "xla":
+        out_BNSK = _attend(q_BNSK, k_BNTK, v_BNTK, bias_BT)
+    else:
+        b, n, s, kd = q_BNSK.shape
+        chunk = min(chunk_size, s)
+        n_chunks = -(-s // chunk)
+        q_pad = jnp.pad(q_BNSK, ((0, 0), (0, 0), (0, n_chunks * chunk - s), (0, 0)))
+        q_chunks = jnp.moveaxis(q_pad.reshape(b, n, n_chunks, chunk, kd), 2, 0)
+
+        @jax.checkpoint
+        def one_chunk(q_c):
+            if kv_chunk_size is not None and kv_chunk_size < k_BNTK.shape[2]:
+                return _attend_online(q_c, k_BNTK, v_BNTK, bias_BT, kv_chunk_size)
+            return _attend(q_c, k_BNTK, v_BNTK, bias_BT)
+
+        out_BNSK = jnp.moveaxis(jax.lax.map(one_chunk, q_chunks), 0, 2).reshape(b, n, n_chunks * chunk, kd)[:, :, :s]
+    return jnp.transpose(out_BNSK, (0, 2, 1, 3)).astype(out_dtype)
