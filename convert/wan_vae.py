@@ -139,6 +139,10 @@ def read_source(src, config: str | None = None):
         cfg = config_from_diffusers(json.loads(cfg_file.read_text()), vae.VaeConfig.named("wan2.1"))
     else:
         cfg = vae.VaeConfig.named("wan2.1")
+        width = sd.shape("encoder.conv1.weight" if layout == "official" else "encoder.conv_in.weight")[0]
+        if width != cfg.base_dim:
+            raise common.ConversionError(f"{src}: encoder.conv1 has {width} channels, the wan2.1 VAE has "
+                                         f"{cfg.base_dim}: pass --config (one of wan2.1, tiny)")
     return cfg, sd, layout
 
 
