@@ -30,11 +30,6 @@ def make_inputs(cfg, r):
     return x, t, text, ctx
 
 
-def errors(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return np.abs(ours - ref).max(), np.linalg.norm(ours - ref) / np.linalg.norm(ref)
-
-
 @pytest.fixture(scope="module")
 def setup():
     cfg = wan.WanConfig.named("tiny")
@@ -75,14 +70,14 @@ def test_peft_parity(setup, fwd):
     ref = wan_ref.diffusers_forward(peft_model, x, t, text, ctx, context_scale=0.5)
     base = wan_ref.diffusers_forward(model, x, t, text, ctx, context_scale=0.5)
     ours = fwd(cfg, params, x, t, text, ctx, lora=adapters, context_scale=0.5)
-    max_abs, rel = errors(ours, ref)
+    max_abs, rel = wan_ref.errors(ours, ref)
     print(f"PEFT LoRA parity: max abs {max_abs:.2e}, rel L2 {rel:.2e}")
     assert max_abs <= 1e-4 and rel <= 1e-5, seed_msg()
-    assert errors(base, ref)[1] > 1e-3  # the adapters do change the output
+    assert wan_ref.errors(base, ref)[1] > 1e-3  # the adapters do change the output
 
     # merge then forward == unmerged forward
     merged = lora.merge(params, adapters)
-    max_abs, rel = errors(fwd(cfg, merged, x, t, text, ctx, context_scale=0.5), ours)
+    max_abs, rel = wan_ref.errors(fwd(cfg, merged, x, t, text, ctx, context_scale=0.5), ours)
     assert max_abs <= 1e-4 and rel <= 1e-5, seed_msg()
     assert merged["blocks"] is not params["blocks"] or merged["vace_blocks"] is not params["vace_blocks"]
     np.testing.assert_array_equal(merged["vace_blocks"]["0"]["self_attn"]["o"]["kernel"],
@@ -154,6 +149,6 @@ def test_main_block_and_ffn_lora_merge_equivalence(setup, fwd):
     x, t, text, ctx = make_inputs(cfg, np.random.default_rng(SEED + 3))
     unmerged = fwd(cfg, params, x, t, text, ctx, lora=adapters)
     merged = fwd(cfg, lora.merge(params, adapters), x, t, text, ctx)
-    max_abs, rel = errors(unmerged, merged)
+    max_abs, rel = wan_ref.errors(unmerged, merged)
     assert max_abs <= 1e-4 and rel <= 1e-5, seed_msg()
-    assert errors(fwd(cfg, params, x, t, text, ctx), merged)[1] > 1e-3
+    assert wan_ref.errors(fwd(cfg, params, x, t, text, ctx), merged)[1] > 1e-3

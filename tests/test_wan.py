@@ -47,11 +47,6 @@ def make_inputs(cfg, b=2, f=3, h=6, w=10, text_lens=(7, 19), r=None):
     return x, t, text, ctx
 
 
-def errors(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return np.abs(ours - ref).max(), np.linalg.norm(ours - ref) / np.linalg.norm(ref)
-
-
 @pytest.fixture(scope="module")
 def vace_setup():
     cfg = wan.WanConfig.named("tiny")
@@ -82,7 +77,7 @@ def test_vace_parity_with_diffusers(vace_setup, jit_forward):
     ref = wan_ref.diffusers_forward(model, x, t, text, ctx, context_scale=0.5)
     ours = jit_forward(cfg, params, x, t, text, ctx, context_scale=0.5)
     assert ours.dtype == jnp.float32 and ours.shape == x.shape
-    max_abs, rel = errors(ours, ref)
+    max_abs, rel = wan_ref.errors(ours, ref)
     print(f"VACE parity: max abs {max_abs:.2e}, rel L2 {rel:.2e}")
     assert max_abs <= 1e-4 and rel <= 1e-5, seed_msg()
 
@@ -91,7 +86,7 @@ def test_vace_per_layer_context_scale(vace_setup, jit_forward):
     cfg, model, params = vace_setup
     x, t, text, ctx = make_inputs(cfg, b=1, f=2, h=4, w=4, text_lens=(5,))
     scale = np.array([0.3, 1.7], np.float32)
-    max_abs, rel = errors(jit_forward(cfg, params, x, t, text, ctx, context_scale=scale),
+    max_abs, rel = wan_ref.errors(jit_forward(cfg, params, x, t, text, ctx, context_scale=scale),
                           wan_ref.diffusers_forward(model, x, t, text, ctx, context_scale=scale))
     assert max_abs <= 1e-4 and rel <= 1e-5, seed_msg()
 
@@ -102,7 +97,7 @@ def test_t2v_parity_with_diffusers(jit_forward):
     params = wan_ref.flax_params_from_diffusers(model)
     _assert_same_tree(cfg, params)
     x, t, text, _ = make_inputs(cfg)
-    max_abs, rel = errors(jit_forward(cfg, params, x, t, text), wan_ref.diffusers_forward(model, x, t, text))
+    max_abs, rel = wan_ref.errors(jit_forward(cfg, params, x, t, text), wan_ref.diffusers_forward(model, x, t, text))
     print(f"T2V parity: max abs {max_abs:.2e}, rel L2 {rel:.2e}")
     assert max_abs <= 1e-4 and rel <= 1e-5, seed_msg()
 
@@ -132,7 +127,7 @@ def test_bf16_forward_close_to_fp32(vace_setup, jit_forward):
     ref = jit_forward(cfg, params, x, t, text, ctx)
     out = jit_forward(cfg16, params16, x, t, text, ctx)
     assert out.dtype == jnp.float32
-    _, rel = errors(out, ref)
+    _, rel = wan_ref.errors(out, ref)
     print(f"bf16 vs fp32 rel L2 {rel:.2e}")
     assert rel <= BF16_REL_L2_BOUND, seed_msg()
 

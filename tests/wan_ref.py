@@ -128,3 +128,9 @@ def flax_params_from_diffusers(model):
             node = node.setdefault(key, {})
         node[leaf] = jnp.asarray(value)
     return params
+
+
+def errors(ours, ref):
+    """(max abs, relative L2) of ours against the reference, in float64."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return np.abs(ours - ref).max(), np.linalg.norm(ours - ref) / np.linalg.norm(ref)
