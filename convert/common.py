@@ -272,6 +272,24 @@ class _Renamed(StateDict):
         return self._base.shape(self._map[key])
 
 
+def converter_main(argv, *, prog: str, doc: str, convert: Callable, src_help: str, dtype_help: str,
+                   config_help: str, config_choices=None):
+    """The shared command line of the model converters: --src --dst [--dtype] [--config]; errors without traceback."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", required=True, help=src_help)
+    ap.add_argument("--dst", required=True, help="output checkpoint directory")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help=dtype_help)
+    ap.add_argument("--config", default=None, choices=config_choices, help=config_help)
+    args = ap.parse_args(argv)
+    try:
+        convert(args.src, args.dst, dtype=args.dtype, config=args.config)
+    except (ValueError, FileNotFoundError, KeyError) as e:  # ConversionError is a ValueError
+        raise SystemExit(f"{prog}: error: {e}") from None
+    return Path(args.dst)
+
+
 def parse_dtype(name: str | None):
     if name in (None, "", "keep"):
         return None

@@ -100,7 +100,7 @@ def import_lora(src, *, alpha: float | None = None, config: str | None = None) -
         if set(ab) != {"A", "B"}:
             problems.append(f"{module}: lora_{'B' if 'A' in ab else 'A'} is missing")
             continue
-        (r, n_in), (n_out, r2) = sd.shape(ab["A"]), sd.shape(ab["B"])
+        r, r2 = sd.shape(ab["A"])[0], sd.shape(ab["B"])[1]
         if r != r2:
             problems.append(f"{module}: A is {sd.shape(ab['A'])} and B is {sd.shape(ab['B'])}: ranks differ")
         ranks[module] = r

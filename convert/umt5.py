@@ -16,7 +16,6 @@ compute, anything else -> bfloat16 compute). The content hash of the converted p
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -26,6 +25,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from convert import common
 from convert.common import (ConversionError, convert_strict, flatten_shapes, identity, linear, open_state_dict,
                             parse_dtype)
 from pickstyle_jax import checkpoints
@@ -221,17 +221,11 @@ def convert(src, dst, dtype=None, config: str | None = None) -> Path:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m convert.umt5", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", required=True, help=f"{OFFICIAL_FILE} (Wan names) or a transformers UMT5 folder")
-    ap.add_argument("--dst", required=True, help="output checkpoint directory")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: keep the stored dtype")
-    ap.add_argument("--config", default=None, choices=["umt5-xxl", "tiny"],
-                    help="named config (default: config.json of a transformers folder, else the tensor shapes)")
-    args = ap.parse_args(argv)
-    try:
-        out = convert(args.src, args.dst, dtype=args.dtype, config=args.config)
-    except ConversionError as e:
-        raise SystemExit(f"convert.umt5: {e}") from None
+    out = common.converter_main(
+        argv, prog="python -m convert.umt5", doc=__doc__, convert=convert,
+        src_help=f"{OFFICIAL_FILE} (Wan names) or a transformers UMT5 folder",
+        dtype_help="default: keep the stored dtype", config_choices=("umt5-xxl", "tiny"),
+        config_help="named config (default: config.json of a transformers folder, else the tensor shapes)")
     print(f"wrote {out}")
     return out
 

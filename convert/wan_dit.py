@@ -12,11 +12,9 @@ against the model's own parameter tree; the diffusers names are one explicit mod
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
-import sys
 from pathlib import Path
 
 import jax
@@ -224,17 +222,11 @@ def convert(src, dst, *, dtype=None, config: str | None = None, verbose: bool = 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--src", required=True)
-    ap.add_argument("--dst", required=True)
-    ap.add_argument("--dtype", default=None,
-                    help="float32 | bfloat16 (default: bfloat16 if every stored tensor is bf16, else float32)")
-    ap.add_argument("--config", default=None, help="variant name, e.g. vace-14B (overrides config.json)")
-    args = ap.parse_args(argv)
-    try:
-        convert(args.src, args.dst, dtype=args.dtype, config=args.config)
-    except (common.ConversionError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    return common.converter_main(
+        argv, prog="python -m convert.wan_dit", doc=__doc__, convert=convert,
+        src_help="diffusers folder, official Wan folder, or one .safetensors/.pth file",
+        dtype_help="default: bfloat16 if every stored tensor is bf16, else float32",
+        config_help="variant name, e.g. vace-14B (overrides config.json)")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,9 @@ only copy of that mapping. `--dtype bfloat16` stores bf16 weights and sets the c
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
-import sys
 from pathlib import Path
 
 import jax
@@ -163,17 +161,11 @@ def convert(src, dst, dtype=None, config: str | None = None, *, verbose: bool = 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--src", required=True, help="Wan2.1_VAE.pth or a diffusers AutoencoderKLWan folder")
-    ap.add_argument("--dst", required=True)
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: keep the stored dtype)")
-    ap.add_argument("--config", default=None, choices=("wan2.1", "tiny"),
-                    help="variant (default: wan2.1 for .pth files, config.json for diffusers folders)")
-    args = ap.parse_args(argv)
-    try:
-        convert(args.src, args.dst, dtype=args.dtype, config=args.config)
-    except (common.ConversionError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    return common.converter_main(
+        argv, prog="python -m convert.wan_vae", doc=__doc__, convert=convert,
+        src_help="Wan2.1_VAE.pth or a diffusers AutoencoderKLWan folder",
+        dtype_help="default: keep the stored dtype", config_choices=("wan2.1", "tiny"),
+        config_help="variant (default: wan2.1 for .pth files, config.json for diffusers folders)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ so a wrong entry in that table fails these tests rather than being mirrored by t
 """
 import json
 import os
-import pickle
 import subprocess
 import sys
 
