@@ -23,6 +23,7 @@ text MLP 2*L*(text_dim*D + D^2) and head 2*S*D*64; the time MLP is negligible.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 import traceback
@@ -45,27 +46,24 @@ def forward_flops(cfg: wan.WanConfig, tokens: int) -> float:
     return float(total)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _random_leaf(key, shape, dtype, kind):
+    z = jax.random.normal(key, shape, jnp.float32)
+    v = z / math.sqrt(shape[0]) if kind == "kernel" else 1.0 + 0.1 * z if kind == "scale" else 0.1 * z
+    return v.astype(dtype)
+
+
 def random_params(cfg: wan.WanConfig, key):
     """Every leaf random (zero-init layers would hide numerics): kernels N(0, 1/in), norm scales 1 + N(0, 0.1^2),
-    everything else N(0, 0.1^2); created on the device in cfg.param_dtype."""
-    shapes = wan.param_shapes(cfg)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-
-    def make(key):
-        out = []
-        for (path, sds), k in zip(leaves, jax.random.split(key, len(leaves))):
-            name = jax.tree_util.keystr(path)
-            z = jax.random.normal(k, sds.shape, jnp.float32)
-            if name.endswith("['kernel']"):
-                v = z / math.sqrt(sds.shape[0])
-            elif name.endswith("['scale']"):
-                v = 1.0 + 0.1 * z
-            else:
-                v = 0.1 * z
-            out.append(v.astype(sds.dtype))
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    return jax.jit(make)(key)
+    everything else N(0, 0.1^2); created on the device in cfg.param_dtype. One small jitted generator per distinct
+    (shape, kind): a single jit over all ~1,000 leaves spends minutes compiling random-number code."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(wan.param_shapes(cfg))
+    out = []
+    for (path, sds), k in zip(leaves, jax.random.split(key, len(leaves))):
+        name = getattr(path[-1], "key", "")
+        kind = name if name in ("kernel", "scale") else "other"
+        out.append(_random_leaf(k, tuple(sds.shape), sds.dtype, kind))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def make_inputs(cfg, latent, key):
@@ -95,6 +93,8 @@ def time_forward(cfg, params, inputs, reps):
 
 def bench_speed(args):
     cfg = wan.WanConfig.named(args.config, param_dtype="bfloat16", dtype="bfloat16", attention_chunk=args.chunk)
+    if args.layers:  # fewer blocks of the real width (a smoke test of the script, or a smaller device)
+        cfg = cfg.replace(num_layers=args.layers, vace_layers=tuple(v for v in cfg.vace_layers if v < args.layers))
     latent = tuple(int(v) for v in args.latent.split("x"))
     tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(wan.param_shapes(cfg)))
@@ -147,16 +147,18 @@ def main(argv=None):
     ap.add_argument("--impls", default="cudnn,chunked,xla")
     ap.add_argument("--chunk", type=int, default=2048, help="query block of the chunked implementation")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--quick", action="store_true", help="smaller latent, 2 reps")
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first N main blocks (--quick: 4)")
+    ap.add_argument("--quick", action="store_true", help="smaller latent, 4 blocks, 2 reps")
     ap.add_argument("--skip-numerics", action="store_true")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     args.latent = args.latent or ("5x30x52" if args.quick else "21x60x104")
     args.reps = args.reps or (2 if args.quick else 5)
+    args.layers = args.layers or (4 if args.quick else None)
     print(f"jax {jax.__version__} on {jax.devices()}", flush=True)
-    bench_speed(args)
-    if not args.skip_numerics:
+    if not args.skip_numerics:  # first: cheap, and the bf16 check must not be lost if a big case runs out of memory
         check_numerics(args)
+    bench_speed(args)
 
 
 if __name__ == "__main__":
