@@ -290,11 +290,14 @@ def converter_main(argv, *, prog: str, doc: str, convert: Callable, src_help: st
     return Path(args.dst)
 
 
-def parse_dtype(name: str | None):
+def parse_dtype(name):
+    """A `--dtype` name ("float32", "bf16", ...), a numpy/ml_dtypes dtype, or None (keep the stored dtype)."""
     if name in (None, "", "keep"):
         return None
+    if not isinstance(name, str):
+        return np.dtype(name).type
     table = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
              "float16": np.float16, "fp16": np.float16}
     if name not in table:
-        raise SystemExit(f"--dtype must be one of {sorted(table)}, got {name!r}")
+        raise ValueError(f"--dtype must be one of {sorted(table)}, got {name!r}")
     return table[name]

@@ -214,8 +214,7 @@ def convert(src, dst, dtype=None, config: str | None = None) -> Path:
         cfg = config_from_transformers(hf)
     else:
         cfg = None
-    cfg, params = convert_state_dict(sd, cfg, dtype=parse_dtype(dtype) if isinstance(dtype, str) or dtype is None
-                                     else dtype)
+    cfg, params = convert_state_dict(sd, cfg, dtype=parse_dtype(dtype))
     extra = {"source": str(src.absolute()), "params_sha256": params_sha256(params)}
     return checkpoints.save(dst, cfg, params, kind="umt5", extra=extra)
 

@@ -147,7 +147,7 @@ def read_source(src, config: str | None = None):
 def convert(src, dst, dtype=None, config: str | None = None, *, verbose: bool = True):
     """Converts `src` and writes the checkpoint `dst`; returns (cfg, params)."""
     cfg, sd, layout = read_source(src, config)
-    np_dtype = common.parse_dtype(dtype) if isinstance(dtype, (str, type(None))) else dtype
+    np_dtype = common.parse_dtype(dtype)
     if np_dtype is not None:
         cfg = dataclasses.replace(cfg, dtype="bfloat16" if np.dtype(np_dtype).name == "bfloat16" else "float32")
     table, expected = key_table(cfg, diffusers=layout == "diffusers")
