@@ -19,3 +19,26 @@ try:  # torch is a test-only reference; keep it to the two cores CI has.
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 except ImportError:  # pragma: no cover
     pass
+
+
+def run_seed() -> int:
+    """The run's random seed: $PICKSTYLE_TEST_SEED if set (to replay a failure), else fresh entropy."""
+    import numpy as np
+
+    env = os.environ.get("PICKSTYLE_TEST_SEED")
+    return int(env) if env else int(np.random.SeedSequence().entropy % 2**31)
+
+
+SEED = run_seed()
+print(f"pickstyle test seed: {SEED} (replay with PICKSTYLE_TEST_SEED={SEED})")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """Per-test seed derived from the run seed and the test name; printed so a failure can be replayed."""
+    s = (SEED + sum(map(ord, request.node.name))) % 2**31
+    print(f"seed {s} (run seed {SEED}, PICKSTYLE_TEST_SEED={SEED} replays it)")
+    return s

@@ -7,11 +7,13 @@ Precision rules (PICKSTYLE.md §2.6): matmuls take inputs in the compute dtype a
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 f32 = jnp.float32
 
@@ -217,3 +219,64 @@ def attention(q_BSNK, k_BTNK, v_BTNK, *, implementation="xla", scale=None, kv_le
 
         out_BNSK = jnp.moveaxis(jax.lax.map(one_chunk, q_chunks), 0, 2).reshape(b, n, n_chunks * chunk, kd)[:, :, :s]
     return jnp.transpose(out_BNSK, (0, 2, 1, 3)).astype(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------- Flax NNX glue
+#
+# Models are Flax NNX modules whose attribute names mirror the official PyTorch keys (repeated blocks live in an
+# nnx.Dict keyed "0", "1", ...). Outside jit everything is a plain nested dict of arrays (the "pure dict" of the
+# module's state); inside, `bind` merges the cached graph definition with those arrays into a module to call.
+# No module object ever crosses a jit boundary.
+
+
+def param(value, axes):
+    """An nnx.Param carrying its logical axis names (read by the sharding rules); never sharded eagerly."""
+    axes = tuple(axes)
+    if len(axes) != jnp.ndim(value):
+        raise ValueError(f"logical axes {axes} do not match a parameter of shape {jnp.shape(value)}")
+    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _split_abstract(build, cfg):
+    """(graphdef, abstract state) of `build(cfg, rngs=...)`, built once per (module class, config)."""
+    return nnx.split(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))))
+
+
+def _paths(tree):
+    return {tuple(str(getattr(k, "key", k)) for k in kp): leaf
+            for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def init_params(build, cfg, rng) -> dict:
+    """Plain nested dict of a freshly initialised `build(cfg, rngs=...)` (jit-able; shapes from the config)."""
+    return nnx.to_pure_dict(nnx.state(build(cfg, rngs=nnx.Rngs(rng))))
+
+
+def abstract_params(build, cfg) -> dict:
+    """Same tree as `init_params`, leaves jax.ShapeDtypeStruct; nothing allocated."""
+    return nnx.to_pure_dict(_split_abstract(build, cfg)[1])
+
+
+def logical_axes(build, cfg) -> dict:
+    """Same tree as `init_params`, leaves the parameters' logical axis names (tuples of str | None)."""
+    state = _split_abstract(build, cfg)[1]
+    return nnx.to_pure_dict(jax.tree.map(lambda v: tuple(v.get_metadata().get("out_sharding") or
+                                                         (None,) * v.value.ndim), state,
+                                         is_leaf=lambda v: isinstance(v, nnx.Variable)))
+
+
+def bind(build, cfg, params):
+    """The module `build(cfg)` holding `params` (a plain dict with exactly the module's paths and shapes)."""
+    graphdef, abstract = _split_abstract(build, cfg)
+    want, got = _paths(nnx.to_pure_dict(abstract)), _paths(params)
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    shapes = [(".".join(p), tuple(got[p].shape), tuple(want[p].shape)) for p in sorted(set(want) & set(got))
+              if tuple(jnp.shape(got[p])) != tuple(want[p].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"params do not fit {build.__name__}({type(cfg).__name__}): missing "
+                         f"{['.'.join(p) for p in missing][:20]}, unexpected {['.'.join(p) for p in unexpected][:20]}, "
+                         f"mis-shaped (path, given, expected) {shapes[:20]}")
+    state = jax.tree.map(lambda v: v, abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

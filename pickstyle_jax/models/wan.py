@@ -304,7 +304,33 @@ def _unpatchify(y_BSP, grid, patch_size):
     return y.reshape(b, gf * pt, gh * ph, gw * pw, -1)
 
 
-def _check_inputs(cfg: WanConfig, x, t, text, vace_context, context_scale):
+def fold_text(cfg: WanConfig, text_BLC, text_lens=None):
+    """The text rows the model embeds and their logit bias: (rows [B, L', text_dim], bias [B, L'] fp32 or None).
+
+    The reference zero-pads every prompt to text_len rows and attends to all of them. Zero rows all embed to one
+    constant key/value, so attending to m of them equals attending to one with logit bias log(m). With
+    fold_text_padding (not with cudnn, which takes no bias) the rows kept are the given L plus one zero row;
+    sample b's rows at or beyond text_lens[b] are masked (-inf) and its zero row carries log(text_len -
+    text_lens[b]) (-inf when nothing is padded). Without it, the text is zero-padded to text_len rows.
+    """
+    b, n, _ = text_BLC.shape
+    if text_lens is not None:
+        lens_B = jnp.asarray(text_lens, jnp.int32).reshape(b)
+        text_BLC = jnp.where((jnp.arange(n)[None, :] < lens_B[:, None])[..., None], text_BLC, 0)
+    elif cfg.text_len - n <= 1:
+        return jnp.pad(text_BLC, ((0, 0), (0, cfg.text_len - n), (0, 0))), None
+    if not cfg.fold_text_padding or cfg.attention == "cudnn":
+        return jnp.pad(text_BLC, ((0, 0), (0, cfg.text_len - n), (0, 0))), None
+    if text_lens is None:
+        lens_B = jnp.full((b,), n, jnp.int32)
+    valid_BL = jnp.arange(n)[None, :] < lens_B[:, None]
+    n_pad_B = (cfg.text_len - lens_B).astype(f32)
+    pad_bias_B1 = jnp.where(n_pad_B > 0, jnp.log(jnp.maximum(n_pad_B, 1.0)), -jnp.inf)[:, None]
+    bias_BL = jnp.concatenate([jnp.where(valid_BL, 0.0, -jnp.inf).astype(f32), pad_bias_B1], axis=1)
+    return jnp.pad(text_BLC, ((0, 0), (0, 1), (0, 0))), bias_BL
+
+
+def _check_inputs(cfg: WanConfig, x, t, text, vace_context, context_scale, text_lens=None):
     if x.ndim != 5 or x.shape[-1] != cfg.in_dim:
         raise ValueError(f"x must be [B, F, H, W, {cfg.in_dim}] channels-last latents, got shape {x.shape}")
     b, f, h, w, _ = x.shape
@@ -316,6 +342,8 @@ def _check_inputs(cfg: WanConfig, x, t, text, vace_context, context_scale):
         raise ValueError(f"text must be [B={b}, L, {cfg.text_dim}], got shape {text.shape}")
     if text.shape[1] > cfg.text_len:
         raise ValueError(f"text length {text.shape[1]} exceeds text_len {cfg.text_len}")
+    if text_lens is not None and np.shape(text_lens) != (b,):
+        raise ValueError(f"text_lens must have shape [B] = [{b}], got {np.shape(text_lens)}")
     if cfg.has_vace:
         want = (b, f, h, w, cfg.vace_in_dim)
         if vace_context is None:
@@ -329,15 +357,19 @@ def _check_inputs(cfg: WanConfig, x, t, text, vace_context, context_scale):
         raise ValueError("vace_context given but this config has no VACE layers (vace_layers=())")
 
 
-def forward(cfg: WanConfig, params, x, t, text, vace_context=None, *, lora=None, context_scale=1.0):
+def forward(cfg: WanConfig, params, x, t, text, vace_context=None, *, lora=None, context_scale=1.0,
+            text_lens=None):
     """Flow velocity of the Wan DiT (+ VACE) at latents x and timesteps t.
 
     x [B, F, H, W, in_dim] latents; t [B] in [0, 1000]; text [B, L, text_dim] with L <= text_len (zero-padded to
     text_len here, never masked); vace_context [B, F, H, W, vace_in_dim] (required iff cfg has VACE layers);
     lora: an optional lora.Lora applied unmerged; context_scale: scalar or [J] hint scales.
+    text_lens: optional int [B], the true prompt lengths; rows at or beyond text_lens[b] are zeroed, and with
+    fold_text_padding every sample's (text_len - text_lens[b]) zero rows fold into one key with a log(count)
+    bias, exactly, even when the prompts of one batch differ in length.
     Returns the velocity [B, F, H, W, out_dim] in fp32.
     """
-    _check_inputs(cfg, x, t, text, vace_context, context_scale)
+    _check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens)
     b, f, h, w, _ = x.shape
     grid = (f // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
     ctx = _Ctx(cfg, _DTYPES[cfg.dtype], 1.0 if lora is None else lora.config.scale)
@@ -362,14 +394,7 @@ def forward(cfg: WanConfig, params, x, t, text, vace_context=None, *, lora=None,
 
     # text: always text_len rows, zero-padded and never masked (the padded rows are attended to); with
     # fold_text_padding the (text_len - L) identical padded rows are one row with a log(count) logit bias
-    n_pad = cfg.text_len - text.shape[1]
-    text_bias_L = None
-    if cfg.fold_text_padding and cfg.attention != "cudnn" and n_pad > 1:
-        text_BLC = jnp.pad(text, ((0, 0), (0, 1), (0, 0)))
-        text_bias_L = np.zeros(text.shape[1] + 1, np.float32)
-        text_bias_L[-1] = np.log(n_pad)
-    else:
-        text_BLC = jnp.pad(text, ((0, 0), (0, n_pad), (0, 0)))
+    text_BLC, text_bias_L = fold_text(cfg, text, text_lens)
     tx = params["text_embedding"]
     text_BLD = layers.gelu_tanh(_linear(ctx, text_BLC, tx["0"], _sub(lp, "text_embedding", "0")))
     text_BLD = _linear(ctx, text_BLD, tx["2"], _sub(lp, "text_embedding", "2"))
