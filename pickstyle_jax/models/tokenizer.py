@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Tokenizer", "clean_text"]
+__all__ = ["Tokenizer", "ByteTokenizer", "load_tokenizer", "clean_text"]
 
 _WS = re.compile(r"\s+")
 
@@ -116,3 +116,32 @@ class Tokenizer:
 
     def __repr__(self):
         return f"Tokenizer({str(self.path)!r}, pieces={self._sp.get_piece_size()}, extra_ids={self.extra_ids})"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (ByT5 layout: 0 pad, 1 `</s>`, 2 unk, byte b -> b + 3), same call as `Tokenizer`.
+
+    For tiny random models and the CPU demo, where no sentencepiece model of the real umT5 exists; it needs a
+    vocabulary of at least 259 ids. Text is cleaned exactly as for the real tokenizer.
+    """
+    pad_id = 0
+    eos_id = 1
+    vocab_size = 259
+    identity = hashlib.sha256(b"byte-tokenizer-v1").hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    __call__ = Tokenizer.__call__
+
+    def __repr__(self):
+        return "ByteTokenizer()"
+
+
+def load_tokenizer(spec: str):
+    """A tokenizer from a config string: "bytes" -> ByteTokenizer, else a sentencepiece model file or folder."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if not spec:
+        raise ValueError('no tokenizer given: set it to a spiece.model path (or "bytes" for tiny random models)')
+    return Tokenizer(spec)
