@@ -1,0 +1,104 @@
+"""video.py: read/write round trips (mp4, gif, frame folders), atomic writes, clear errors; sizing rules."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from pickstyle_jax import sizing, video
+
+
+def _clip(seed, f=9, h=32, w=48):
+    """Smooth moving gradients: survive H.264 with small error, and every frame differs."""
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0, 255, 3)
+    frames = [np.stack([(base[c] + 3 * x + 2 * y + 10 * t * (c + 1)) % 256 for c in range(3)], -1) for t in range(f)]
+    return np.asarray(frames, np.float64).clip(0, 255).astype(np.uint8)
+
+
+def test_mp4_round_trip_and_atomic(tmp_path, seed):
+    frames = np.repeat(np.repeat(_clip(seed, h=8, w=12), 4, axis=1), 4, axis=2)  # blocky: codec-friendly
+    path = video.write(tmp_path / "a.mp4", frames, fps=12)
+    got, fps = video.read(path)
+    assert got.shape == frames.shape and got.dtype == np.uint8
+    assert fps == pytest.approx(12, rel=1e-3)
+    assert np.abs(got.astype(float) - frames).mean() < 12, np.abs(got.astype(float) - frames).mean()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"]  # no temporary left behind
+    with pytest.raises(video.VideoError, match="even"):
+        video.write(tmp_path / "odd.mp4", frames[:, :31], fps=12)
+    assert not (tmp_path / "odd.mp4").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_gif_and_folder(tmp_path, seed):
+    frames = _clip(seed, f=5)
+    video.write(tmp_path / "a.gif", frames, fps=10)
+    got, fps = video.read(tmp_path / "a.gif")
+    assert got.shape == frames.shape and fps == pytest.approx(10)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in (0, 1, 2, 10, 11):  # numeric order, not lexicographic (10 after 2)
+        Image.fromarray(frames[[0, 1, 2, 10, 11].index(i)]).save(folder / f"f{i}.png")
+    got, fps = video.read(folder)
+    np.testing.assert_array_equal(got, frames)
+    assert fps is None
+
+
+def test_errors(tmp_path):
+    with pytest.raises(video.VideoError, match="does not exist"):
+        video.read(tmp_path / "nope.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(video.VideoError, match="zero frames"):
+        video.read(tmp_path / "empty.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"this is not a video" * 100)
+    with pytest.raises(video.VideoError, match="junk.mp4"):
+        video.read(tmp_path / "junk.mp4")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(video.VideoError, match="zero frames"):
+        video.read(tmp_path / "nothing")
+    with pytest.raises(video.VideoError, match="zero frames"):
+        video.write(tmp_path / "z.mp4", np.zeros((0, 16, 16, 3), np.uint8))
+    with pytest.raises(video.VideoError, match="uint8"):
+        video.write(tmp_path / "z.mp4", np.zeros((2, 16, 16, 3), np.float32))
+    assert not (tmp_path / "z.mp4").exists()
+
+
+def test_side_by_side_and_strip(tmp_path, seed):
+    a, b = _clip(seed, f=4, h=32, w=48), _clip(seed + 1, f=4, h=64, w=64)
+    sbs = video.side_by_side(a, b)
+    assert sbs.shape == (4, 32, 48 + 32, 3)
+    np.testing.assert_array_equal(sbs[:, :, :48], a)
+    with pytest.raises(video.VideoError, match="frame counts"):
+        video.side_by_side(a, b[:3])
+    strip = np.asarray(Image.open(video.png_strip(tmp_path / "s.png", a, n=3)))
+    np.testing.assert_array_equal(strip, np.concatenate([a[0], a[2], a[3]], axis=1))  # round(linspace(0, 3, 3))
+
+
+def test_sizing_rules():
+    # the official results: 16:9 -> 480x832, 9:16 -> 848x464, square -> 624x640, 81 frames each
+    for (h, w), want in {(1080, 1920): (480, 832), (1920, 1080): (848, 464), (1000, 1000): (624, 640),
+                         (720, 1280): (480, 832)}.items():
+        p = sizing.plan(200, h, w)
+        assert (p.height, p.width, p.frames) == (*want, 81), (h, w, p)
+    assert (sizing.plan(81, 720, 1280, size="720p").height, sizing.plan(81, 720, 1280, size="720p").width) == \
+        (720, 1280)
+    small = sizing.plan(9, 40, 56, max_frames=9)  # under the cap: kept, cropped to 16-multiples
+    assert (small.height, small.width, small.frames) == (32, 48, 9) and small.indices == tuple(range(9))
+    short = sizing.plan(20, 480, 832)  # stretched with round(linspace)
+    np.testing.assert_array_equal(short.indices, np.round(np.linspace(0, 19, 81)).astype(int))
+    assert sizing.plan(100, 480, 832, max_frames=30).frames == 29
+    assert (sizing.plan(5, 480, 832, size="256x320").height, sizing.plan(5, 480, 832, size="256x320").width) == \
+        (256, 320)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sizing.plan(5, 480, 832, size="250x320")
+    with pytest.raises(ValueError, match="480p"):
+        sizing.plan(5, 480, 832, size="big")
+    out = sizing.resize_crop(np.zeros((2, 90, 160, 3), np.uint8), 48, 64)
+    assert out.shape == (2, 48, 64, 3)
+
+
+def test_windows():
+    w = sizing.windows(30, 9)
+    assert (w.length, w.overlap, w.starts, w.keep_latents) == (9, 1, (0, 8, 16, 24), 1) and w.padded >= 30
+    w = sizing.windows(200, 81)
+    assert (w.overlap, w.keep_latents, w.starts) == (13, 4, (0, 68, 136))
+    assert sizing.windows(7, 81).starts == (0,) and sizing.windows(7, 81).length == 9
+    np.testing.assert_array_equal(sizing.mirror_pad(np.arange(5), 9), [0, 1, 2, 3, 4, 3, 2, 1, 0])
