@@ -1,0 +1,161 @@
+"""The evaluator end to end: tiny random checkpoints + a tiny LoRA written as a training run, one held-out clip,
+two sampler steps (numbers exist, shapes right, files written); the ablation tables and the report writers with a
+stand-in stylizer (no compiles)."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from pickstyle_jax import checkpoints, evaluate, lora
+from pickstyle_jax.eval import world
+from pickstyle_jax.models import umt5, vae, wan
+
+CFG = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0,), text_dim=64)  # umT5 tiny is 64 wide
+F, H, W = 5, 32, 48
+
+
+def _vae_params(vcfg, rng):
+    """vae.init's distribution drawn with numpy (jitting vae.init costs tens of seconds of compile on 2 cores)."""
+    def one(path, shape):
+        leaf = path[-1].key
+        if leaf == "kernel":
+            return rng.standard_normal(shape, dtype=np.float32) / np.sqrt(np.prod(shape[:-1]))
+        return (np.ones if leaf == "scale" else np.zeros)(shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(one, vae.param_shapes(vcfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _run_config(models: dict, styles=("toon",)) -> dict:
+    """config.json as train.py writes it (ConfigDict.to_json of the training schema), the fields evaluate reads."""
+    return {"seed": 0,
+            "model": {"variant": "tiny", "dit": models.get("dit", ""), "vae_variant": "tiny",
+                      "vae": models.get("vae", ""),
+                      "umt5_variant": "tiny", "umt5": models.get("umt5", ""), "tokenizer": "bytes",
+                      "param_dtype": "float32", "dtype": "float32", "attention": "xla", "remat_policy": "none",
+                      "scan_layers": False},
+            "lora": {"rank": 4, "alpha": 4.0, "targets": ""},
+            "schedule": {"shift": 5.0, "num_train_timesteps": 1000},
+            "data": {"source": "synthetic", "frames": F, "height": H, "width": W, "batch_size": 1,
+                     "synthetic_styles": list(styles), "synthetic_seed": 0, "synthetic_examples": 8},
+            "text": {"cache_dir": "", "text_len": 512}, "total_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    seed = int(os.environ.get("PICKSTYLE_TEST_SEED") or int.from_bytes(os.urandom(2), "little"))
+    print(f"models seed {seed} (replay with PICKSTYLE_TEST_SEED={seed})")
+    root = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, dtype=np.float32), wan.param_shapes(CFG))
+    checkpoints.save(root / "models" / "dit", CFG, params, kind="wan")
+    vcfg = vae.VaeConfig.named("tiny")
+    checkpoints.save(root / "models" / "vae", vcfg, _vae_params(vcfg, rng), kind="vae")
+    tcfg = umt5.Umt5Config.named("tiny")
+    checkpoints.save(root / "models" / "umt5", tcfg, umt5.init(tcfg, jax.random.key(seed)), kind="umt5")
+    adapters = lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(CFG), jax.random.key(seed))
+    adapters = jax.tree.map(lambda a: 0.1 * rng.standard_normal(a.shape, dtype=np.float32), adapters)
+    checkpoints.save_lora(root / "lora", adapters)
+    models = {k: str(root / "models" / k) for k in ("dit", "vae", "umt5")}
+    (root / "config.json").write_text(json.dumps(_run_config(models), indent=2))
+    return root
+
+
+def test_end_to_end_tiny_run(run_dir, capsys):
+    assert evaluate.main(["--workdir", str(run_dir), "--clips", "1", "--steps", "2", "--skip", "0",
+                          "--timing", "cold"]) == 0
+    printed = capsys.readouterr().out
+    assert "| cs_cfg |" in printed and "| per_frame |" in printed
+    out = run_dir / "eval"
+    result = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["cs_cfg", "text_cfg", "no_guidance", "copy_source",
+                                                     "per_frame"]
+    for r in result["rows"]:
+        for k in ("psnr", "ssim", "temporal_error", "flicker", "content", "style", "s_per_step"):
+            assert isinstance(r[k], float) and np.isfinite(r[k]), (r["method"], k, r[k])
+        assert 0 < r["psnr"] <= 100 and -1 <= r["ssim"] <= 1 and 0 <= r["content"] <= 1
+        assert r["steps"] == (0 if r["method"] == "copy_source" else 2)
+        assert (r["s_per_step"] > 0) == (r["method"] != "copy_source")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["copy_source"]["flicker"] == 0.0 and rows["copy_source"]["content"] == 1.0
+    assert set(result["reference"]) == {"temporal_error", "flicker", "content", "style"}
+    assert result["settings"]["steps"] == 2 and result["clips"][0]["style"] == "toon"
+    md = (out / "results.md").read_text()
+    assert "| method |" in md and "cs_cfg" in md
+    strip = np.asarray(Image.open(out / "strip_0.png"))
+    assert strip.shape[0] == 3 * (H + 2) and strip.shape[1] == F * (W + 2)  # source / ours / ground truth
+    assert np.asarray(Image.open(out / "plot.png")).ndim == 3
+    from pickstyle_jax import video
+
+    ours, _ = video.read(out / "stylized.mp4")
+    sbs, _ = video.read(out / "side_by_side.mp4")
+    assert ours.shape == (F, H, W, 3) and sbs.shape == (F, H, 3 * W, 3)
+
+
+class _Fake:
+    """A stand-in Stylizer: the ground truth blended with the source, a little seeded noise (so per-frame seeds
+    matter) and a fixed delay; records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, frames, prompt, *, size, max_frames, seed, **settings):
+        self.calls.append({"frames": len(frames), "size": size, "max_frames": max_frames, "seed": seed, **settings})
+        noise = np.random.default_rng(seed).normal(0, 3 * settings["text_scale"], frames.shape)
+        out = np.clip(frames.astype(float) + noise, 0, 255).astype(np.uint8)
+        return out, {"timing": {"sample_s": 0.01 * (1 + (len(self.calls) == 1))}}
+
+
+def test_ablations_and_reports_with_a_stand_in(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_run_config({}, styles=("toon", "neon"))))
+    fake = _Fake()
+    res = evaluate.evaluate(tmp_path, clips=2, steps=8, skip=4, ablations=True, stylizer=fake, write_videos=False,
+                            out=tmp_path / "ev")
+    # main rows: one call per clip per sampled row, per_frame one call per frame; sizes passed through exactly
+    assert all(c["size"] == f"{H}x{W}" for c in fake.calls)
+    assert {c["max_frames"] for c in fake.calls} == {F, 1}
+    per_frame_seeds = [c["seed"] for c in fake.calls if c["frames"] == 1]
+    assert len(set(per_frame_seeds)) == len(per_frame_seeds) >= 2 * F  # independent noise per frame
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["per_frame"]["temporal_error"] > rows["copy_source"]["temporal_error"]
+    ab = res["ablations"]
+    assert set(ab) == {"scales", "skip", "apg", "modes", "cache"}
+    assert len(ab["scales"]) == 9 and [r["skip"] for r in ab["skip"]] == [0, 2, 4, 6]
+    assert [r["steps"] for r in ab["skip"]] == [8, 6, 4, 2]
+    assert [r["mode"] for r in ab["modes"]] == ["cs_cfg", "text", "text_context"]
+    assert ab["cache"][1]["cache"] == "teacache"
+    assert all(r["s_per_step"] > 0 for rows_ in ab.values() for r in rows_)
+    # identical settings are sampled once (the default setting appears in several tables): 2 clips, no rerun, as
+    # clip 1's call is warm; a new setting on the single ablation clip is called twice (cold, then the timed rerun)
+    def calls(**want):
+        return sum(c["frames"] == F and all(c[k] == v for k, v in want.items()) for c in fake.calls)
+
+    default = dict(mode="cs_cfg", text_scale=5.0, context_scale=4.0, skip=4, apg=True, cache=None)
+    assert calls(**default) == 2
+    assert calls(**{**default, "text_scale": 1.0, "context_scale": 1.0}) == 2
+    md = (tmp_path / "ev" / "results.md").read_text()
+    for name in ab:
+        assert f"## Ablation: {name}" in md
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["ablations"]["skip"][0]["skip"] == 0
+    assert (tmp_path / "ev" / "strip_1.png").is_file() and (tmp_path / "ev" / "plot.png").is_file()
+    assert res["clips"][1]["style"] == "neon"
+
+
+def test_bad_runs_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        evaluate.evaluate(tmp_path)
+    cfg = _run_config({})
+    cfg["data"]["frames"] = 6
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        evaluate.evaluate(tmp_path, stylizer=_Fake())
+    cfg["data"]["frames"] = 5
+    cfg["data"]["source"] = "folder_v2"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="--styles"):
+        evaluate.evaluate(tmp_path, stylizer=_Fake())
+    with pytest.raises(FileNotFoundError, match="LoRA"):
+        evaluate.load_stylizer(tmp_path)
+    assert world.World(1, 5, 32, 48, "toon")[0].source.shape == (5, 32, 48, 3)

@@ -1,0 +1,222 @@
+"""Evaluation metrics on hand-made cases with known answers, the feature-extractor interface, and the held-out
+motion world (exact motion: the ground truth warps onto itself)."""
+import numpy as np
+import pytest
+
+from pickstyle_jax.eval import features, metrics, world
+
+
+def _scene(rng, f=5, h=32, w=48):
+    """A smooth random video (blurred noise), so shifted copies stay similar but not identical."""
+    x = rng.uniform(0, 255, (f, h + 8, w + 8, 3))
+    k = np.ones(5) / 5
+    for ax in (1, 2):
+        x = np.apply_along_axis(lambda v: np.convolve(v, k, "same"), ax, x)
+    return np.clip(x[:, 4:-4, 4:-4], 0, 255).astype(np.uint8)
+
+
+def test_psnr_known_values(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    assert metrics.psnr(a, a) == pytest.approx(metrics.PSNR_CAP)  # identical: the documented cap, not inf
+    # a constant error of 0.1 on the unit scale everywhere: MSE 0.01 -> 20 dB exactly
+    x = np.full((2, 16, 16, 3), 0.0, np.float32)      # float in [-1, 1]: 0.0 is 0.5 on the unit scale
+    y = np.full((2, 16, 16, 3), 0.2, np.float32)      # 0.6 on the unit scale
+    assert metrics.psnr(x, y) == pytest.approx(20.0, abs=1e-4)
+    # uint8 and the equivalent float video give the same number
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    assert metrics.psnr(a, b) == pytest.approx(metrics.psnr(a / 127.5 - 1, b / 127.5 - 1), abs=1e-4)
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        metrics.psnr(np.full((1, 16, 16, 3), 200.0), np.zeros((1, 16, 16, 3)))
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.ssim(np.zeros((1, 16, 16, 3), np.uint8), np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="frames, height, width, 3"):
+        metrics.flicker(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="at least 11"):
+        metrics.ssim(np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 8, 8, 3), np.uint8))
+
+
+def test_ssim_identical_shifted_noise(seed):
+    rng = np.random.default_rng(seed)
+    v = _scene(rng)
+    assert metrics.ssim(v, v) == pytest.approx(1.0, abs=1e-6)
+    shifted = np.roll(v, 3, axis=2)
+    noise = rng.integers(0, 256, v.shape, dtype=np.uint8)
+    s_shift, s_noise = metrics.ssim(v, shifted), metrics.ssim(v, noise)
+    assert s_noise < 0.2, s_noise          # independent noise: no structure in common
+    assert s_noise < s_shift < 1.0
+    # SSIM is symmetric and a constant brightness offset costs little (luminance term only)
+    assert metrics.ssim(v, noise) == pytest.approx(metrics.ssim(noise, v), abs=1e-9)
+    brighter = np.clip(v.astype(int) + 10, 0, 255).astype(np.uint8)
+    assert metrics.ssim(v, brighter) > 0.95
+
+
+def test_temporal_error_zero_on_perfectly_warped_clip(seed):
+    rng = np.random.default_rng(seed)
+    f, h, w = 4, 24, 40
+    big = rng.integers(0, 256, (h, w + 3 * f, 3), dtype=np.uint8)
+    # the camera pans by 2 px per frame: frame t shows columns [2t, 2t + w) of the big image
+    clip = np.stack([big[:, 2 * t: 2 * t + w] for t in range(f)])
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    flow = np.broadcast_to(np.stack([yy, xx + 2.0], -1), (f - 1, h, w, 2))  # pixel p of t+1 was at p + 2 in t
+    assert metrics.temporal_error(clip, flow) == pytest.approx(0.0, abs=1e-7)
+    # the wrong motion (no motion) is penalised; pixels warped from outside the frame never count
+    still = np.broadcast_to(np.stack([yy, xx], -1), (f - 1, h, w, 2))
+    assert metrics.temporal_error(clip, still) > 0.1
+    out_of_frame = flow.copy()
+    out_of_frame[..., 1] += w  # everything comes from outside: no valid pixel
+    assert np.isnan(metrics.temporal_error(clip, out_of_frame))
+    # a half-pixel motion is interpolated bilinearly: a horizontal ramp shifted by 0.5 px warps exactly
+    ramp = np.broadcast_to(np.linspace(0, 1, w, dtype=np.float32)[None, :, None], (h, w, 3)) * 1.6 - 0.8
+    step = 1.6 / (w - 1) * 0.5
+    clip = np.stack([ramp + step * t for t in range(f)])  # brighter = content moved left by 0.5 px
+    half = np.broadcast_to(np.stack([yy, xx + 0.5], -1), (f - 1, h, w, 2))
+    assert metrics.temporal_error(np.clip(clip, -1, 1), half) == pytest.approx(0.0, abs=1e-5)
+    # the valid mask restricts the average
+    noisy = np.stack([big[:, 2 * t: 2 * t + w] for t in range(f)])
+    noisy[1:, :, :10] = 0
+    valid = np.ones((f - 1, h, w), bool)
+    valid[:, :, :10] = False
+    assert metrics.temporal_error(noisy, flow, valid) == pytest.approx(0.0, abs=1e-7)
+    assert metrics.temporal_error(noisy, flow) > 0.01
+    with pytest.raises(ValueError, match="flow must be"):
+        metrics.temporal_error(clip, flow[:1])
+
+
+def test_flicker(seed):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(40, 200, (5, 16, 16, 3)).astype(np.int32)
+    # a stylisation that adds a fixed pattern has the source's frame differences exactly: flicker 0
+    pattern = rng.integers(-40, 40, (1, 16, 16, 3))
+    styl = (src + pattern).astype(np.uint8)
+    assert metrics.flicker(styl, src.astype(np.uint8)) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.flicker(src.astype(np.uint8), src.astype(np.uint8)) == 0.0
+    # a frozen output of a changing source: flicker = the source's mean |frame difference|
+    frozen = np.repeat(styl[:1], 5, 0)
+    expect = np.mean(np.abs(np.diff(src / 255.0, axis=0)))
+    assert metrics.flicker(frozen, src.astype(np.uint8)) == pytest.approx(expect, rel=1e-5)
+    # independent per-frame noise flickers more than the stable stylisation
+    jitter = np.clip(styl + rng.integers(-30, 31, styl.shape), 0, 255).astype(np.uint8)
+    assert metrics.flicker(jitter, src.astype(np.uint8)) > 0.05
+
+
+def test_content_edges(seed):
+    rng = np.random.default_rng(seed)
+    f, h, w = 3, 32, 48
+    yy, xx = np.mgrid[0:h, 0:w]
+    src = np.zeros((f, h, w, 3), np.uint8)
+    src[:] = 60
+    src[:, (yy - 16) ** 2 + (xx - 20) ** 2 < 64] = (200, 40, 40)
+    assert metrics.content(src, src) == pytest.approx(1.0)
+    # same layout in other colours (a "style"), and an outline drawn along the boundary: still full agreement
+    styl = np.full_like(src, 230)
+    inside = (yy - 16) ** 2 + (xx - 20) ** 2 < 64
+    styl[:, inside] = (40, 40, 200)
+    ring = inside & ~((yy - 16) ** 2 + (xx - 20) ** 2 < 49)
+    styl[:, ring] = 10
+    assert metrics.content(styl, src) > 0.9
+    # no edges at all against a source with edges: 0; two flat videos agree: 1
+    flat = np.full_like(src, 128)
+    assert metrics.content(flat, src) == 0.0
+    assert metrics.content(flat, flat) == 1.0
+    # a moved object disagrees
+    moved = np.roll(src, 12, axis=2)
+    assert metrics.content(moved, src) < 0.5
+    noise = rng.integers(0, 256, src.shape, dtype=np.uint8)
+    assert metrics.content(noise, src) < 0.5
+    e = metrics.edge_map(src)
+    assert e.shape == (f, h, w) and e.dtype == bool and 0 < e[0].sum() < 0.2 * h * w
+
+
+def test_style_distance(seed):
+    f, h, w = 3, 32, 48
+    clip = lambda i, style: world.render_clip(i, f, h, w, style, seed)  # noqa: E731
+    ref = np.concatenate([clip(i, "toon").target for i in range(3)])
+    assert metrics.style_distance(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    # other scenes in the reference's style are closer than the same scenes in other styles or unstylised
+    scenes = range(10, 13)
+    d = {s: np.mean([metrics.style_distance(clip(i, s).target, ref) for i in scenes])
+         for s in ("toon", "sketch", "neon", "pastel")}
+    d["source"] = np.mean([metrics.style_distance(clip(i, "toon").source, ref) for i in scenes])
+    assert all(0 <= v <= 1 for v in d.values())
+    assert d["toon"] < min(v for k, v in d.items() if k != "toon"), d
+    stats = metrics.style_stats(ref)
+    assert set(stats) == {"luma", "gradient", "laplacian"}
+    assert all(v.shape == (16,) and v.sum() == pytest.approx(1.0) for v in stats.values())
+    one = clip(10, "toon").target
+    assert metrics.style_distance(one, stats) == pytest.approx(metrics.style_distance(one, ref))
+
+
+def test_feature_interface(seed):
+    rng = np.random.default_rng(seed)
+    ex = features.RandomConvFeatures(seed=seed % 1000)
+    assert isinstance(ex, features.FeatureExtractor)
+    v = _scene(rng, f=4)
+    e = ex(v)
+    assert e.shape == (4, ex.dim) and np.isfinite(e).all()
+    np.testing.assert_array_equal(e, features.RandomConvFeatures(seed=seed % 1000)(v))  # deterministic
+    still = np.repeat(v[:1], 4, 0)
+    assert features.frame_consistency(ex, still) == pytest.approx(1.0, abs=1e-9)
+    noise = rng.integers(0, 256, v.shape, dtype=np.uint8)
+    mixed = np.concatenate([v[:1], noise[:1], v[:1], noise[:1]])
+    assert features.frame_consistency(ex, mixed) < features.frame_consistency(ex, still)
+    # text side: a prompt scores against itself-like embeddings in [-1, 1]; shapes checked
+    t = ex.encode_text(["Toon style. A red circle.", "Neon style."])
+    assert t.shape == (2, ex.dim)
+    s = features.text_video_score(ex, v, "Toon style. A red circle.")
+    assert -1.0 <= s <= 1.0
+    assert features.embedding_similarity(ex, v, v) == pytest.approx(1.0)
+    # any callable with the right shape plugs in; a wrong shape is a clear error
+    class Mean:
+        def __call__(self, frames):
+            return frames.reshape(len(frames), -1, 3).mean(1)
+
+    assert features.frame_consistency(Mean(), still) == pytest.approx(1.0)
+    with pytest.raises(TypeError, match="encode_text"):
+        features.text_video_score(Mean(), v, "x")
+
+    class Bad:
+        def __call__(self, frames):
+            return np.zeros((1, 3))
+
+    with pytest.raises(ValueError, match="expected"):
+        features.frame_consistency(Bad(), v)
+
+
+def test_world_motion_is_exact(seed):
+    f, h, w = 9, 48, 64
+    clip = world.render_clip(seed % 1000, f, h, w, "toon", seed=1)
+    assert clip.source.shape == clip.target.shape == (f, h, w, 3) and clip.source.dtype == np.uint8
+    assert clip.flow.shape == (f - 1, h, w, 2) and clip.valid.shape == (f - 1, h, w)
+    assert clip.caption.startswith("Toon style. ") and clip.style == "toon"
+    again = world.render_clip(seed % 1000, f, h, w, "toon", seed=1)  # deterministic
+    np.testing.assert_array_equal(clip.source, again.source)
+    np.testing.assert_array_equal(clip.flow, again.flow)
+    assert clip.valid.mean() > 0.5
+    # the ground truth is consistent under the known motion (its style is a pure function of each pixel's region)
+    # and the source nearly so (bilinear texture): far below what ignoring the motion costs
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    still = np.broadcast_to(np.stack([yy, xx], -1), clip.flow.shape)
+    te_gt = metrics.temporal_error(clip.target, clip.flow, clip.valid)
+    te_src = metrics.temporal_error(clip.source, clip.flow, clip.valid)
+    te_still = metrics.temporal_error(clip.target, still)
+    assert te_gt < 0.002 and te_src < 0.01 and te_still > 5 * max(te_src, 1e-3), (te_gt, te_src, te_still)
+    # objects move on their own: their motion differs from the camera's
+    n = clip.objects.shape[1]
+    assert n >= 1
+    cam_motion = world.compose(clip.camera[-1], world.invert(clip.camera[0]))
+    obj_track = clip.objects[-1, 0][:, 2] - clip.objects[0, 0][:, 2]
+    assert np.linalg.norm(obj_track) > 0.05 * min(h, w)
+    assert not np.allclose(cam_motion[:, :2], world.compose(clip.objects[-1, 0], world.invert(clip.objects[0, 0]))
+                           [:, :2])
+    # the ground truth is the training style function on the source frames: the held-out world keeps its look
+    assert metrics.content(clip.target, clip.source) > 0.6
+    w8 = world.World(3, 5, 32, 48, styles=("toon", "neon"), seed=2)
+    assert len(w8) == 3 and w8[1].style == "neon"
+    ref = w8.reference_frames("toon", clips=2)
+    assert ref.shape == (10, 32, 48, 3)
+    with pytest.raises(ValueError, match="unknown synthetic style"):
+        world.render_clip(0, 3, 32, 48, "watercolour")
