@@ -80,6 +80,8 @@ def test_end_to_end_tiny_run(run_dir, capsys):
         assert (r["s_per_step"] > 0) == (r["method"] != "copy_source")
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["copy_source"]["flicker"] == 0.0 and rows["copy_source"]["content"] == 1.0
+    # the rows really ran different samplers (every weight is random here, so the guidance modes differ)
+    assert len({rows[m]["psnr"] for m in ("cs_cfg", "text_cfg", "no_guidance", "per_frame")}) == 4
     assert set(result["reference"]) == {"temporal_error", "flicker", "content", "style"}
     assert result["settings"]["steps"] == 2 and result["clips"][0]["style"] == "toon"
     md = (out / "results.md").read_text()
