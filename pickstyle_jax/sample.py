@@ -121,6 +121,21 @@ def _check(cfg, x, context, text, null_text, null_context, mode):
                              f"{None if null_context is None else tuple(null_context.shape)}")
 
 
+def _batch_spec(mesh, rules, a):
+    """The leading (branch x sample) axis over the longest prefix of the rules' "batch" mesh axes that divides it
+    (3 branches of one sample on 2 devices stay replicated rather than fail), the other axes replicated."""
+    target = rules.get("batch")
+    names = [t for t in ((target,) if isinstance(target, str) else tuple(target or ())) if t in mesh.shape]
+    used, size = [], 1
+    for name in names:
+        if a.shape[0] % (size * mesh.shape[name]):
+            break
+        used.append(name)
+        size *= mesh.shape[name]
+    lead = None if not used else used[0] if len(used) == 1 else tuple(used)
+    return jax.sharding.PartitionSpec(lead, *([None] * (a.ndim - 1)))
+
+
 def _teacache_decide(tc, e0, i, n_exec, threshold, poly):
     """(compute?, new accumulator): reference rule on the relative L1 change of e0, warm-up and last step forced."""
     prev, acc = tc["e0"], tc["acc"]
@@ -168,8 +183,7 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
     def constrain_batch(a):
         if mesh is None:
             return a
-        spec = sharding.logical_to_spec(("batch",) + (None,) * (a.ndim - 1), rules, mesh, a.shape)
-        return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(mesh, spec))
+        return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(mesh, _batch_spec(mesh, rules, a)))
 
     def run(params, adapters, source_latents, context, text, null_text, key, text_lens=None, null_text_lens=None,
             null_context=None, keep_latents=None):
