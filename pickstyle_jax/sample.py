@@ -156,8 +156,9 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
     source_latents: normalised VAE latents of the source [B, f, h, w, 16] (the reactive latent E(src));
     context: [B, f, h, w, 96] = [E(0) | E(src) | mask]; text: [B, L, text_dim] and null_text: [B or 1, L', text_dim]
     embeddings, with their true lengths in text_lens / null_text_lens (the prompt and the long negative prompt are
-    padded to one length and folded exactly per sample); key: a PRNG key (typed or raw uint32) for the noise and the
-    null-context permutations. adapters: a lora.Lora or None. null_context: mode "text_context" only.
+    padded to one length and folded exactly per sample); key: a PRNG key (typed or raw uint32), split into
+    (k_noise, k_perm): eps ~ N(0, 1) from k_noise, and step k's null-context permutation (one for the whole batch)
+    from fold_in(k_perm, k), so a seed reproduces the run exactly. adapters: a lora.Lora or None. null_context: mode "text_context" only.
     keep_latents: optional [B, m, h, w, 16], pinned as the first m latent frames: after every step they are reset
     to (1 - sigma) * keep + sigma * eps with the run's own noise, so the result holds them exactly and the other
     frames are generated consistently with them (long-video windows).

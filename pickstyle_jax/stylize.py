@@ -68,6 +68,7 @@ def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, si
     """
     from pickstyle_jax import sample, sizing
     from pickstyle_jax import video as video_lib
+    from pickstyle_jax.models.tokenizer import clean_text
 
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
@@ -90,12 +91,11 @@ def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, si
         stylizer = sample.Stylizer.load(dit=dit, vae=vae, umt5=umt5, tokenizer=tokenizer, lora=lora, dtype=dtype)
     load_s = time.perf_counter() - t0
     text_len = stylizer.cfg.text_len
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _, mask = stylizer.tokenizer([prompt], max_len=text_len)
-    truncated = any("cutting" in str(w.message) or "truncat" in str(w.message) for w in caught)
+    n_tokens = len(stylizer.tokenizer.encode(clean_text(prompt))) + 1  # with </s>
+    truncated = n_tokens > text_len
     if truncated:
-        warnings.warn(f"the prompt is longer than {text_len} tokens and was truncated to {text_len}", stacklevel=2)
+        warnings.warn(f"the prompt has {n_tokens} tokens, more than the {text_len} the model reads: it is truncated "
+                      f"to {text_len}", stacklevel=2)
 
     styled, info = stylizer.run(frames, prompt, progress=progress, **s)
     if fps is None:
@@ -111,7 +111,7 @@ def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, si
     info["timing"].update(load_s=load_s, write_s=time.perf_counter() - t0, total_s=time.perf_counter() - t_start)
     record = {
         "video": str(video), "out": str(out), "side_by_side": str(sbs) if sbs else None, "prompt": prompt,
-        "prompt_tokens": int(mask.sum()), "prompt_truncated": truncated,
+        "prompt_tokens": min(n_tokens, text_len), "prompt_truncated": truncated,
         "dit": str(dit), "vae": str(vae), "umt5": str(umt5), "tokenizer": str(tokenizer),
         "lora": str(lora) if lora else None, "dtype": dtype, "fps_in": src_fps, "fps": float(fps),
         "source_size": [int(n_in), int(h_in), int(w_in)], **info,
