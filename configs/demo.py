@@ -1,0 +1,86 @@
+"""The embedded default: PickStyle end to end on a CPU in minutes (`make demo`), and a `:tiny` variant for tests.
+
+    python -m pickstyle_jax.demo                                   # pretrain -> LoRA training -> evaluation
+    python -m pickstyle_jax.train --config=configs/demo.py --workdir=out/demo    # the LoRA stage alone
+
+No weights are downloaded. PickStyle adapts a *pretrained* Wan2.1-VACE, and random tiny weights cannot render a
+clip, so the demo first fits its own tiny models on the synthetic world of the data pipeline
+(pickstyle_jax/pretrain.py, the `pretrain` section below):
+  - an autoencoder with the Wan2.1 VAE architecture (the "tiny" widths), trained for reconstruction, in place of
+    the released VAE; its latent mean/std are measured after training and stored in its config;
+  - a small Wan-VACE DiT (dim 128, 6 blocks, VACE after blocks 0, 2, 4), fitted with full-parameter flow matching
+    to render the VACE context: reconstruction pairs ("Reconstruct. ...") and the pairs of three synthetic styles
+    with their captions, and the null text (the sampler's negative prompt) for some samples, as a base model that
+    was trained with text dropout;
+  - a tiny random umT5 with the byte tokenizer, frozen, as the text featuriser.
+The fourth style, "toon", is held out: it is never seen before the LoRA stage, which learns it from its captioned
+pairs on the VACE blocks' self-attention only (PickStyle's recipe), and the evaluation stylises held-out toon clips.
+
+Differences from the paper's recipe, for speed on 2 cores: 5-frame 32 x 48 clips, LoRA rank 16, batch 8, and a
+learning rate of 2e-3 (the paper's 5.6e-4 is for rank 128 over 57 epochs; a few hundred steps need a larger one).
+"""
+import ml_collections
+
+from pickstyle_jax import train
+
+HELD_OUT = "toon"
+PRETRAIN_STYLES = ("sketch", "neon", "pastel")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "full"
+    if variant not in ("full", "tiny"):
+        raise ValueError(f"configs/demo.py takes ':tiny' or nothing, got {arg!r}")
+    tiny = variant == "tiny"
+    c = train.default_config()
+    c.seed = 0
+    # `variant` names are only used for random weights; the pretrained checkpoints bring their own configs.
+    c.model.update(dict(
+        variant="tiny", dit="out/demo/models/dit", vae_variant="tiny", vae="out/demo/models/vae",
+        umt5_variant="tiny", umt5="out/demo/models/umt5", tokenizer="bytes",
+        param_dtype="float32", dtype="float32", attention="xla", remat_policy="none", scan_layers=False))
+    c.lora.update(dict(rank=16, alpha=16.0))
+    c.optim.update(dict(lr=2e-3))
+    c.data.update(dict(
+        frames=5, height=32, width=48, batch_size=8, num_epochs=None, shuffle=True,
+        synthetic_examples=64, synthetic_styles=(HELD_OUT,), synthetic_seed=1,
+        shift_range=(7, 14),  # the official 100..200 px slide, scaled from 832 to 48 px wide
+        num_workers=0, prefetch=2))
+    c.total_steps = 300
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.keep = 1
+
+    # The demo's own base models (pickstyle_jax/pretrain.py). Budgets are steps, sized for ~2.5 min on 2 cores.
+    c.pretrain = ml_collections.ConfigDict(dict(
+        seed=0,
+        styles=PRETRAIN_STYLES,     # the styles the backbone sees; data.synthetic_styles (held out) never
+        data_seed=0,                # synthetic world of the pretraining scenes (the LoRA stage uses data's)
+        examples=256,               # distinct scenes (each with its own camera motion per epoch)
+        # autoencoder: VaeConfig.named(model.vae_variant) with these widths
+        vae_base_dim=8, vae_res_blocks=1,
+        vae_steps=150, vae_batch=8, vae_lr=2e-3,
+        latent_noise=0.1,           # decoder input noise (latent units): robust to imperfect sampled latents
+        latent_l2=1e-3,             # keeps the encoder near unit scale against that noise
+        # backbone: WanConfig.named(model.variant) with these fields; text_dim = the umT5 width
+        dit=ml_collections.ConfigDict(dict(dim=128, ffn_dim=512, num_heads=4, num_layers=6,
+                                           vace_layers=(0, 2, 4))),
+        dit_steps=1200, dit_batch=16, dit_lr=1e-3, warmup=50,
+        clips=384,                  # clips encoded once into a latent cache for the backbone fit
+        recon_prob=0.35,            # share of reconstruction pairs (target = source)
+        null_per_batch=2,           # samples per batch with the null text (text dropout 2/16)
+        log_every=25,
+        report_psnr=True,           # measure the autoencoder's reconstruction PSNR on unseen clips (one compile)
+    ))
+    if tiny:
+        c.data.update(dict(batch_size=2, synthetic_examples=8, prefetch=0))
+        c.lora.update(dict(rank=4, alpha=4.0))
+        c.total_steps = 4
+        c.log_every = 1
+        c.checkpoint_every = 2
+        c.pretrain.update(dict(examples=8, vae_steps=6, vae_batch=2, vae_lr=3e-3, clips=8, dit_steps=4,
+                               dit_batch=4, null_per_batch=1, warmup=1, log_every=1,
+                               report_psnr=False))
+        c.pretrain.dit.update(dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, vace_layers=(0,)))
+    c.lock()
+    return c

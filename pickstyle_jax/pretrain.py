@@ -1,0 +1,494 @@
+"""Base models for the CPU demo, fitted from scratch on the synthetic world: the stage before the LoRA training.
+
+PickStyle adapts a pretrained Wan2.1-VACE that already renders its context and follows text; the LoRA only teaches
+it a style. Tiny random weights do neither, so the demo (configs/demo.py, `pretrain` section) first makes its own
+small base models, then trains the LoRA on them exactly as on real weights:
+
+  umT5        a tiny random encoder with the byte tokenizer, frozen: a fixed text featuriser.
+  autoencoder the Wan2.1 VAE architecture at small widths, trained for reconstruction (L1 + L2, fp32, Adam) on
+              source and stylised clips of the pretraining styles. The decoder reads the latent plus N(0, 0.1^2)
+              noise, as a VAE with a fixed posterior variance, and an L2 term keeps the encoder near unit scale
+              against it; so the decoder tolerates the imperfect latents a sampler produces. After training the
+              latent mean/std per channel are measured and written into the saved VaeConfig (its
+              `latents_mean/std`, Wan's values for the real VAE), so `vae.encode` returns normalised latents.
+  backbone    a small Wan-VACE DiT, all parameters trained with the flow-matching objective of the LoRA stage
+              (shift-5 grid, uniform index, target eps - x0, Gaussian-bump weight; flow.py) on latent pairs with
+              context [E(0) | E(source) | ones(64)]: reconstruction pairs (target = source, caption
+              "Reconstruct. <scene>") and the stylised pairs of the pretraining styles with their captions. A few
+              samples per batch get the null text instead (text dropout, as base models are trained for
+              classifier-free guidance), so the CS-CFG null branches are in distribution.
+
+The held-out style (config.data.synthetic_styles) is seen by none of them. Outputs are ordinary converted-format
+checkpoint dirs (checkpoints.save) at config.model.{dit,vae,umt5}; each config.json carries the fingerprint of the
+settings that made it, and `run` skips the work when all three exist with the current fingerprint.
+
+    python -m pickstyle_jax.pretrain --config=configs/demo.py [--config.pretrain.dit_steps=...]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from pickstyle_jax import checkpoints, flow, text
+from pickstyle_jax.data import pipeline
+from pickstyle_jax.models import tokenizer as tok_lib
+from pickstyle_jax.models import umt5, vae, wan
+
+f32 = jnp.float32
+FORMAT = 1  # bump when the recipe changes, so old checkpoints are refitted
+RECON_PREFIX = "Reconstruct."
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def vae_config(config) -> vae.VaeConfig:
+    """The autoencoder being trained: identity normalisation (the measured statistics are set after training)."""
+    p = config.pretrain
+    base = vae.VaeConfig.named(config.model.vae_variant)
+    return base.replace(base_dim=int(p.vae_base_dim), num_res_blocks=int(p.vae_res_blocks),
+                        latents_mean=(0.0,) * base.z_dim, latents_std=(1.0,) * base.z_dim)
+
+
+def dit_config(config, text_dim: int) -> wan.WanConfig:
+    """The backbone: WanConfig.named(model.variant) with pretrain.dit's fields, fp32, text_dim = umT5 width."""
+    over = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.pretrain.dit.items()}
+    return wan.WanConfig.named(config.model.variant).replace(
+        **over, text_dim=int(text_dim), param_dtype="float32", dtype="float32", attention=config.model.attention)
+
+
+def data_config(config, batch: int, seed_offset: int = 0, styles=None) -> ml_collections.ConfigDict:
+    """config.data's clip geometry and motion, with the pretraining world (styles, seed, size) and `batch`."""
+    d = ml_collections.ConfigDict(config.data.to_dict())
+    p = config.pretrain
+    d.update(dict(source="synthetic", synthetic_styles=tuple(styles or p.styles),
+                  synthetic_seed=int(p.data_seed) + seed_offset, synthetic_examples=int(p.examples),
+                  batch_size=int(batch), num_epochs=None, shuffle=True, num_workers=0))
+    return d
+
+
+def check_config(config) -> None:
+    """Errors that should stop the run before anything is built."""
+    p, d = config.pretrain, config.data
+    held_out = set(d.synthetic_styles)
+    if held_out & set(p.styles):
+        raise ValueError(f"pretrain.styles {tuple(p.styles)} include the held-out style(s) {sorted(held_out)} of "
+                         f"data.synthetic_styles: the LoRA stage would have nothing new to learn")
+    for k in ("dit", "vae", "umt5"):
+        if not config.model[k]:
+            raise ValueError(f"config.model.{k} is empty: pretrain writes its checkpoint there; set a directory")
+    if config.model.tokenizer != "bytes":
+        raise ValueError(f"the demo's random umT5 reads bytes: set config.model.tokenizer='bytes', got "
+                         f"{config.model.tokenizer!r}")
+    if not 0 <= int(p.null_per_batch) < int(p.dit_batch):
+        raise ValueError(f"pretrain.null_per_batch={p.null_per_batch} must be in [0, dit_batch={p.dit_batch})")
+    if int(p.vae_steps) < 1 or int(p.dit_steps) < 1 or int(p.clips) < 1:
+        raise ValueError("pretrain.vae_steps, dit_steps and clips must be >= 1")
+
+
+def fingerprint(config) -> str:
+    """sha256 of everything that changes the pretrained models."""
+    d = config.data
+    keys = ("frames", "height", "width", "move_prob", "zoom_range", "shift_range", "angle_range", "allow_upscale")
+    spec = {"format": FORMAT, "pretrain": config.pretrain.to_dict(), "data": {k: d[k] for k in keys},
+            "held_out": list(d.synthetic_styles), "model": {k: config.model[k] for k in
+                                                            ("variant", "vae_variant", "umt5_variant", "attention")}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def is_done(config) -> bool:
+    """All three checkpoints exist and were made from the current settings."""
+    want = fingerprint(config)
+    for k in ("dit", "vae", "umt5"):
+        try:
+            meta = checkpoints.read_meta(config.model[k])
+        except (checkpoints.CheckpointError, OSError, ValueError):
+            return False
+        if meta.get("pretrain", {}).get("fingerprint") != want:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _pixels(u8):
+    return u8.astype(f32) / 127.5 - 1.0
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of two videos in [-1, 1] (peak-to-peak 2)."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return 10.0 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def _schedule(lr: float, steps: int, warmup: int):
+    warmup = max(1, min(int(warmup), steps - 1)) if steps > 1 else 0
+    if steps <= 1:
+        return optax.constant_schedule(lr)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=0.1 * lr)
+
+
+def _optimizer(lr: float, steps: int, warmup: int, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(_schedule(lr, steps, warmup), b1=0.9, b2=0.99, weight_decay=weight_decay))
+
+
+class _Progress:
+    """One line per `every` steps: step, metrics, seconds per step and ETA."""
+
+    def __init__(self, log, name: str, total: int, every: int):
+        self.log, self.name, self.total, self.every = log, name, total, max(1, int(every))
+        self.t0 = self.t_first = None
+
+    def __call__(self, step: int, metrics: dict):
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        if step == 1:
+            self.t_first = now  # the first step includes the compile
+        if step % self.every and step != self.total and step != 1:
+            return
+        done = step - 1
+        rate = (now - self.t_first) / done if done > 0 and self.t_first else float("nan")
+        eta = rate * (self.total - step) if done > 0 else float("nan")
+        parts = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self.log(f"{self.name} {step}/{self.total} {parts}  ({rate:.2f} s/step, eta {eta:.0f} s)")
+
+
+# ------------------------------------------------------------------------------------------------ autoencoder
+def make_vae_step(vcfg: vae.VaeConfig, optimizer, latent_noise: float, latent_l2: float):
+    """A pure jitted step (params, opt_state, video uint8 [B, F, H, W, 3], key) -> (params, opt_state, metrics)."""
+
+    def loss_fn(params, video, key):
+        mu = vae.encode(vcfg, params, video, chunked=False)
+        z = mu + latent_noise * jax.random.normal(key, mu.shape, f32)
+        # Unclamped decoder output: a clamp would leave overshooting pixels without a gradient.
+        rec = vae._decode(vcfg, params, z, False, False)
+        d = rec - video
+        l1, mse = jnp.mean(jnp.abs(d)), jnp.mean(jnp.square(d))
+        reg = jnp.mean(jnp.square(mu))
+        loss = l1 + mse + latent_l2 * reg
+        return loss, {"loss": loss, "l1": l1, "mse": mse, "latent_rms": jnp.sqrt(reg)}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, video_u8, key):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, _pixels(video_u8), key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return step
+
+
+def _pick_videos(batch) -> np.ndarray:
+    """One clip per pair: the sources of the first half, the stylised side of the rest (other scenes), so every
+    batch holds both kinds of image in equal parts."""
+    h = (len(batch["source"]) + 1) // 2
+    return np.concatenate([batch["source"][:h], batch["target"][h:]])
+
+
+def train_autoencoder(config, log=print):
+    """(VaeConfig with identity normalisation, trained params, metrics dict); `normalise` sets the statistics."""
+    p = config.pretrain
+    vcfg = vae_config(config)
+    steps = int(p.vae_steps)
+    params = _random_vae(vcfg, int(p.seed))
+    opt = _optimizer(float(p.vae_lr), steps, max(1, steps // 10))
+    opt_state = opt.init(params)
+    step_fn = make_vae_step(vcfg, opt, float(p.latent_noise), float(p.latent_l2))
+    it = pipeline.make_iterator(data_config(config, int(p.vae_batch)), seed=int(p.seed))
+    key = jax.random.key(int(p.seed))
+    progress = _Progress(log, "autoencoder", steps, int(p.log_every))
+    curve = []
+    t0 = time.perf_counter()
+    for s in range(1, steps + 1):
+        video = _pick_videos(next(it))
+        params, opt_state, m = step_fn(params, opt_state, video, jax.random.fold_in(key, s))
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not all(map(math.isfinite, m.values())):
+            raise FloatingPointError(f"autoencoder loss is not finite at step {s}: {m}; lower pretrain.vae_lr")
+        m["psnr"] = 10 * math.log10(4.0 / max(m["mse"], 1e-12))  # with the latent noise: a lower bound
+        curve.append({"step": s, **m})
+        progress(s, {k: m[k] for k in ("loss", "psnr", "latent_rms")})
+    metrics = {"steps": steps, "train_s": time.perf_counter() - t0, "curve": curve}
+    return vcfg, params, metrics
+
+
+def normalise(vcfg: vae.VaeConfig, raw: dict) -> tuple[vae.VaeConfig, dict]:
+    """Per-channel latent mean/std measured on the encoded clips (both sides) into the VaeConfig, and the clips
+    normalised with them: `vae.encode` of the saved model returns exactly these normalised latents."""
+    mu = np.concatenate([raw["source"], raw["target"]]).reshape(-1, vcfg.z_dim)
+    mean, std = mu.mean(0), np.maximum(mu.std(0), 1e-3)
+    norm = {k: ((raw[k] - mean) / std).astype(np.float32) for k in ("source", "target", "zero")}
+    vcfg = vcfg.replace(latents_mean=tuple(float(v) for v in mean), latents_std=tuple(float(v) for v in std))
+    return vcfg, {**raw, **norm}
+
+
+def reconstruction_psnr(config, vcfg, params, styles, n: int = 16, seed_offset: int = 202) -> dict:
+    """PSNR (dB) of encode -> decode on unseen clips: sources and the stylised side of each style in `styles`."""
+    roundtrip = jax.jit(lambda p, x: vae.decode(vcfg, p, vae.encode(vcfg, p, x, chunked=False), chunked=False))
+    out = {}
+    for style in styles:
+        d = data_config(config, n, seed_offset=seed_offset, styles=(style,))
+        batch = next(pipeline.make_iterator(d, seed=seed_offset))
+        for side in ("source", "target") if not out else ("target",):  # every style shares the scenes
+            x = _pixels(batch[side])
+            out["source" if side == "source" else style] = psnr(roundtrip(params, x), x)
+    return out
+
+
+def _random_vae(vcfg, seed: int) -> dict:
+    # Eager numpy draw of vae.init's distribution: jitting vae.init compiles for a long time on a small CPU.
+    rng = np.random.default_rng((seed, 5))
+
+    def one(path, shape):
+        leaf = path[-1].key
+        if leaf == "kernel":
+            return jnp.asarray(rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1])), f32)
+        return (jnp.ones if leaf == "scale" else jnp.zeros)(shape, f32)
+
+    return jax.tree_util.tree_map_with_path(one, vae.param_shapes(vcfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+# ------------------------------------------------------------------------------------------------ latent pairs
+def _scene(caption: str) -> str:
+    """'Toon style. A red circle on ...' -> 'A red circle on ...'."""
+    return caption.split(". ", 1)[1] if ". " in caption else caption
+
+
+def encode_clips(config, vcfg, vparams, log=print) -> dict:
+    """The backbone's training set, encoded once: {"source", "target": latents [N, f, h, w, z], "caption": [N],
+    "zero": E(zero clip) [1, f, h, w, z]}, in `vcfg`'s normalisation. One compiled shape serves every call."""
+    p = config.pretrain
+    n, bs = int(p.clips), 16
+    enc = jax.jit(lambda prm, video: vae.encode(vcfg, prm, video, chunked=False))
+    it = pipeline.make_iterator(data_config(config, bs, seed_offset=1), seed=int(p.seed) + 2)
+    src, tgt, caps = [], [], []
+    t0 = time.perf_counter()
+    while sum(map(len, src)) < n:
+        batch = next(it)
+        video = np.concatenate([batch["source"], batch["target"]]).astype(np.float32) / 127.5 - 1.0
+        z = np.asarray(enc(vparams, video))
+        src.append(z[:bs])
+        tgt.append(z[bs:])
+        caps.extend(str(c) for c in batch["caption"])
+    zero = np.asarray(enc(vparams, np.zeros_like(video)))[:1]  # the inactive context: an exact zero clip
+    log(f"encoded {n} clip pairs into latents in {time.perf_counter() - t0:.1f} s")
+    return {"source": np.concatenate(src)[:n], "target": np.concatenate(tgt)[:n], "caption": caps[:n],
+            "zero": zero}
+
+
+class _TextRows:
+    """Caption embeddings encoded once (through the shared embedding cache), padded to one row count."""
+
+    def __init__(self, config, tcfg, tparams, tokenizer, cache_dir, captions: list[str], null_text: str):
+        text_len = int(config.text.text_len)
+        cache = text.EmbeddingCache.for_checkpoint(cache_dir, config.model.umt5, tokenizer, cfg=tcfg,
+                                                   text_len=text_len)
+        encode = functools.partial(text.encode_text, tcfg, tparams, tokenizer, text_len=text_len)
+        distinct = list(dict.fromkeys(captions))
+        embs, lens = [], []
+        for i in range(0, len(distinct), 64):
+            e, k = cache.get_or_compute(distinct[i:i + 64], encode)
+            embs.append(e)
+            lens.append(k)
+        lens = np.concatenate(lens)
+        self.rows = text.bucket_length(int(lens.max()), text_len)
+        self.emb = np.concatenate([e[:, :self.rows] for e in embs])
+        self.lens, self.index = lens, {c: i for i, c in enumerate(distinct)}
+        e, k = cache.get_or_compute([null_text], encode)
+        self.null_rows = int(k[0])  # one fixed prompt: its exact length, no bucket padding
+        self.null_emb, self.null_lens = e[:, :self.null_rows], k
+
+    def __call__(self, captions):
+        ids = [self.index[c] for c in captions]
+        return self.emb[ids], self.lens[ids]
+
+
+# ------------------------------------------------------------------------------------------------ backbone
+def _context(zero, z_src):
+    """[E(0) | E(source) | ones(64)], the context of the LoRA stage and of the sampler."""
+    inactive = jnp.broadcast_to(zero, z_src.shape)
+    return jnp.concatenate([inactive, z_src, jnp.ones(z_src.shape[:-1] + (64,), f32)], axis=-1)
+
+
+def make_dit_step(wcfg: wan.WanConfig, optimizer, grid: flow.Grid):
+    """A pure jitted full-parameter flow-matching step (params, opt_state, batch, key) -> (params, opt_state,
+    metrics). batch: "target", "source" latents [B, f, h, w, z], "zero" [1, f, h, w, z], "text" [B - n, L, D] and
+    "text_lens" [B - n] for the captioned samples, "null_text" [1, L', D], "null_lens" [1] for the last n samples
+    (two forwards, so the long null text does not pad every caption to its length)."""
+
+    def loss_fn(params, batch, key):
+        x0 = batch["target"]
+        b, n_text = x0.shape[0], batch["text"].shape[0]
+        k_index, k_eps = jax.random.split(key)
+        sigma, t, w = flow.lookup(grid, flow.draw_index(k_index, b, grid.n))
+        eps = jax.random.normal(k_eps, x0.shape, f32)
+        x_t, target = flow.noise(x0, eps, sigma)
+        ctx = _context(batch["zero"], batch["source"])
+        v = wan.forward(wcfg, params, x_t[:n_text], t[:n_text], batch["text"], ctx[:n_text],
+                        text_lens=batch["text_lens"])
+        if n_text < b:
+            m = b - n_text
+            null = jnp.broadcast_to(batch["null_text"], (m,) + batch["null_text"].shape[1:])
+            v_null = wan.forward(wcfg, params, x_t[n_text:], t[n_text:], null, ctx[n_text:],
+                                 text_lens=jnp.broadcast_to(batch["null_lens"], (m,)))
+            v = jnp.concatenate([v, v_null])
+        per = flow.per_sample_mse(v, target)
+        loss = jnp.mean(per * w)
+        return loss, {"loss": loss, "mse": jnp.mean(per)}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch, key):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return step
+
+
+def _dit_batch(pairs, rows: _TextRows, rng, b: int, n_null: int, recon_prob: float) -> dict:
+    """Random pairs: reconstruction (target = source, 'Reconstruct. <scene>') or stylised (with its caption);
+    the last n_null samples take the null text."""
+    idx = rng.integers(len(pairs["caption"]), size=b)
+    recon = rng.random(b) < recon_prob
+    src = pairs["source"][idx]
+    tgt = np.where(recon[:, None, None, None, None], src, pairs["target"][idx])
+    caps = [f"{RECON_PREFIX} {_scene(pairs['caption'][i])}" if r else pairs["caption"][i] for i, r in zip(idx, recon)]
+    emb, lens = rows(caps[:b - n_null])
+    return {"target": tgt, "source": src, "zero": pairs["zero"], "text": emb, "text_lens": lens,
+            "null_text": rows.null_emb, "null_lens": rows.null_lens}
+
+
+def pair_captions(pairs) -> list[str]:
+    return list(pairs["caption"]) + [f"{RECON_PREFIX} {_scene(c)}" for c in pairs["caption"]]
+
+
+def fit_backbone(config, pairs, rows: _TextRows, log=print):
+    """(WanConfig, params, metrics) of the full-parameter flow-matching fit."""
+    p = config.pretrain
+    wcfg = dit_config(config, rows.emb.shape[-1])
+    steps, b = int(p.dit_steps), int(p.dit_batch)
+    params = wan.init(wcfg, jax.random.key(int(p.seed) + 7))
+    opt = _optimizer(float(p.dit_lr), steps, int(p.warmup), weight_decay=0.01)
+    opt_state = opt.init(params)
+    grid = flow.Grid.make(float(config.schedule.shift), int(config.schedule.num_train_timesteps))
+    step_fn = make_dit_step(wcfg, opt, grid)
+    rng = np.random.default_rng((int(p.seed), 13))
+    key = jax.random.key(int(p.seed) + 8)
+    progress = _Progress(log, "backbone", steps, int(p.log_every))
+    curve, window = [], []
+    t0 = time.perf_counter()
+    for s in range(1, steps + 1):
+        batch = _dit_batch(pairs, rows, rng, b, int(p.null_per_batch), float(p.recon_prob))
+        params, opt_state, m = step_fn(params, opt_state, batch, jax.random.fold_in(key, s))
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not math.isfinite(m["loss"]):
+            raise FloatingPointError(f"backbone loss is not finite at step {s}; lower pretrain.dit_lr")
+        window.append(m["loss"])
+        if s % int(p.log_every) == 0 or s == steps:
+            curve.append({"step": s, "loss": float(np.mean(window)), "grad_norm": m["grad_norm"]})
+            window = []
+        progress(s, {"loss": m["loss"], "grad_norm": m["grad_norm"]})
+    n_params = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+    return wcfg, params, {"steps": steps, "train_s": time.perf_counter() - t0, "curve": curve, "params": n_params}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def null_text() -> str:
+    """The sampler's CS-CFG null text (Wan's negative prompt)."""
+    from pickstyle_jax import sample
+
+    return sample.NEGATIVE_PROMPT
+
+
+def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bool = False) -> dict:
+    """Fits and saves the three base models unless they exist for these settings; returns a summary dict."""
+    check_config(config)
+    if not force and is_done(config):
+        log(f"pretrained models found at {Path(config.model.dit).parent} (same settings): skipping pretraining")
+        meta = checkpoints.read_meta(config.model.dit)
+        return {"skipped": True, **meta.get("pretrain", {})}
+    t_start = time.perf_counter()
+    fp = fingerprint(config)
+    p = config.pretrain
+    extra = {"pretrain": {"fingerprint": fp}}
+    cache_dir = Path(cache_dir or config.text.cache_dir or Path(config.model.dit).parent / "text_cache")
+
+    # 1. umT5: random and frozen; saved first, since the text cache is keyed by the checkpoint's identity.
+    tcfg = umt5.Umt5Config.named(config.model.umt5_variant)
+    tparams = umt5.init(tcfg, jax.random.key(int(p.seed) + 3))
+    checkpoints.save(config.model.umt5, tcfg, tparams, kind="umt5", extra=extra)
+    tokenizer = tok_lib.load_tokenizer(config.model.tokenizer)
+    log(f"umT5 ({tcfg.num_layers} layers, width {tcfg.d_model}, random, frozen) -> {config.model.umt5}")
+
+    # 2. autoencoder, then its latent statistics from the clips the backbone trains on
+    vcfg = vae_config(config)
+    log(f"autoencoder: Wan VAE architecture, base_dim {vcfg.base_dim}, {vae.num_params(vcfg) / 1e6:.2f} M params, "
+        f"{p.vae_steps} steps of batch {p.vae_batch} on {config.data.frames}x{config.data.height}x"
+        f"{config.data.width} clips of {', '.join(p.styles)}")
+    vcfg, vparams, vae_metrics = train_autoencoder(config, log)
+    vcfg, pairs = normalise(vcfg, encode_clips(config, vcfg, vparams, log))
+    vae_metrics.update(latent_mean=list(vcfg.latents_mean), latent_std=list(vcfg.latents_std))
+    if p.report_psnr:
+        recon = reconstruction_psnr(config, vcfg, vparams, (*p.styles, *config.data.synthetic_styles), n=8)
+        vae_metrics["psnr"] = recon
+        log("autoencoder reconstruction PSNR on unseen clips: "
+            + ", ".join(f"{k} {v:.1f} dB" for k, v in recon.items()))
+
+    # 3. backbone on the cached latent pairs
+    rows = _TextRows(config, tcfg, tparams, tokenizer, cache_dir, pair_captions(pairs), null_text())
+    log(f"{len(rows.index)} captions + the null text encoded ({rows.rows} / {rows.null_rows} text rows)")
+    wcfg = dit_config(config, tcfg.d_model)
+    log(f"backbone: Wan-VACE dim {wcfg.dim}, {wcfg.num_layers} blocks, VACE after {wcfg.vace_layers}; "
+        f"{p.dit_steps} flow-matching steps of batch {p.dit_batch} (recon share {p.recon_prob}, "
+        f"{p.null_per_batch} null-text samples per batch)")
+    wcfg, dparams, dit_metrics = fit_backbone(config, pairs, rows, log)
+
+    summary = {"fingerprint": fp, "seconds": time.perf_counter() - t_start,
+               "vae": {k: v for k, v in vae_metrics.items() if k != "curve"},
+               "dit": {k: v for k, v in dit_metrics.items() if k != "curve"}}
+    checkpoints.save(config.model.vae, vcfg, vparams, kind="vae", extra={"pretrain": summary})
+    checkpoints.save(config.model.dit, wcfg, dparams, kind="wan", extra={"pretrain": summary})
+    report = {**summary, "vae_curve": vae_metrics["curve"], "dit_curve": dit_metrics["curve"]}
+    out = Path(config.model.dit).parent / "pretrain.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    log(f"pretraining done in {summary['seconds']:.0f} s: {config.model.vae}, {config.model.dit} ({out})")
+    return summary
+
+
+def main(argv=None):
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config (configs/demo.py[:tiny])",
+                                    lock_config=True)
+    flags.DEFINE_bool("force", False, "refit even if matching checkpoints exist")
+
+    def _main(argv):
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        try:
+            run(flags.FLAGS.config, force=flags.FLAGS.force,
+                log=lambda m: print(f"[pretrain] {m}", flush=True))
+        except ValueError as e:
+            sys.exit(f"config error: {e}")
+
+    app.run(_main, argv)
+
+
+if __name__ == "__main__":
+    main()

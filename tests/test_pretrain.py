@@ -1,0 +1,110 @@
+"""The demo's pretraining stage (pickstyle_jax/pretrain.py) and configs/demo.py."""
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from pickstyle_jax import checkpoints, pretrain, train
+from pickstyle_jax.data import pipeline
+from pickstyle_jax.models import vae, wan
+
+CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
+
+
+def _config(arg=None):
+    spec = importlib.util.spec_from_file_location("demo_config", CONFIG)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_demo_config_loads_locked_and_holds_a_style_out(arg):
+    c = _config(arg)
+    with pytest.raises(AttributeError):
+        c.no_such_key = 1
+    with pytest.raises(AttributeError):
+        c.pretrain.no_such_key = 1
+    assert set(c.data.keys()) == set(pipeline.default_config().keys())
+    assert set(train.default_config().keys()) <= set(c.keys())
+    assert not set(c.pretrain.styles) & set(c.data.synthetic_styles)
+    assert c.model.tokenizer == "bytes"
+    wcfg = pretrain.dit_config(c, text_dim=64)
+    assert wcfg.has_vace and wcfg.text_dim == 64
+    vcfg = pretrain.vae_config(c)
+    assert vcfg.spatial_factor == 8 and vcfg.latents_std == (1.0,) * vcfg.z_dim
+    pretrain.check_config(c)
+
+
+def test_config_errors_say_what_to_fix():
+    c = _config("tiny")
+    with c.unlocked():
+        c.pretrain.styles = ("toon", "neon")
+    with pytest.raises(ValueError, match="held-out"):
+        pretrain.check_config(c)
+    c = _config("tiny")
+    with c.unlocked():
+        c.pretrain.null_per_batch = c.pretrain.dit_batch
+    with pytest.raises(ValueError, match="null_per_batch"):
+        pretrain.check_config(c)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One tiny pretraining run (module-wide: the compiles dominate)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    c = _config("tiny")
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"pretrain seed {seed}")
+    with c.unlocked():
+        for k in ("dit", "vae", "umt5"):
+            c.model[k] = str(root / "models" / k)
+        c.pretrain.seed = seed
+        c.pretrain.vae_steps = 8
+        c.pretrain.examples = 1  # one static scene: every batch is the same, so the curve measures fitting
+        c.data.move_prob = 0.0
+    logs = []
+    summary = pretrain.run(c, log=logs.append, cache_dir=root / "text_cache")
+    return c, root, summary, logs
+
+
+def test_autoencoder_loss_is_finite_and_falls(fitted):
+    _, root, _, _ = fitted
+    curve = json.loads((root / "models" / "pretrain.json").read_text())["vae_curve"]
+    losses = np.array([row["loss"] for row in curve])
+    assert np.all(np.isfinite(losses)), losses
+    assert losses[-3:].mean() < 0.85 * losses[:2].mean(), losses
+    dit = json.loads((root / "models" / "pretrain.json").read_text())["dit_curve"]
+    assert all(np.isfinite(row["loss"]) for row in dit)
+
+
+def test_checkpoints_load_back_and_run(fitted):
+    c, root, summary, _ = fitted
+    vcfg, _ = checkpoints.load_vae(c.model.vae)
+    wcfg, dparams = checkpoints.load_dit(c.model.dit)
+    tcfg, _ = checkpoints.load_umt5(c.model.umt5)
+    assert wcfg.text_dim == tcfg.d_model and wcfg.has_vace
+    # the measured latent statistics replaced Wan's constants
+    assert vcfg.latents_mean != vae.WAN21_LATENTS_MEAN and len(vcfg.latents_std) == vcfg.z_dim
+    assert vcfg.latents_std == tuple(summary["vae"]["latent_std"])
+    d = c.data
+    shape = (1, 1 + (d.frames - 1) // vcfg.temporal_factor, d.height // vcfg.spatial_factor,
+             d.width // vcfg.spatial_factor, vcfg.z_dim)
+    z = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ctx = np.concatenate([z, z, np.ones(z.shape[:-1] + (64,), np.float32)], axis=-1)
+    v = wan.forward(wcfg, dparams, z, np.array([500.0]), np.zeros((1, 8, wcfg.text_dim), np.float32), ctx)
+    assert v.shape == z.shape and bool(np.isfinite(np.asarray(v)).all())
+    meta = checkpoints.read_meta(c.model.dit)
+    assert meta["pretrain"]["fingerprint"] == pretrain.fingerprint(c)
+
+
+def test_rerun_skips_and_changed_settings_refit(fitted):
+    c, _, _, _ = fitted
+    logs = []
+    assert pretrain.run(c, log=logs.append)["skipped"]
+    assert pretrain.is_done(c)
+    with c.unlocked():
+        c.pretrain.dit_steps = c.pretrain.dit_steps + 1
+    assert not pretrain.is_done(c)
