@@ -26,7 +26,6 @@ settings that made it, and `run` skips the work when all three exist with the cu
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
