@@ -1,49 +1,49 @@
-"""PickStyle: context-style LoRA on Wan2.1-VACE-14B (PICKSTYLE.md §8), and a tiny variant that runs on a CPU.
+"""PickStyle: context-style LoRA on Wan2.1-VACE-14B (the paper's recipe), and a tiny variant that runs on a CPU.
 
-    python -m pickstyle_jax.train --config=configs/pickstyle.py --workdir=runs/pickstyle
+    python -m pickstyle_jax.train --config=configs/pickstyle.py --workdir=runs/pickstyle \
+        --config.model.dit=ckpt/vace14b --config.model.vae=ckpt/vae --config.model.umt5=ckpt/umt5 \
+        --config.model.tokenizer=ckpt/spiece.model --config.data.source=folder_v1+folder_v2 --config.data.root=V1:V2
     python -m pickstyle_jax.train --config=configs/pickstyle.py:tiny --workdir=/tmp/tiny   # CPU smoke run
+    python -m pickstyle_jax.plan --config=configs/pickstyle.py --devices=32              # memory plan
 
 The values are the official ones: LoRA rank 128 / alpha 128 on the q, k, v of the VACE blocks' self-attention,
-AdamW lr 5.6e-4 constant, weight decay 0.01, clip 1.0, batch 32, 57 epochs, 81 x 480 x 832 clips.
+AdamW lr 5.6e-4 constant, betas (0.9, 0.999), eps 1e-8, weight decay 0.01, clip 1.0, batch 32 (1 per GPU on 32
+GPUs), 57 epochs, 81 x 480 x 832 clips, bf16 backbone with fp32 LoRA, every block rematerialised.
+
+Sharding for 32 devices: pure FSDP over all of them (fsdp = -1 takes every device): each device holds 1/32 of the
+bf16 weights (about 1.1 GB of 34.7 GB) and one sample, and gathers one block's weights at a time. Every sharded
+dimension of the 14B model (5120, 13824, 4096, 30720) divides by 32, so the rules are strict.
 """
 import ml_collections
 
-from pickstyle_jax.data import pipeline
+from pickstyle_jax import train
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "full"
     if variant not in ("full", "tiny"):
         raise ValueError(f"configs/pickstyle.py takes ':tiny' or nothing, got {arg!r}")
-    tiny = variant == "tiny"
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-
-    # Models: converted checkpoints (python -m convert.*); empty paths build random weights of `variant`.
-    c.model = ml_collections.ConfigDict(dict(
-        variant="tiny" if tiny else "vace-14B", dit="", vae_variant="tiny" if tiny else "wan2.1", vae="",
-        umt5_variant="tiny" if tiny else "umt5-xxl", umt5="", tokenizer="",
-        param_dtype="float32" if tiny else "bfloat16", dtype="float32" if tiny else "bfloat16",
-        attention="xla" if tiny else "cudnn", remat_policy="none" if tiny else "nothing_saveable"))
-    c.lora = ml_collections.ConfigDict(dict(
-        rank=4 if tiny else 128, alpha=4.0 if tiny else 128.0,
-        targets=r"vace_blocks\.\d+\.self_attn\.(q|k|v)"))
-
-    # Flow matching (§8.3): DiffSynth grid, shift 5, 1000 points, Gaussian-bump weights.
-    c.schedule = ml_collections.ConfigDict(dict(shift=5.0, num_train_timesteps=1000))
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=5.6e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0))
-
-    c.data = pipeline.default_config()
-    if tiny:
-        c.data.update(dict(frames=5, height=32, width=48, batch_size=2, num_epochs=None, synthetic_examples=8,
-                           shift_range=(7, 14),  # the official 100..200 px scaled from 832 to 48 px wide
-                           num_workers=0, prefetch=0))
-    c.total_steps = 4 if tiny else -1  # -1: all epochs (the official YAML lacks end_step; quirk #4)
-    c.log_every = 1 if tiny else 10
-    c.checkpoint_every = 2 if tiny else 10
-
-    # Mesh and logical-axis rules (sharding.py): FSDP over "fsdp", heads/FFN over "tensor".
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c = train.default_config()
+    c.model.update(dict(variant="vace-14B", vae_variant="wan2.1", umt5_variant="umt5-xxl",
+                        param_dtype="bfloat16", dtype="bfloat16", attention="cudnn", remat_policy="full",
+                        scan_layers=True))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    if variant == "tiny":
+        tiny(c)
     c.lock()
     return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    """Random tiny models, 5-frame 32 x 48 synthetic clips, batch 2: about a second a step on a laptop CPU."""
+    c.model.update(dict(variant="tiny", vae_variant="tiny", umt5_variant="tiny", tokenizer="bytes",
+                        param_dtype="float32", dtype="float32", attention="xla", remat_policy="none",
+                        scan_layers=False))
+    c.lora.update(dict(rank=4, alpha=4.0))
+    c.data.update(dict(frames=5, height=32, width=48, batch_size=2, num_epochs=None, synthetic_examples=8,
+                       shift_range=(7, 14),  # the official 100..200 px scaled from 832 to 48 px wide
+                       num_workers=0, prefetch=0))
+    c.text.text_len = 128
+    c.total_steps, c.log_every, c.checkpoint_every, c.keep = 4, 1, 2, 2
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.rules.allow_replicate = True  # 48-wide layers do not split over every mesh

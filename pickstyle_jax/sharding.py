@@ -1,14 +1,26 @@
 """Device meshes and logical-axis sharding rules.
 
-Models name the axes of their parameters with a few logical names (`wan.param_axes(cfg)`: "embed", "heads", "mlp",
-"mod", None); a config maps each logical name to mesh axes. The same model code then runs replicated on one CPU,
-data-parallel on a GPU box, or FSDP x tensor-parallel on a TPU pod: only the rules and the mesh change.
+Models name the axes of their parameters with a few logical names (`wan.param_axes(cfg)`: "layers", "embed",
+"heads", "mlp", "mod", None) and their activations with "batch", "length", "embed"; a config maps each logical name
+to mesh axes (`config.rules`) over a named mesh (`config.mesh`). The same model code then runs replicated on one
+CPU, data-parallel on a GPU box, or FSDP x tensor-parallel on a TPU pod: only the rules and the mesh change.
 
-Typical use (flax lm1b style: eval_shape -> shardings -> jit(init, out_shardings=...)):
+Rules: {logical name: mesh axis | tuple/list of mesh axes | None (replicated)}, plus one option,
+`"allow_replicate"`. A dimension whose mesh axes do not divide it is an error naming the array, its shape and the
+rule, unless `allow_replicate` is true: then that dimension alone stays replicated (tiny test models on 8
+devices). Mesh axes that the mesh lacks (e.g. "context" on a mesh without sequence sharding) are ignored, and a
+mesh axis is used at most once per array.
+
+Typical use (eval_shape -> shardings -> jit(init, out_shardings=...)):
 
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    shardings = sharding.tree_shardings(wan.param_axes(cfg), mesh, sharding.DEFAULT_RULES, wan.param_shapes(cfg))
+    shardings = sharding.tree_shardings(wan.param_axes(cfg), mesh, rules, wan.param_shapes(cfg))
     params = jax.jit(functools.partial(wan.init, cfg), out_shardings=shardings)(rng)
+
+Activation constraints inside the model bind through Flax's logical-axis rules context:
+
+    with mesh, nnx.logical_axis_rules(sharding.flax_rules(rules, mesh)):
+        step = jax.jit(...)
 """
 from __future__ import annotations
 
@@ -19,47 +31,91 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
-DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+OPTIONS = ("allow_replicate",)  # rule keys that are options, not logical axes
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated). Permissive (allow_replicate) so that
+# small models run on any mesh; training configs state their own, strict rules.
+DEFAULT_RULES: dict = {
     "batch": ("data", "fsdp"),
+    "layers": None,    # the stacked-layer axis of scanned parameters
     "embed": "fsdp",   # FSDP: weights split along the model width, gathered per layer
     "heads": "tensor",  # tensor parallelism over attention heads ...
     "mlp": "tensor",   # ... and the FFN hidden dimension
     "mod": None,
-    "length": None,
+    "length": None,    # video tokens; "context" here shards the sequence (context parallelism)
+    "allow_replicate": True,
 }
+
+
+class ShardingError(ValueError):
+    """A mesh or rule that cannot shard an array (the message says what to change)."""
+
+
+def normalize_rules(rules: Mapping) -> dict:
+    """A plain dict (ConfigDict and lists accepted); values become None, a str or a tuple of str."""
+    out = {}
+    for name, target in dict(rules).items():
+        if name in OPTIONS:
+            out[name] = bool(target)
+        elif target is None or isinstance(target, str):
+            out[name] = target
+        elif isinstance(target, (list, tuple)) and all(isinstance(a, str) for a in target):
+            out[name] = tuple(target)
+        else:
+            raise ShardingError(f"rule {name!r}: {target!r} is not a mesh axis name, a list of them, or None")
+    return out
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
     """A mesh with named axes; one size may be -1 (all remaining devices)."""
     devices = list(jax.devices() if devices is None else devices)
-    names, sizes = list(shape), list(shape.values())
+    names, sizes = list(shape), [int(s) for s in shape.values()]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(shape)}")
+        raise ShardingError(f"at most one mesh axis may be -1, got {dict(shape)}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ShardingError(f"mesh axis sizes must be positive or -1, got {dict(shape)}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(shape)}")
+            raise ShardingError(f"{len(devices)} devices do not divide into mesh {dict(shape)}: the fixed axes "
+                                f"need a multiple of {known} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+        raise ShardingError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
 
 
+def _mesh_axes(name, rules, mesh, used):
+    if name is None:
+        return ()
+    if name not in rules or name in OPTIONS:
+        raise KeyError(f"no sharding rule for logical axis {name!r}; rules cover "
+                       f"{sorted(k for k in rules if k not in OPTIONS)}")
+    target = rules[name]
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    if mesh is not None:
+        axes = tuple(a for a in axes if a in mesh.shape and a not in used)
+    return axes
+
+
 def logical_to_spec(axes: Sequence[str | None], rules: Mapping, mesh: Mesh | None = None,
-                    shape: Sequence[int] | None = None) -> P:
-    """PartitionSpec for one array. With `shape`, a dimension its mesh axes do not divide stays replicated
-    (tiny test models on 8 devices), and a mesh axis is used at most once per array."""
+                    shape: Sequence[int] | None = None, *, name: str = "array") -> P:
+    """PartitionSpec for one array with logical `axes`. With `mesh` and `shape`, a dimension its mesh axes do not
+    divide is a ShardingError naming `name`, unless rules["allow_replicate"] (then it stays replicated)."""
+    if shape is not None and len(shape) != len(axes):
+        raise ShardingError(f"{name}: logical axes {tuple(axes)} do not match its shape {tuple(shape)}")
     used, spec = set(), []
-    for i, name in enumerate(axes):
-        target = rules.get(name) if name is not None else None
-        if name is not None and name not in rules:
-            raise KeyError(f"no sharding rule for logical axis {name!r}; rules cover {sorted(rules)}")
-        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        if mesh is not None:
-            mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and a not in used)
+    for i, logical in enumerate(axes):
+        mesh_axes = _mesh_axes(logical, rules, mesh, used)
+        if mesh is not None and shape is not None and mesh_axes:
             size = math.prod(mesh.shape[a] for a in mesh_axes)
-            if shape is not None and (size == 0 or shape[i] % size):
+            if shape[i] % size:
+                if not rules.get("allow_replicate", False):
+                    raise ShardingError(
+                        f"{name} of shape {tuple(shape)}: dimension {i} ({shape[i]}, logical {logical!r}) is not "
+                        f"divisible by mesh axes {mesh_axes} of size {size}. Change config.mesh or "
+                        f"config.rules[{logical!r}], or set config.rules.allow_replicate=True to keep such "
+                        f"dimensions replicated")
                 mesh_axes = ()
         used.update(mesh_axes)
         spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -70,13 +126,23 @@ def _is_axes(x):
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
-def tree_shardings(axes_tree, mesh: Mesh, rules: Mapping, shapes_tree=None):
-    """NamedSharding for every leaf of a logical-axes tree (shapes make undividable dims replicated)."""
+def _path_name(kp) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in kp)
+
+
+def tree_shardings(axes_tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES, shapes_tree=None):
+    """NamedSharding for every leaf of a logical-axes tree; with shapes, dimensions are checked (logical_to_spec)
+    and errors name the leaf's path."""
+    rules = normalize_rules(rules)
     if shapes_tree is None:
         return jax.tree.map(lambda ax: NamedSharding(mesh, logical_to_spec(ax, rules, mesh)), axes_tree,
                             is_leaf=_is_axes)
-    return jax.tree.map(lambda ax, s: NamedSharding(mesh, logical_to_spec(ax, rules, mesh, s.shape)),
-                        axes_tree, shapes_tree, is_leaf=_is_axes)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)
+    shapes = treedef.flatten_up_to(shapes_tree)
+    out = [NamedSharding(mesh, logical_to_spec(ax, rules, mesh, np.shape(s) if not hasattr(s, "shape") else s.shape,
+                                               name=_path_name(kp)))
+           for (kp, ax), s in zip(flat, shapes)]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def shard(tree, axes_tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
@@ -84,6 +150,29 @@ def shard(tree, axes_tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
     return jax.device_put(tree, tree_shardings(axes_tree, mesh, rules, tree))
 
 
+def batch_axes(mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the batch dimension is split over."""
+    return _mesh_axes("batch", normalize_rules(rules), mesh, set())
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping = DEFAULT_RULES) -> NamedSharding:
     """Leading (batch) dimension split over the data-parallel mesh axes, the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), normalize_rules(rules), mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def flax_rules(rules: Mapping, mesh: Mesh | None = None) -> tuple:
+    """The rules as Flax logical-axis rules ((logical, mesh axes | None), ...), for `nnx.logical_axis_rules` so
+    that the model's activation constraints bind; mesh axes the mesh lacks are dropped."""
+    out = []
+    for name, target in normalize_rules(rules).items():
+        if name in OPTIONS:
+            continue
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.shape)
+        out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(out)

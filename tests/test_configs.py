@@ -5,7 +5,7 @@ import pathlib
 import jax
 import pytest
 
-from pickstyle_jax import lora
+from pickstyle_jax import lora, sharding, train
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.models import umt5, vae, wan
 
@@ -28,6 +28,12 @@ def test_config_is_complete_and_locked(path, arg):
     with pytest.raises(AttributeError):
         c.data.no_such_key = 1
     assert set(c.data.keys()) == set(pipeline.default_config().keys())
+    schema = train.default_config()
+    assert set(schema.keys()) <= set(c.keys())  # the training schema complete (configs may add sections)
+    for section in ("model", "lora", "schedule", "optim", "distributed", "text"):
+        assert set(c[section].keys()) == set(schema[section].keys()), section
+    assert set(c.mesh.keys()) <= {"data", "fsdp", "tensor", "context"}
+    sharding.normalize_rules(c.rules)
     wcfg = wan.WanConfig.named(c.model.variant).replace(param_dtype=c.model.param_dtype, dtype=c.model.dtype,
                                                         attention=c.model.attention,
                                                         remat_policy=c.model.remat_policy)

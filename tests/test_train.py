@@ -1,0 +1,255 @@
+"""Training: the flow-matching grid, the step (loss falls), bad configs, plan, kill-and-resume, the .pth export.
+
+Runs of `python -m pickstyle_jax.train` are subprocesses on the tiny config; they share one persistent compilation
+cache so that only the first pays for compiling.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pickstyle_jax import flow, lora as lora_lib, sharding, train
+from pickstyle_jax.data import pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(name="pickstyle.py", arg="tiny"):
+    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / "configs" / name)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+# ------------------------------------------------------------------------------------------------- flow
+def test_grid_and_weights_match_the_spec():
+    g = flow.Grid.make(5.0, 1000)
+    i = np.arange(1000)
+    s = 1 - i / 1000
+    np.testing.assert_allclose(g.sigmas, 5 * s / (1 + 4 * s), rtol=1e-6)
+    assert g.sigmas.dtype == np.float32 and g.timesteps.dtype == np.float32 and g.sigmas[0] == 1.0
+    np.testing.assert_allclose(g.timesteps, 1000 * g.sigmas.astype(np.float64), rtol=1e-6)
+    assert abs(g.weights.sum() - 1000) < 1e-2
+    assert g.weights[0] == 0.0 and g.weights.min() == 0.0
+    peak = int(np.argmax(g.weights))
+    assert abs(g.weights[peak] - 2.076) < 2e-3 and abs(g.timesteps[peak] - 500) < 3
+    assert abs(float(np.mean(g.sigmas > 0.5)) - 0.834) < 1e-3  # uniform over indices, not over sigma
+    idx = np.asarray(flow.draw_index(jax.random.key(0), 20000, 1000))
+    assert idx.min() == 0 and idx.max() == 999 and abs(idx.mean() - 499.5) < 10
+    # batch 1 is fine: the weight is a grid constant, never batch-relative
+    sig, t, w = flow.lookup(g, jnp.array([0]))
+    assert float(w[0]) == 0.0 and float(t[0]) == 1000.0
+    x0, eps = jnp.full((1, 3), 2.0), jnp.full((1, 3), -1.0)
+    x_t, target = flow.noise(x0, eps, jnp.array([0.25]))
+    np.testing.assert_allclose(x_t, 0.75 * 2 - 0.25, rtol=1e-6)
+    np.testing.assert_allclose(target, -3.0)
+    np.testing.assert_allclose(flow.weighted_mse(jnp.zeros((2, 3)), jnp.array([[1.0] * 3, [2.0] * 3]),
+                                                 jnp.array([1.0, 0.5])), (1 + 0.5 * 4) / 2, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- the step
+def test_tiny_model_loss_falls_on_a_fixed_batch(tmp_path, seed):
+    c = _config()
+    c.seed = seed % 1000
+    c.optim.lr = 1e-2
+    tr = train.prepare(c, tmp_path)
+    it = pipeline.make_iterator(c.data, seed=c.seed)
+    batch = train.device_batch(tr, next(it))
+    keys = jax.random.split(jax.random.key(seed), 4)
+    evaluate = jax.jit(lambda lp, b: jnp.mean(jax.vmap(lambda k: train.loss_fn(tr.setup, lp, tr.base, b, k))(keys)))
+    before = float(evaluate(tr.state["lora"], batch))
+    base_before = jax.tree.map(np.asarray, tr.base)
+    state, losses = tr.state, []
+    for _ in range(30):
+        state, m = tr.step_fn(tr.base, state, batch, tr.step_key)
+        losses.append(float(m["loss"]))
+    after = float(evaluate(state["lora"], batch))
+    print(f"fixed-draw loss {before:.5f} -> {after:.5f}; step losses {losses[:3]} ... {losses[-3:]}")
+    assert int(state["step"]) == 30 and all(np.isfinite(losses))
+    assert after < 0.9 * before, (before, after)
+    jax.tree.map(np.testing.assert_array_equal, base_before, jax.tree.map(np.asarray, tr.base))
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """accumulate=2 over micro-batches {0, 2}, {1, 3} equals the mean of the two half-batch gradients."""
+    c = _config()
+    c.data.batch_size = 4
+    tr = train.prepare(c, tmp_path)
+    it = pipeline.make_iterator(c.data, seed=0)
+    batch = jax.device_get(train.device_batch(tr, next(it)))
+    rng = jax.random.key(3)
+    acc = tr.setup.__class__(**{**tr.setup.__dict__, "accumulate": 2})
+    loss, g = jax.jit(lambda lp: train._grads(acc, lp, tr.base, batch, rng))(tr.state["lora"])
+    halves = [jax.tree.map(lambda x, m=m: x[m::2], batch) for m in range(2)]
+    parts = [jax.jit(lambda lp, b, m=m: train._grads(tr.setup, lp, tr.base, b, jax.random.fold_in(rng, m)))(
+        tr.state["lora"], h) for m, h in enumerate(halves)]
+    np.testing.assert_allclose(loss, (parts[0][0] + parts[1][0]) / 2, rtol=1e-5)
+    jax.tree.map(lambda a, b0, b1: np.testing.assert_allclose(a, (b0 + b1) / 2, rtol=1e-4, atol=1e-9),
+                 g, parts[0][1], parts[1][1])
+
+
+# ------------------------------------------------------------------------------------------------- configs
+def test_bad_configs_fail_before_compiling(tmp_path):
+    c = _config()
+    with pytest.raises(AttributeError):
+        c.optim.learning_rate = 1.0  # locked: a typo is an error
+    c = _config()
+    c.mesh.data = 3
+    with pytest.raises(train.ConfigError, match="does not fit 8 devices"):
+        train.check_config(c, n_devices=8)
+    c = _config()
+    c.mesh.update(dict(data=2, fsdp=2))
+    c.data.batch_size = 6
+    with pytest.raises(train.ConfigError, match="batch_size=6 .* not divisible by the 4 ways"):
+        train.check_config(c, n_devices=4)
+    c = _config()
+    c.model.dit = str(tmp_path / "nowhere")
+    with pytest.raises(train.ConfigError, match="model.dit=.*nowhere.*convert.wan_dit"):
+        train.run(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    c = _config()
+    c.optim.accumulate = 3
+    with pytest.raises(train.ConfigError, match="accumulate=3"):
+        train.check_config(c, n_devices=1)
+    c = _config()
+    c.rules.allow_replicate = False  # tiny 48-wide layers do not split 4 ways
+    c.mesh.update(dict(data=1, fsdp=4))
+    c.data.batch_size = 4
+    mesh = sharding.make_mesh(dict(train.check_config(c, n_devices=4)), [jax.devices()[0]] * 4)
+    wcfg = train.model_configs(c)[0]
+    from pickstyle_jax.models import wan
+    with pytest.raises(sharding.ShardingError, match=r"blocks\.0\..* of shape .* not divisible by mesh axes"):
+        sharding.tree_shardings(wan.param_axes(wcfg), mesh, c.rules, wan.param_shapes(wcfg))
+
+
+def test_cli_rejects_an_unknown_key(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pickstyle_jax.train", "--config=configs/pickstyle.py:tiny",
+                        f"--workdir={tmp_path}", "--config.optim.learning_rate=1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "learning_rate" in r.stderr, r.stderr[-2000:]
+
+
+def test_plan_prints_the_json_fields():
+    r = subprocess.run([sys.executable, "-m", "pickstyle_jax.plan", "--config=configs/pickstyle.py:tiny",
+                        "--devices=2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out) == {"devices", "mesh", "param_bytes_per_device", "optimizer_bytes_per_device",
+                        "temp_bytes_per_device", "peak_bytes_per_device", "compile_s"}
+    assert out["devices"] == 2 and out["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert out["peak_bytes_per_device"] >= out["param_bytes_per_device"] > 0
+
+
+# ------------------------------------------------------------------------------------------------- resume
+def _train(workdir, *overrides, env):
+    return subprocess.Popen([sys.executable, "-m", "pickstyle_jax.train", "--config=configs/pickstyle.py:tiny",
+                             f"--workdir={workdir}", "--config.total_steps=6", *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(proc, workdir, step, timeout=300):
+    """Blocks until metrics.jsonl has `step`, then returns (the process keeps running)."""
+    path, t0 = pathlib.Path(workdir) / "metrics.jsonl", time.time()
+    while time.time() - t0 < timeout:
+        if path.is_file() and any(json.loads(ln)["step"] >= step for ln in path.read_text().splitlines() if ln):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _losses(workdir):
+    rows = [json.loads(ln) for ln in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines() if ln]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _lora(workdir):
+    from pickstyle_jax import checkpoints
+
+    return jax.tree.map(np.asarray, checkpoints.load_lora(pathlib.Path(workdir) / "lora").params)
+
+
+def test_kill_and_resume_match_the_straight_run(tmp_path):
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    straight = tmp_path / "straight"
+    p = _train(straight, env=env)
+    out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out[-3000:]
+    want = _losses(straight)
+    assert sorted(want) == [1, 2, 3, 4, 5, 6]
+
+    # kill -9 after step 3 (periodic checkpoint at 2): the rerun resumes at 2 and recomputes 3 ...
+    run = tmp_path / "interrupted"
+    p = _train(run, "--config.checkpoint_every=2", env=env)
+    _wait_for_step(p, run, 3)
+    p.kill()
+    p.wait()
+    # ... and is stopped by SIGTERM after step 4: it saves where it is and exits 143 ...
+    p = _train(run, "--config.checkpoint_every=2", env=env)
+    _wait_for_step(p, run, 4)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by SIGTERM" in out and "resumed from" in out
+    # ... and the third run finishes.
+    p = _train(run, "--config.checkpoint_every=2", env=env)
+    out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0 and "resumed from" in out, out[-3000:]
+    got = _losses(run)
+    print("straight", want, "\ninterrupted", got)
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), _lora(run), _lora(straight))
+
+    # The .pth export (written without torch) reads back with torch, identical to convert.lora's export.
+    torch = pytest.importorskip("torch")
+    from convert import lora as convert_lora
+    from pickstyle_jax import checkpoints
+
+    ours = torch.load(straight / "pickstyle_lora.pth", weights_only=True)
+    convert_lora.export_lora(checkpoints.load_lora(straight / "lora"), tmp_path / "ref.pth")
+    ref = torch.load(tmp_path / "ref.pth", weights_only=True)
+    assert sorted(ours) == sorted(ref) and len(ours) == 2 * 3 * 2
+    for k in ref:
+        assert ours[k].dtype == torch.float32 and ours[k].shape == ref[k].shape
+        np.testing.assert_array_equal(ours[k].numpy(), ref[k].numpy())
+    back = convert_lora.import_lora(straight / "pickstyle_lora.pth")
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, back.params), _lora(straight))
+    assert (straight / "config.json").is_file() and json.loads((straight / "config.json").read_text())["model"]
+
+
+def test_nan_loss_names_the_step(tmp_path, monkeypatch):
+    c = _config()
+    c.total_steps = 3
+    real = train.prepare
+
+    def poisoned(*a, **k):
+        tr = real(*a, **k)
+        step_fn = tr.step_fn
+        calls = []
+
+        def bad(base, state, batch, key):
+            calls.append(1)
+            state, m = step_fn(base, state, batch, key)
+            return state, {**m, "loss": m["loss"] * (np.nan if len(calls) == 2 else 1.0)}
+
+        tr.step_fn = bad
+        return tr
+
+    monkeypatch.setattr(train, "prepare", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
+        train.run(c, tmp_path)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == []  # checkpoint_every=2: step 2 was never saved
