@@ -255,7 +255,7 @@ def _ablations(runner, clips, refs, seed, steps: int) -> dict:
 # ---------------------------------------------------------------------------------------------- reports
 def _fmt(v) -> str:
     if v is None:
-        return "-"
+        return "none"
     if isinstance(v, bool):
         return "on" if v else "off"
     if isinstance(v, float):

@@ -133,20 +133,21 @@ def test_content_edges(seed):
 
 def test_style_distance(seed):
     f, h, w = 3, 32, 48
+    styles = ("toon", "sketch", "neon", "pastel")
+    base = styles[seed % 4]
     clip = lambda i, style: world.render_clip(i, f, h, w, style, seed)  # noqa: E731
-    ref = np.concatenate([clip(i, "toon").target for i in range(3)])
+    ref = np.concatenate([clip(i, base).target for i in range(3)])
     assert metrics.style_distance(ref, ref) == pytest.approx(0.0, abs=1e-12)
     # other scenes in the reference's style are closer than the same scenes in other styles or unstylised
     scenes = range(10, 13)
-    d = {s: np.mean([metrics.style_distance(clip(i, s).target, ref) for i in scenes])
-         for s in ("toon", "sketch", "neon", "pastel")}
-    d["source"] = np.mean([metrics.style_distance(clip(i, "toon").source, ref) for i in scenes])
+    d = {s: np.mean([metrics.style_distance(clip(i, s).target, ref) for i in scenes]) for s in styles}
+    d["source"] = np.mean([metrics.style_distance(clip(i, base).source, ref) for i in scenes])
     assert all(0 <= v <= 1 for v in d.values())
-    assert d["toon"] < min(v for k, v in d.items() if k != "toon"), d
+    assert d[base] < min(v for k, v in d.items() if k != base), (base, d)
     stats = metrics.style_stats(ref)
-    assert set(stats) == {"luma", "gradient", "laplacian"}
+    assert set(stats) == {"channels", "luma", "saturation", "gradient", "laplacian"}
     assert all(v.shape == (16,) and v.sum() == pytest.approx(1.0) for v in stats.values())
-    one = clip(10, "toon").target
+    one = clip(10, base).target
     assert metrics.style_distance(one, stats) == pytest.approx(metrics.style_distance(one, ref))
 
 
@@ -203,7 +204,7 @@ def test_world_motion_is_exact(seed):
     te_gt = metrics.temporal_error(clip.target, clip.flow, clip.valid)
     te_src = metrics.temporal_error(clip.source, clip.flow, clip.valid)
     te_still = metrics.temporal_error(clip.target, still)
-    assert te_gt < 0.002 and te_src < 0.01 and te_still > 5 * max(te_src, 1e-3), (te_gt, te_src, te_still)
+    assert te_gt < 0.002 and te_src < 0.01 and te_still > max(5 * te_gt, 1e-3), (te_gt, te_src, te_still)
     # objects move on their own: their motion differs from the camera's
     n = clip.objects.shape[1]
     assert n >= 1

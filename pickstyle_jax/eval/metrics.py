@@ -27,10 +27,12 @@ Metrics (range, direction: definition):
   lies within 2 pixels, and vice versa: an outline drawn along a boundary has both its flanks within that
   distance); averaged over frames. Two empty maps agree (1); one empty map scores 0.
 - `style_distance` ([0, 1], lower better): distance of a clip's style statistics to a reference set of frames in
-  the target style: the mean total-variation distance of three pooled 16-bin histograms, of luma, of the Sobel
-  gradient magnitude and of the absolute Laplacian (log-spaced bins). It measures brightness, flatness and
+  the target style: pooled 16-bin histograms of the channel values (R, G, B together), of luma and saturation, of
+  the Sobel gradient magnitude and of the absolute Laplacian (log-spaced bins), compared by earth mover's distance
+  (luma, saturation) or total variation (the rest), averaged. It measures tones, colourfulness, flatness and
   line/texture statistics, not hue or layout (those belong to the scene), so the reference set should be other
-  scenes in the style.
+  scenes in the style. On the synthetic world, other scenes of a style are nearer than the same scenes in any
+  other style or unstylised, for every style.
 
 Embedding metrics (`frame_consistency`, `text_video_score`) live in `features.py`.
 """
@@ -266,27 +268,47 @@ def _hist(v, edges):
     return c.astype(np.float64)
 
 
+def _emd(a, b) -> float:
+    """Earth mover's distance of two histograms on equal-width bins, in units of the whole range: in [0, 1]."""
+    return float(np.abs(np.cumsum(a) - np.cumsum(b)).sum() / (len(a) - 1))
+
+
+def _tv(a, b) -> float:
+    return 0.5 * float(np.abs(a - b).sum())
+
+
+# statistic -> how two of its histograms are compared: EMD where a small shift of the values is a small change of
+# style (brightness, saturation), total variation where bins are categories (the posterisation levels of
+# "channels", the decades of the filter responses)
+_STYLE_COMPARE = {"channels": _tv, "luma": _emd, "saturation": _emd, "gradient": _tv, "laplacian": _tv}
+
+
 def style_stats(frames) -> dict:
-    """Pooled marginal histograms of frames [N, H, W, 3] (16 bins each, summing to 1): "luma" (linear bins on
-    [0, 1]), "gradient" (Sobel magnitude of luma) and "laplacian" (its absolute Laplacian), both on log-spaced bins
-    from 1e-3 to 1. Brightness, flatness and line/texture statistics are what a style sets; hues and layout belong
-    to the scene, so they are left out. Pool several clips by concatenating their frames."""
+    """Pooled 16-bin histograms of frames [N, H, W, 3], each summing to 1: "channels" (R, G and B values pooled),
+    "luma", "saturation" (max - min of RGB), all on [0, 1]; "gradient" (Sobel magnitude of luma) and "laplacian"
+    (its absolute Laplacian) on log-spaced bins from 1e-3 to 1. Tones, colourfulness, flatness and line/texture
+    statistics are what a style sets; hues and layout belong to the scene, so they are left out. Pool several clips
+    by concatenating their frames."""
     x = to_unit(frames, "frames")
-    acc = {k: np.zeros(_STYLE_BINS) for k in ("luma", "gradient", "laplacian")}
+    acc = {k: np.zeros(_STYLE_BINS) for k in _STYLE_COMPARE}
     lap_k = np.array([1.0, -2.0, 1.0], np.float32)
     for s in range(0, x.shape[0], _CHUNK):
-        g = _luma(x[s:s + _CHUNK])
+        c = x[s:s + _CHUNK]
+        g = _luma(c)
         gy, gx = _sobel(g)
         lap = _conv_same(g[..., None], lap_k, 1)[..., 0] + _conv_same(g[..., None], lap_k, 2)[..., 0]
+        acc["channels"] += _hist(c, _LINEAR_EDGES)
         acc["luma"] += _hist(g, _LINEAR_EDGES)
+        acc["saturation"] += _hist(c.max(-1) - c.min(-1), _LINEAR_EDGES)
         acc["gradient"] += _hist(np.sqrt(gy * gy + gx * gx), _LOG_EDGES)
         acc["laplacian"] += _hist(np.abs(lap), _LOG_EDGES)
     return {k: v / max(v.sum(), 1.0) for k, v in acc.items()}
 
 
 def style_distance(video, reference) -> float:
-    """Mean total-variation distance of the `style_stats` histograms, in [0, 1] (0: the reference's statistics);
-    `reference` is a frame array [N, H, W, 3] (the style's reference set) or its precomputed `style_stats`."""
+    """Mean over the `style_stats` histograms of their distance to the reference's (EMD for luma and saturation,
+    total variation for the others), in [0, 1]; 0: the reference's statistics. `reference` is a frame array
+    [N, H, W, 3] (the style's reference set) or its precomputed `style_stats`."""
     a = style_stats(video)
     b = reference if isinstance(reference, dict) else style_stats(reference)
-    return float(np.mean([0.5 * np.abs(a[k] - b[k]).sum() for k in a]))
+    return float(np.mean([cmp(a[k], b[k]) for k, cmp in _STYLE_COMPARE.items()]))
