@@ -1,0 +1,157 @@
+"""Pallas TPU splash attention behind the same [B, S, N, K] interface as `layers.attention`.
+
+Dimension key: B batch, S query tokens, T key/value tokens, N query heads, M key/value heads (N % M == 0:
+grouped-query attention comes free with the kernel), K head dim.
+
+JAX's splash kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) is a flash-attention kernel for one
+example: q [N, S, K], k and v [M, T, K], S and T multiples of its block sizes. This wrapper adds what the models
+need and the kernel leaves out:
+
+- the batch dimension, by `jax.vmap` over the kernel (Pallas calls batch into a larger grid);
+- any S and T: both are zero-padded up to a multiple of their block (a 21x60x104 latent clip is 32,760 tokens,
+  not a multiple of 128). Padded queries are sliced off the output; padded keys are masked through the
+  kernel's segment ids (keys of segment 1 are invisible to queries of segment 0), which also carries
+  per-sample `kv_lens`, a runtime value a static mask could not hold;
+- the softmax scale, which the kernel does not take: it is folded into q (in fp32, before the cast back);
+- interpret mode off TPU, so CPU tests check the very kernel the TPU runs, forward and backward;
+- an optional `shard_map` over a mesh: a Mosaic custom call is opaque to XLA's partitioner, which would
+  otherwise gather every operand onto every device. Attention is independent per example and per head, so
+  batch and head sharding need no communication.
+
+Every query keeps at least one visible key as long as kv_lens >= 1 (padded queries are in segment 0 too,
+so they see the real keys): no softmax row is empty, and no NaN reaches the gradient of the sliced rows.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as sa
+from jax.sharding import PartitionSpec as P
+
+LANES = 128  # the kernel's blocks tile TPU vregs: multiples of 128 along both sequence axes
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _block(requested: int, length: int) -> int:
+    """The block actually used: as asked, but never larger than the (128-rounded) sequence, so a short
+    sequence is not padded up to a full 512 block."""
+    return min(requested, _round_up(length, LANES))
+
+
+def _kernel(n_heads: int, s_pad: int, t_pad: int, bq: int, bkv: int, interpret: bool):
+    """The splash kernel for one padded problem size.
+
+    Built afresh at each trace, never cached here: it holds its block-mask tables as jnp arrays, which are
+    tracers when made under jit (the numpy mask processing behind them is cached by JAX). The mask is full: all masking is done by segment ids, which are runtime arrays. Backward block sizes are set
+    equal to the forward ones (the kernel has no gradient without them).
+    """
+    sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+                          block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+                          block_q_dq=bq, block_kv_dq=bkv)
+    mask = sa.MultiHeadMask([sa.FullMask((s_pad, t_pad)) for _ in range(n_heads)])
+    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _check(q, k, v, kv_lens, block_q, block_kv):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"splash attention takes q [B, S, N, K], k and v [B, T, M, K]; got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"splash attention needs k and v of one shape, got k {k.shape}, v {v.shape}")
+    (b, _, n, kd), (bk, _, m, kdk) = q.shape, k.shape
+    if bk != b or kdk != kd:
+        raise ValueError(f"q {q.shape} and k {k.shape} must agree in batch and head dim")
+    if n % m:
+        raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({m})")
+    if q.dtype != k.dtype or q.dtype != v.dtype or not any(q.dtype == d for d in DTYPES):
+        raise ValueError(f"splash attention takes q, k, v all float32 or all bfloat16, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    for name, blk in (("block_q", block_q), ("block_kv", block_kv)):
+        if not isinstance(blk, int) or blk <= 0 or blk % LANES:
+            raise ValueError(f"splash {name} must be a positive multiple of {LANES}, got {blk!r}")
+    if kv_lens is not None and jnp.shape(kv_lens) != (b,):
+        raise ValueError(f"kv_lens must have shape [B] = ({b},), got {jnp.shape(kv_lens)}")
+
+
+def _attend(q_BSNK, k_BTMK, v_BTMK, kv_lens_B, *, block_q, block_kv, interpret):
+    """Unsharded core: pad, transpose head-major, vmap the kernel over the batch, undo."""
+    (_, s, n, _), (_, t, m, _) = q_BSNK.shape, k_BTMK.shape
+    bq, bkv = _block(block_q, s), _block(block_kv, t)
+    s_pad, t_pad = _round_up(s, bq), _round_up(t, bkv)
+    pad = lambda a, to: jnp.pad(a, ((0, 0), (0, to - a.shape[1]), (0, 0), (0, 0)))
+    q_BNSK = jnp.transpose(pad(q_BSNK, s_pad), (0, 2, 1, 3))
+    k_BMTK = jnp.transpose(pad(k_BTMK, t_pad), (0, 2, 1, 3))
+    v_BMTK = jnp.transpose(pad(v_BTMK, t_pad), (0, 2, 1, 3))
+    kernel = _kernel(n, s_pad, t_pad, bq, bkv, interpret)
+    if kv_lens_B is None and t_pad == t:  # nothing to mask: the kernel's segment-free variant
+        out_BNSK = jax.vmap(kernel)(q_BNSK, k_BMTK, v_BMTK)
+    else:
+        lens_B = jnp.full(q_BSNK.shape[:1], t, jnp.int32) if kv_lens_B is None else kv_lens_B.astype(jnp.int32)
+        seg_q = jnp.zeros(q_BNSK.shape[:1] + (s_pad,), jnp.int32)
+        seg_kv = (jnp.arange(t_pad)[None, :] >= jnp.minimum(lens_B, t)[:, None]).astype(jnp.int32)
+        out_BNSK = jax.vmap(lambda q, k, v, sq, skv: kernel(q, k, v, segment_ids=sa.SegmentIds(sq, skv)))(
+            q_BNSK, k_BMTK, v_BMTK, seg_q, seg_kv)
+    return jnp.transpose(out_BNSK, (0, 2, 1, 3))[:, :s]
+
+
+def attention(q_BSNK, k_BTNK, v_BTNK, *, kv_lens=None, scale=None, key_bias=None, block_q=512, block_kv=512,
+              interpret=None, mesh=None, batch_axes=None, head_axes=None):
+    """softmax(scale * q k^T) v with the Pallas TPU splash kernel; returns [B, S, N, K] in q's dtype.
+
+    q [B, S, N, K], k and v [B, T, M, K] with N a multiple of M; all float32 or all bfloat16. Any S and T.
+    kv_lens: optional int [B]; keys at positions >= kv_lens[b] are masked out. Each must be >= 1 (a row with no
+      visible key has no softmax); this is not checked, as kv_lens may be traced.
+    scale: defaults to 1/sqrt(K); applied to q in fp32 before the kernel.
+    key_bias: not supported (the kernel adds no bias to its logits); passing one is an error.
+    block_q, block_kv: kernel tiles along S and T, multiples of 128 (shrunk to the padded length for short
+      sequences). They trade VMEM for fewer grid steps; the result does not depend on them.
+    interpret: run the kernel in Pallas interpret mode; None means "when the default backend is not TPU".
+    mesh, batch_axes, head_axes: with a mesh (a Mesh or AbstractMesh), the kernel runs under shard_map with B
+      split over `batch_axes` and heads over `head_axes` (mesh axis names, or None for unsplit). The sequence
+      and head-dim axes stay whole on each device.
+    """
+    if key_bias is not None:
+        raise ValueError("splash attention takes no key_bias: mask padded keys with kv_lens, or use the 'xla' or "
+                         "'chunked' attention implementation")
+    _check(q_BSNK, k_BTNK, v_BTNK, kv_lens, block_q, block_kv)
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    out_dtype = q_BSNK.dtype
+    scale = 1.0 / math.sqrt(q_BSNK.shape[-1]) if scale is None else scale
+    if scale != 1.0:
+        q_BSNK = (q_BSNK.astype(jnp.float32) * scale).astype(out_dtype)
+    core = functools.partial(_attend, block_q=block_q, block_kv=block_kv, interpret=bool(interpret))
+    if mesh is None:
+        if batch_axes is not None or head_axes is not None:
+            raise ValueError("batch_axes / head_axes need a mesh")
+        return core(q_BSNK, k_BTNK, v_BTNK, kv_lens).astype(out_dtype)
+
+    qkv_spec, lens_spec = P(batch_axes, None, head_axes, None), P(batch_axes)
+    for name, axes, dim in (("batch_axes", batch_axes, 0), ("head_axes", head_axes, 2)):
+        size = math.prod(mesh.shape[a] for a in _names(axes))
+        for arr_name, arr in (("q", q_BSNK), ("k", k_BTNK)):
+            if arr.shape[dim] % size:
+                raise ValueError(f"splash attention: {arr_name} dim {dim} ({arr.shape[dim]}) is not divisible by "
+                                 f"the {size} devices of {name}={axes!r}")
+    # check_vma=False: the kernel's pallas_call declares its outputs without the varying-manual-axes type that
+    # shard_map's checker asks of every value in jax 0.10 (a ValueError otherwise).
+    if kv_lens is None:
+        fn = jax.shard_map(lambda q, k, v: core(q, k, v, None), mesh=mesh,
+                           in_specs=(qkv_spec,) * 3, out_specs=qkv_spec, check_vma=False)
+        return fn(q_BSNK, k_BTNK, v_BTNK).astype(out_dtype)
+    fn = jax.shard_map(core, mesh=mesh, in_specs=(qkv_spec,) * 3 + (lens_spec,), out_specs=qkv_spec,
+                       check_vma=False)
+    return fn(q_BSNK, k_BTNK, v_BTNK, jnp.asarray(kv_lens)).astype(out_dtype)
+
+
+def _names(axes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
