@@ -87,5 +87,10 @@ def test_clear_errors():
         splash.attention(q, q, q, kv_lens=jnp.array([3, 4]))
     with pytest.raises(ValueError, match="need a mesh"):
         splash.attention(q, q, q, batch_axes="data")
+    mesh = jax.sharding.AbstractMesh((2,), ("data",))
+    with pytest.raises(ValueError, match="does not divide"):
+        splash.attention(q, q, q, mesh=mesh, batch_axes="data")  # batch 1 over 2 devices
+    with pytest.raises(ValueError, match="not in mesh"):
+        splash.attention(q, q, q, mesh=mesh, head_axes="tensor")
     with pytest.raises(ValueError, match="q .* k and v"):
         splash.attention(q[0], q, q)

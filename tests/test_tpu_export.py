@@ -30,38 +30,49 @@ _PRELUDE = textwrap.dedent("""
         text = exported.mlir_module()
         assert exported.platforms == ("tpu",) and exported.nr_devices == 8, (exported.platforms,
                                                                               exported.nr_devices)
+        calls = text.count("@tpu_custom_call")
+        print("tpu_custom_call count:", calls)
+        assert calls >= 1 and "sdy.manual_computation" in text
+        # the StableHLO bytecode a TPU host would load (`serialize()` wraps it, but needs flatbuffers)
+        assert b"tpu_custom_call" in exported.mlir_module_serialized
         return exported, text
 """)
 
 _KERNEL = _PRELUDE + textwrap.dedent("""
+    from flax import linen as nn
     b, s, n, kd = 8, 200, 2, 128
     rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.standard_normal((b, s, n, kd)), jnp.float32) for _ in range(3))
     lens = jnp.asarray(rng.integers(1, s + 1, b), jnp.int32)
     sh = NamedSharding(mesh, P(BATCH))
-    sharded = lambda q, k, v, lens, interpret=None: splash.attention(
-        q, k, v, kv_lens=lens, block_q=128, block_kv=128, mesh=mesh, batch_axes=BATCH, interpret=interpret)
 
-    # numbers first: the sharded kernel (interpret mode, one example per device) equals plain attention
+    # numbers first: the kernel sharded over an explicit mesh (interpret mode, one example per device)
+    sharded = lambda q, k, v, lens: splash.attention(q, k, v, kv_lens=lens, block_q=128, block_kv=128, mesh=mesh,
+                                                     batch_axes=BATCH)
     got = jax.jit(sharded)(*jax.device_put((q, k, v, lens), sh))
     want = layers.attention(q, k, v, implementation="xla", kv_lens=lens)
     err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
     print("sharded splash vs xla, relative L2:", err)
     assert err <= 1e-5, err
 
-    # then the real Mosaic lowering of forward + gradient, bf16 as on TPU
+    # then the Mosaic lowering of forward + gradient in bf16, as the models call it: no mesh argument, the
+    # ambient mesh and Flax logical-axis rules decide the shard_map
     def loss_and_grads(q, k, v, lens):
-        loss = lambda q, k, v: jnp.sum(sharded(q, k, v, lens, interpret=False).astype(jnp.float32) ** 2)
+        loss = lambda q, k, v: jnp.sum(splash.attention(q, k, v, kv_lens=lens).astype(jnp.float32) ** 2)
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
     abstract = [jax.ShapeDtypeStruct(q.shape, jnp.bfloat16, sharding=sh)] * 3
     abstract.append(jax.ShapeDtypeStruct(lens.shape, jnp.int32, sharding=sh))
-    exported, text = export_tpu(loss_and_grads, *abstract)
-    calls = text.count("tpu_custom_call")
-    print("tpu_custom_call count:", calls)
-    assert calls >= 3, calls  # forward, dq and dkv kernels
-    assert 'sdy.sharding<@mesh, [{"data", "fsdp"}' in text
-    # the StableHLO bytecode a TPU host would load (`serialize()` wraps it, but needs flatbuffers)
-    assert b"tpu_custom_call" in exported.mlir_module_serialized
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(sharding.DEFAULT_RULES.items())):
+        exported, text = export_tpu(loss_and_grads, *abstract)
+    assert text.count("@tpu_custom_call") >= 3  # forward, dq and dkv kernels
+    assert 'manual_axes={"data", "fsdp"}' in text
+
+    # why the shard_map matters: without a mesh in sight the kernel meets sharded operands, which Mosaic refuses
+    try:
+        jax.export.export(jax.jit(lambda q: splash.attention(q, q, q)), platforms=("tpu",))(abstract[0])
+        raise AssertionError("an unsharded Mosaic call on sharded operands exported")
+    except NotImplementedError as e:
+        assert "cannot be automatically partitioned" in str(e), e
 """)
 
 

@@ -13,10 +13,12 @@ need and the kernel leaves out:
   kernel's segment ids (keys of segment 1 are invisible to queries of segment 0), which also carries
   per-sample `kv_lens`, a runtime value a static mask could not hold;
 - the softmax scale, which the kernel does not take: it is folded into q (in fp32, before the cast back);
-- interpret mode off TPU, so CPU tests check the very kernel the TPU runs, forward and backward;
-- an optional `shard_map` over a mesh: a Mosaic custom call is opaque to XLA's partitioner, which would
-  otherwise gather every operand onto every device. Attention is independent per example and per head, so
-  batch and head sharding need no communication.
+- interpret mode off TPU, so CPU tests check the very kernel the TPU runs, forward and backward. The choice
+  is made per lowering platform (`lax.platform_dependent`), so a TPU export from a CPU host gets the compiled
+  kernel;
+- `shard_map` over the mesh (given, or the ambient `jax.set_mesh` one): XLA's partitioner cannot split a
+  Mosaic custom call, so a sharded caller must hand it per-device blocks. Attention is independent per example
+  and per head, so batch and head sharding need no communication; the sequence stays whole.
 
 Every query keeps at least one visible key as long as kv_lens >= 1 (padded queries are in segment 0 too,
 so they see the real keys): no softmax row is empty, and no NaN reaches the gradient of the sliced rows.
@@ -101,6 +103,16 @@ def _attend(q_BSNK, k_BTMK, v_BTMK, kv_lens_B, *, block_q, block_kv, interpret):
     return jnp.transpose(out_BNSK, (0, 2, 1, 3))[:, :s]
 
 
+def _attend_on(q, k, v, lens, *, interpret, **blocks):
+    """`_attend`, in interpret mode or not; None decides by the platform being lowered for, not the process's
+    default backend, so `jax.export(..., platforms=("tpu",))` on a CPU host gets the real Mosaic kernel while
+    the same function jitted on CPU interprets (only the branch of the target platform is lowered)."""
+    if interpret is not None:
+        return _attend(q, k, v, lens, interpret=bool(interpret), **blocks)
+    return jax.lax.platform_dependent(q, k, v, lens, tpu=functools.partial(_attend, interpret=False, **blocks),
+                                      default=functools.partial(_attend, interpret=True, **blocks))
+
+
 def attention(q_BSNK, k_BTNK, v_BTNK, *, kv_lens=None, scale=None, key_bias=None, block_q=512, block_kv=512,
               interpret=None, mesh=None, batch_axes=None, head_axes=None):
     """softmax(scale * q k^T) v with the Pallas TPU splash kernel; returns [B, S, N, K] in q's dtype.
@@ -112,46 +124,69 @@ def attention(q_BSNK, k_BTNK, v_BTNK, *, kv_lens=None, scale=None, key_bias=None
     key_bias: not supported (the kernel adds no bias to its logits); passing one is an error.
     block_q, block_kv: kernel tiles along S and T, multiples of 128 (shrunk to the padded length for short
       sequences). They trade VMEM for fewer grid steps; the result does not depend on them.
-    interpret: run the kernel in Pallas interpret mode; None means "when the default backend is not TPU".
-    mesh, batch_axes, head_axes: with a mesh (a Mesh or AbstractMesh), the kernel runs under shard_map with B
-      split over `batch_axes` and heads over `head_axes` (mesh axis names, or None for unsplit). The sequence
-      and head-dim axes stay whole on each device.
+    interpret: run the kernel in Pallas interpret mode (slow; how CPU tests check it). None: the compiled Mosaic
+      kernel when lowering for TPU, interpret mode for any other platform.
+    mesh, batch_axes, head_axes: where the kernel runs under shard_map, B split over `batch_axes` and heads over
+      `head_axes` (mesh axis names; sequence and head dim stay whole on each device). `mesh` defaults to the
+      ambient one (`jax.set_mesh`); with neither, or inside a shard_map over all its axes, the kernel is called
+      directly. Axes default to what the active Flax logical-axis rules map "batch" and "heads" to (left out
+      where they do not divide the array, which then is replicated over them); given explicitly, they must
+      divide.
     """
     if key_bias is not None:
         raise ValueError("splash attention takes no key_bias: mask padded keys with kv_lens, or use the 'xla' or "
                          "'chunked' attention implementation")
     _check(q_BSNK, k_BTNK, v_BTNK, kv_lens, block_q, block_kv)
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
     out_dtype = q_BSNK.dtype
     scale = 1.0 / math.sqrt(q_BSNK.shape[-1]) if scale is None else scale
     if scale != 1.0:
         q_BSNK = (q_BSNK.astype(jnp.float32) * scale).astype(out_dtype)
-    core = functools.partial(_attend, block_q=block_q, block_kv=block_kv, interpret=bool(interpret))
-    if mesh is None:
-        if batch_axes is not None or head_axes is not None:
-            raise ValueError("batch_axes / head_axes need a mesh")
-        return core(q_BSNK, k_BTNK, v_BTNK, kv_lens).astype(out_dtype)
+    core = functools.partial(_attend_on, block_q=block_q, block_kv=block_kv, interpret=interpret)
+    lens = None if kv_lens is None else jnp.asarray(kv_lens)
 
-    qkv_spec, lens_spec = P(batch_axes, None, head_axes, None), P(batch_axes)
-    for name, axes, dim in (("batch_axes", batch_axes, 0), ("head_axes", head_axes, 2)):
-        size = math.prod(mesh.shape[a] for a in _names(axes))
-        for arr_name, arr in (("q", q_BSNK), ("k", k_BTNK)):
-            if arr.shape[dim] % size:
-                raise ValueError(f"splash attention: {arr_name} dim {dim} ({arr.shape[dim]}) is not divisible by "
-                                 f"the {size} devices of {name}={axes!r}")
+    explicit = mesh is not None
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    free = tuple(a for a in mesh.axis_names if a not in getattr(mesh, "manual_axes", ()))
+    if not free:
+        if batch_axes is not None or head_axes is not None:
+            raise ValueError("splash attention: batch_axes / head_axes need a mesh (pass mesh= or use jax.set_mesh)")
+        return core(q_BSNK, k_BTNK, v_BTNK, lens).astype(out_dtype)
+
+    n_kv = k_BTNK.shape[2]
+    batch = _axes(mesh, free, batch_axes, "batch", q_BSNK.shape[0], "batch_axes", explicit or batch_axes is not None)
+    heads = _axes(mesh, free, head_axes, "heads", n_kv, "head_axes (over key/value heads)",
+                  explicit or head_axes is not None)
+    qkv_spec = P(batch, None, heads, None)
     # check_vma=False: the kernel's pallas_call declares its outputs without the varying-manual-axes type that
     # shard_map's checker asks of every value in jax 0.10 (a ValueError otherwise).
-    if kv_lens is None:
-        fn = jax.shard_map(lambda q, k, v: core(q, k, v, None), mesh=mesh,
-                           in_specs=(qkv_spec,) * 3, out_specs=qkv_spec, check_vma=False)
+    if lens is None:
+        fn = jax.shard_map(lambda q, k, v: core(q, k, v, None), mesh=mesh, in_specs=(qkv_spec,) * 3,
+                           out_specs=qkv_spec, check_vma=False)
         return fn(q_BSNK, k_BTNK, v_BTNK).astype(out_dtype)
-    fn = jax.shard_map(core, mesh=mesh, in_specs=(qkv_spec,) * 3 + (lens_spec,), out_specs=qkv_spec,
+    fn = jax.shard_map(core, mesh=mesh, in_specs=(qkv_spec,) * 3 + (P(batch),), out_specs=qkv_spec,
                        check_vma=False)
-    return fn(q_BSNK, k_BTNK, v_BTNK, jnp.asarray(kv_lens)).astype(out_dtype)
+    return fn(q_BSNK, k_BTNK, v_BTNK, lens).astype(out_dtype)
 
 
-def _names(axes) -> tuple[str, ...]:
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
+def _axes(mesh, free, given, logical, dim, what, strict):
+    """Mesh axes splitting one dimension of size `dim`: as given (must divide), else from the Flax rules."""
+    if given is None:
+        if strict:
+            return None
+        from flax import linen as nn  # lazily: only the ambient-mesh path reads Flax's logical-axis rules
+
+        given = nn.logical_to_mesh_axes((logical,))[0]
+    names = (given,) if isinstance(given, str) else tuple(given or ())
+    unknown = [a for a in names if a not in mesh.axis_names]
+    if strict and unknown:
+        raise ValueError(f"splash attention: {what} {given!r} names axes {unknown} not in mesh {mesh.axis_names}")
+    names = tuple(a for a in names if a in free)
+    if strict:
+        size = math.prod(mesh.shape[a] for a in names)
+        if dim % size:
+            raise ValueError(f"splash attention: {what}={given!r} splits a dimension of {dim} over {size} devices, "
+                             f"which does not divide it")
+    else:  # like sharding.logical_to_spec with shapes: keep the longest prefix of axes that divides
+        while names and dim % math.prod(mesh.shape[a] for a in names):
+            names = names[:-1]
+    return names or None
