@@ -22,7 +22,11 @@ _PRELUDE = textwrap.dedent("""
     from pickstyle_jax.models import layers, splash
     assert jax.device_count() == 8, jax.devices()
     seed = int(sys.argv[1])
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    # tensor 1: the default rules name it ("heads", "mlp"), and the models' NNX sharding metadata wants every
+    # rule's mesh axis to exist
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    RULES = {**sharding.DEFAULT_RULES, "layers": None}
+    QKV_SPLIT = '[{"data", "fsdp"}, {}, {"tensor"}, {}]'  # [B, S, N, K] blocks entering the kernel's shard_map
     BATCH = ("data", "fsdp")
 
     def export_tpu(fn, *args):
@@ -62,10 +66,10 @@ _KERNEL = _PRELUDE + textwrap.dedent("""
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
     abstract = [jax.ShapeDtypeStruct(q.shape, jnp.bfloat16, sharding=sh)] * 3
     abstract.append(jax.ShapeDtypeStruct(lens.shape, jnp.int32, sharding=sh))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(sharding.DEFAULT_RULES.items())):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(RULES.items())):
         exported, text = export_tpu(loss_and_grads, *abstract)
     assert text.count("@tpu_custom_call") >= 3  # forward, dq and dkv kernels
-    assert 'manual_axes={"data", "fsdp"}' in text
+    assert QKV_SPLIT in text, "q/k/v not split batch over data x fsdp, heads over tensor"
 
     # why the shard_map matters: without a mesh in sight the kernel meets sharded operands, which Mosaic refuses
     try:
@@ -73,6 +77,47 @@ _KERNEL = _PRELUDE + textwrap.dedent("""
         raise AssertionError("an unsharded Mosaic call on sharded operands exported")
     except NotImplementedError as e:
         assert "cannot be automatically partitioned" in str(e), e
+""")
+
+
+_MODEL = _PRELUDE + textwrap.dedent("""
+    from flax import linen as nn
+    from pickstyle_jax import lora
+    from pickstyle_jax.models import wan
+
+    # head dim 128 as in Wan; bf16 compute as on TPU; every block scanned and fully rematerialised
+    small = dict(dim=256, num_heads=2, ffn_dim=256)
+    cfg = wan.WanConfig.named("tiny", **small, attention="splash", scan_layers=True, dtype="bfloat16",
+                              remat_policy="full")
+    shapes = wan.param_shapes(cfg)
+    shardings = sharding.tree_shardings(wan.param_axes(cfg), mesh, RULES, shapes)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    assert any(sh.spec != P() for sh in jax.tree.leaves(shardings)), "nothing sharded: the test would prove little"
+    lcfg = lora.LoraConfig(rank=4, alpha=4, targets=r"(blocks|vace_blocks)\\.\\d+\\.(self_attn|cross_attn)\\.(q|k|v|o)")
+    flat = wan.WanConfig.named("tiny", **small)
+    adapters = jax.eval_shape(lambda: lora.init(lcfg, wan.init(flat, jax.random.key(0)), jax.random.key(1)))
+    adapters = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, P())),
+                            adapters)
+    b, f, h, w = 8, 2, 6, 10  # 30 video tokens: padded to the 128 block inside the kernel wrapper
+    def batch(shape, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), RULES))
+    inputs = (batch((b, f, h, w, 16)), batch((b,)), batch((b, 20, cfg.text_dim)), batch((b, f, h, w, 96)),
+              batch((b,), jnp.int32))
+
+    def loss_and_lora_grad(adapters, params, x, t, text, context, text_lens):
+        def loss(a):
+            v = wan.forward(cfg, params, x, t, text, context, lora=a, text_lens=text_lens)
+            return jnp.mean(v ** 2)
+        return jax.value_and_grad(loss)(adapters)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(RULES.items())):
+        exported, text = export_tpu(loss_and_lora_grad, adapters, params, *inputs)
+    # main and VACE self-attention, each: forward, forward again in the rematerialised backward, dq, dkv
+    assert text.count("@tpu_custom_call") >= 8, text.count("@tpu_custom_call")
+    assert "stablehlo.while" in text, "no scan over the layers"
+    assert QKV_SPLIT in text, "q/k/v not split batch over data x fsdp, heads over tensor"
+    grads = exported.out_avals[1:]
+    assert len(grads) == len(jax.tree.leaves(adapters)), (len(grads), len(jax.tree.leaves(adapters)))
 """)
 
 
@@ -86,3 +131,8 @@ def _run(script, seed):
 
 def test_splash_kernel_exports_for_tpu_sharded(seed):
     _run(_KERNEL, seed)
+
+
+def test_wan_forward_and_lora_grad_export_for_tpu():
+    """wan.forward + the LoRA gradient, attention="splash", scan_layers=True, params FSDP-sharded over 8 devices."""
+    _run(_MODEL, 0)

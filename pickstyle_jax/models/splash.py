@@ -51,8 +51,9 @@ def _kernel(n_heads: int, s_pad: int, t_pad: int, bq: int, bkv: int, interpret: 
     """The splash kernel for one padded problem size.
 
     Built afresh at each trace, never cached here: it holds its block-mask tables as jnp arrays, which are
-    tracers when made under jit (the numpy mask processing behind them is cached by JAX). The mask is full: all masking is done by segment ids, which are runtime arrays. Backward block sizes are set
-    equal to the forward ones (the kernel has no gradient without them).
+    tracers when made under jit (the numpy mask processing behind them is cached by JAX). The mask is full: all
+    masking is done by segment ids, which are runtime arrays. Backward block sizes are set equal to the forward
+    ones (the kernel has no gradient without them).
     """
     sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
                           block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
