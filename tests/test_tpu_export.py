@@ -59,6 +59,16 @@ _KERNEL = _PRELUDE + textwrap.dedent("""
     print("sharded splash vs xla, relative L2:", err)
     assert err <= 1e-5, err
 
+    # and through an ambient mesh of explicit-sharding axes (jax.make_mesh's default), without a "tensor" axis
+    explicit = jax.make_mesh((2, 4), BATCH, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    with jax.set_mesh(explicit), nn.logical_axis_rules(tuple(RULES.items())):
+        got = jax.jit(lambda q, lens: splash.attention(q, q, q, kv_lens=lens, block_q=128, block_kv=128))(
+            jax.device_put(q, NamedSharding(explicit, P(BATCH))), lens)
+    want = layers.attention(q, q, q, implementation="xla", kv_lens=lens)
+    err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    print("splash on an explicit-axes mesh vs xla, relative L2:", err)
+    assert err <= 1e-5 and got.sharding.spec[0] == BATCH, (err, got.sharding)
+
     # then the Mosaic lowering of forward + gradient in bf16, as the models call it: no mesh argument, the
     # ambient mesh and Flax logical-axis rules decide the shard_map
     def loss_and_grads(q, k, v, lens):

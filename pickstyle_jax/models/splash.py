@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 LANES = 128  # the kernel's blocks tile TPU vregs: multiples of 128 along both sequence axes
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -131,8 +131,8 @@ def attention(q_BSNK, k_BTNK, v_BTNK, *, kv_lens=None, scale=None, key_bias=None
       `head_axes` (mesh axis names; sequence and head dim stay whole on each device). `mesh` defaults to the
       ambient one (`jax.set_mesh`); with neither, or inside a shard_map over all its axes, the kernel is called
       directly. Axes default to what the active Flax logical-axis rules map "batch" and "heads" to (left out
-      where they do not divide the array, which then is replicated over them); given explicitly, they must
-      divide.
+      where they do not divide the array, which then is replicated over them; no rules: all replicated);
+      given explicitly, they must divide.
     """
     if key_bias is not None:
         raise ValueError("splash attention takes no key_bias: mask padded keys with kv_lens, or use the 'xla' or "
@@ -158,6 +158,10 @@ def attention(q_BSNK, k_BTNK, v_BTNK, *, kv_lens=None, scale=None, key_bias=None
     heads = _axes(mesh, free, head_axes, "heads", n_kv, "head_axes (over key/value heads)",
                   explicit or head_axes is not None)
     qkv_spec = P(batch, None, heads, None)
+    if any(t == jax.sharding.AxisType.Explicit for a, t in zip(mesh.axis_names, mesh.axis_types) if a in free):
+        # explicit-sharding axes: shard_map takes inputs only already laid out as its in_specs say
+        q_BSNK, k_BTNK, v_BTNK = (jax.reshard(a, NamedSharding(mesh, qkv_spec)) for a in (q_BSNK, k_BTNK, v_BTNK))
+        lens = None if lens is None else jax.reshard(lens, NamedSharding(mesh, P(batch)))
     # check_vma=False: the kernel's pallas_call declares its outputs without the varying-manual-axes type that
     # shard_map's checker asks of every value in jax 0.10 (a ValueError otherwise).
     if lens is None:
@@ -187,7 +191,7 @@ def _axes(mesh, free, given, logical, dim, what, strict):
         if dim % size:
             raise ValueError(f"splash attention: {what}={given!r} splits a dimension of {dim} over {size} devices, "
                              f"which does not divide it")
-    else:  # like sharding.logical_to_spec with shapes: keep the longest prefix of axes that divides
+    else:  # a rule is a preference: keep the longest prefix of its axes that divides (the rest replicate)
         while names and dim % math.prod(mesh.shape[a] for a in names):
             names = names[:-1]
     return names or None
