@@ -117,6 +117,15 @@ def test_init_matches_converted_layout():
     names = set(convert_umt5.table(cfg))
     assert names == set(convert_umt5.expected_shapes(cfg))
     assert "blocks.1.pos_embedding.embedding.embedding" in names
+    axes = umt5.param_axes(cfg)  # the same tree, leaves the logical axis names the sharding rules read
+    assert jax.tree.structure(axes, is_leaf=lambda a: isinstance(a, tuple)) == jax.tree.structure(params)
+    assert axes["token_embedding"]["embedding"] == ("vocab", "embed")
+    assert axes["blocks"]["1"]["attn"]["q"]["kernel"] == ("embed", "heads")
+    assert axes["blocks"]["1"]["attn"]["o"]["kernel"] == ("heads", "embed")
+    assert axes["blocks"]["0"]["ffn"]["fc2"]["kernel"] == ("mlp", "embed")
+    assert axes["blocks"]["0"]["pos_embedding"]["embedding"]["embedding"] == (None, None)
+    shapes = umt5.param_shapes(cfg)
+    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda a: a.shape, params)
     ids, mask = _inputs(np.random.default_rng(seed), cfg.vocab_size, [9, 4], 16)
     out = np.asarray(umt5.encode(cfg, params, ids, mask))
     assert np.isfinite(out).all() and np.all(out[mask == 0] == 0)
