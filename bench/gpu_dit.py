@@ -2,7 +2,8 @@
 
 Default: VACE-1.3B, batch 1, latent 21x60x104 (S = 32,760 tokens, 81 frames at 480x832), text length 512,
 random weights created on the device by a jitted init (never built on the host in fp32), bf16 params + compute.
-For each attention implementation ("xla", "cudnn", "chunked") it prints compile time, ms/forward and achieved
+Scanned layers (the real variants' default; --unrolled for the flat tree). For each attention implementation
+("auto", "cudnn", "chunked", "xla") it prints compile time, ms/forward and achieved
 TFLOP/s; an implementation that fails (e.g. "xla" materialising 12 x S x S fp32 logits = 51 GB) is reported and
 skipped. Then, on a small random config, the bf16 forward against an fp32 ("highest" precision) forward, and
 cuDNN attention against XLA attention on the same bf16 inputs.
@@ -17,7 +18,7 @@ FLOPs (2 per multiply-add), S video tokens, L = text_len, D width, F ffn_dim, pe
 VACE blocks add after_proj 2*S*D^2 each and before_proj 2*S*D^2 once. Plus patch embeddings 2*S*(4*16 + 4*96)*D,
 text MLP 2*L*(text_dim*D + D^2) and head 2*S*D*64; the time MLP is negligible.
 
-    .venv/bin/python -m bench.gpu_dit [--quick] [--impls xla,cudnn,chunked] [--reps 5]
+    .venv/bin/python -m bench.gpu_dit [--quick] [--impls auto,cudnn,chunked,xla] [--reps 5] [--unrolled]
     .venv/bin/python -m bench.gpu_dit --config tiny --latent 2x4x4 --impls xla,chunked   # CPU smoke test
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def forward_flops(cfg: wan.WanConfig, tokens: int) -> float:
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _random_leaf(key, shape, dtype, kind):
     z = jax.random.normal(key, shape, jnp.float32)
-    v = z / math.sqrt(shape[0]) if kind == "kernel" else 1.0 + 0.1 * z if kind == "scale" else 0.1 * z
+    v = z / math.sqrt(shape[-2]) if kind == "kernel" else 1.0 + 0.1 * z if kind == "scale" else 0.1 * z
     return v.astype(dtype)
 
 
@@ -95,23 +96,33 @@ def bench_speed(args):
     cfg = wan.WanConfig.named(args.config, param_dtype="bfloat16", dtype="bfloat16", attention_chunk=args.chunk)
     if args.layers:  # fewer blocks of the real width (a smoke test of the script, or a smaller device)
         cfg = cfg.replace(num_layers=args.layers, vace_layers=tuple(v for v in cfg.vace_layers if v < args.layers))
+    cfg = cfg.replace(scan_layers=not args.unrolled and cfg.num_layers > 1 and _regular(cfg))
     latent = tuple(int(v) for v in args.latent.split("x"))
     tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(wan.param_shapes(cfg)))
     flops = forward_flops(cfg, tokens)
-    print(f"{args.config}: {n_params / 1e9:.3f} B params (bf16), latent {latent}, S = {tokens}, "
+    print(f"{args.config}: scan_layers={cfg.scan_layers}, {n_params / 1e9:.3f} B params (bf16), latent {latent}, S = {tokens}, "
           f"{flops / 1e12:.1f} TFLOP per forward, device {jax.devices()[0].device_kind}", flush=True)
     params = random_params(cfg, jax.random.key(0))
     inputs = make_inputs(cfg, latent, jax.random.key(1))
     for impl in args.impls.split(","):
         try:
             compile_s, sec, temp_gb = time_forward(cfg.replace(attention=impl), params, inputs, args.reps)
+            impl = f"{impl}->{wan.layers.resolve_attention(impl, jnp.bfloat16)}" if impl == "auto" else impl
             print(f"  attention={impl:8s} {sec * 1e3:9.1f} ms/forward  {flops / sec / 1e12:7.1f} TFLOP/s  "
                   f"(compile {compile_s:.0f} s, temp {temp_gb:.1f} GiB)", flush=True)
         except Exception as e:  # noqa: BLE001 -- report and go on to the next implementation
             print(f"  attention={impl:8s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             if args.verbose:
                 traceback.print_exc()
+
+
+def _regular(cfg):
+    try:
+        wan.scan_period(cfg)
+        return True
+    except ValueError:
+        return False
 
 
 def rel_l2(a, b):
@@ -144,7 +155,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="vace-1.3B")
     ap.add_argument("--latent", default=None, help="FxHxW latent (default 21x60x104; --quick: 5x30x52)")
-    ap.add_argument("--impls", default="cudnn,chunked,xla")
+    ap.add_argument("--impls", default="auto,chunked,xla")
+    ap.add_argument("--unrolled", action="store_true", help="the flat tree, blocks unrolled")
     ap.add_argument("--chunk", type=int, default=2048, help="query block of the chunked implementation")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N main blocks (--quick: 4)")

@@ -26,6 +26,22 @@ class ConversionError(ValueError):
     """The source checkpoint does not match the target model; the message lists every offending key."""
 
 
+class SourceError(ConversionError):
+    """A source file that cannot be read as what it claims to be (corrupt, truncated, wrong kind, unreadable).
+
+    `str()` is one line, `<file>: <what is wrong>`, which the command line prints after `error: `.
+    """
+
+    def __init__(self, file, what: str):
+        self.file, self.what = str(file), " ".join(str(what).split())  # one line, whatever the library said
+        super().__init__(f"{self.file}: {self.what}")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 # ----------------------------------------------------------------------------------------------- transforms
 def identity(x):
     return x
@@ -47,7 +63,9 @@ def conv2d(x):
 
 
 def patch_dense(x):
-    """Patchifying Conv3d [D, C, pt, ph, pw] (kernel = stride) -> Dense kernel [pt*ph*pw*C, D], features (pt,ph,pw,c)."""
+    """Patchifying Conv3d [D, C, pt, ph, pw] (kernel = stride) -> Dense kernel [pt*ph*pw*C, D].
+
+    Input features are ordered (pt, ph, pw, c)."""
     d = x.shape[0]
     return x.transpose(2, 3, 4, 1, 0).reshape(-1, d)
 
@@ -76,16 +94,18 @@ class StateDict(Mapping):
 
     def __init__(self, describe: str):
         self.describe = describe
-        self._where: dict[str, tuple[str, object]] = {}  # key -> (kind, handle)
+        self._where: dict[str, tuple[str, object, Path]] = {}  # key -> (kind, handle, file)
 
     def __getitem__(self, key):
-        kind, handle = self._where[key]
-        if kind == "st":
-            return _torch_to_numpy(handle.get_tensor(key))
-        return _torch_to_numpy(handle[key])
+        kind, handle, file = self._where[key]
+        try:
+            return _torch_to_numpy(handle.get_tensor(key) if kind == "st" else handle[key])
+        except Exception as e:  # noqa: BLE001  (a tensor whose bytes cannot be read: the file is damaged)
+            raise SourceError(file, f"cannot read tensor {key!r}: {_first_line(e)} (truncated or corrupt file?)") \
+                from None
 
     def shape(self, key) -> tuple:
-        kind, handle = self._where[key]
+        kind, handle, _ = self._where[key]
         if kind == "st":
             return tuple(handle.get_slice(key).get_shape())
         return tuple(handle[key].shape)
@@ -99,43 +119,103 @@ class StateDict(Mapping):
     def _add_safetensors(self, file: Path):
         from safetensors import safe_open
 
-        handle = safe_open(str(file), framework="pt")
-        for k in handle.keys():
+        _check_readable(file)
+        try:
+            handle = safe_open(str(file), framework="pt")
+            keys = list(handle.keys())
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own SafetensorError and others)
+            raise SourceError(file, _safetensors_problem(e)) from None
+        for k in keys:
             if k in self._where:
                 raise ConversionError(f"key {k!r} appears in more than one file of {self.describe}")
-            self._where[k] = ("st", handle)
+            self._where[k] = ("st", handle, file)
 
     def _add_pickle(self, file: Path):
         sd = load_torch_file(file)
         for k in sd:
             if k in self._where:
                 raise ConversionError(f"key {k!r} appears in more than one file of {self.describe}")
-            self._where[k] = ("pt", sd)
+            self._where[k] = ("pt", sd, file)
+
+
+def _check_readable(file: Path) -> bytes:
+    """The first bytes of `file`; a SourceError naming it if it cannot be opened or read."""
+    try:
+        with open(file, "rb") as f:
+            return f.read(8)
+    except OSError as e:
+        raise SourceError(file, f"cannot read the file: {e.strerror or _first_line(e)}") from None
+
+
+def _safetensors_problem(e: Exception) -> str:
+    msg = _first_line(e)
+    if "IncompleteBuffer" in msg or "incomplete" in msg.lower():
+        return f"truncated or incomplete safetensors file: the header promises more bytes than the file holds ({msg})"
+    if "Header" in msg or "header" in msg:
+        return f"not a valid safetensors file (unreadable header: {msg})"
+    return f"not a valid safetensors file ({msg})"
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL = 0x80  # first byte of a protocol-2+ pickle (torch's legacy, non-zip format)
+
+
+def _torch_load(file: Path, head: bytes):
+    """torch.load(weights_only=True) with every failure turned into one SourceError line."""
+    is_zip = head.startswith(_ZIP_MAGIC)
+    if not is_zip and not (head and head[0] == _PICKLE_PROTOCOL):
+        raise SourceError(file, "not a PyTorch checkpoint: neither a zip archive (torch.save) nor a pickle "
+                                f"(first bytes {head!r}); is it a safetensors file with the wrong suffix?")
+    if is_zip:
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(file) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise SourceError(file, f"truncated or corrupt zip archive ({_first_line(e)})") from None
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            raise SourceError(file, f"a zip archive but not a PyTorch checkpoint (no data.pkl; holds "
+                                    f"{names[:3]}{' ...' if len(names) > 3 else ''})")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as e:
+        msg = _first_line(e)
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            raise SourceError(
+                file, f"refusing to load: the pickle needs code beyond plain tensors to unpickle (weights_only=True "
+                      f"rejected it: {msg}). Re-save it as a plain state dict or as safetensors.") from None
+        raise SourceError(file, f"corrupt or truncated pickle ({msg})") from None
+    except Exception as e:  # noqa: BLE001  (torch raises RuntimeError, EOFError, ValueError ... on damaged files)
+        raise SourceError(file, f"corrupt or truncated PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") \
+            from None
 
 
 def load_torch_file(file) -> dict:
     """A `.pth`/`.pt`/`.bin` state dict, unpickled with weights only; refuses files that need code to load."""
     file = Path(file)
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise ConversionError(
-            f"{file}: refusing to load: the pickle needs code beyond plain tensors to unpickle "
-            f"(weights_only=True rejected it: {str(e).splitlines()[0]}). Re-save it as a plain state dict or "
-            f"as safetensors.") from None
-    except RuntimeError as e:
-        if "mmap" in str(e) or "zip" in str(e):  # legacy (non-zip) format cannot be memory-mapped
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-        else:
-            raise
+    obj = _torch_load(file, _check_readable(file))
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict) and not torch.is_tensor(obj[key]):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ConversionError(f"{file}: expected a state dict, found {type(obj).__name__}")
+        raise SourceError(file, f"expected a state dict, found {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not torch.is_tensor(v)]
     if bad:
-        raise ConversionError(f"{file}: entries that are not tensors: {bad[:10]}")
+        raise SourceError(file, f"entries that are not tensors: {bad[:10]}")
+    return obj
+
+
+def read_json(file) -> dict:
+    """A JSON object from `file`, or a SourceError naming the file."""
+    file = Path(file)
+    _check_readable(file)
+    try:
+        obj = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SourceError(file, f"not valid JSON ({_first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise SourceError(file, f"expected a JSON object, found {type(obj).__name__}")
     return obj
 
 
@@ -151,35 +231,44 @@ def open_state_dict(src, *, prefer: Iterable[str] = ()) -> StateDict:
     """
     src = Path(src)
     if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist")
+        raise SourceError(src, "does not exist")
     sd = StateDict(str(src))
-    if src.is_file():
+    if not src.is_dir():
         files = [src]
     else:
         indices = sorted(src.glob("*.safetensors.index.json")) + sorted(src.glob("*.bin.index.json"))
         if len(indices) > 1:
-            raise ConversionError(f"{src} has several index files {[i.name for i in indices]}; point --src at one")
+            raise SourceError(src, f"several index files {[i.name for i in indices]}; point --src at one")
         if indices:
-            weight_map = json.loads(indices[0].read_text())["weight_map"]
-            files = [src / f for f in sorted(set(weight_map.values()))]
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
-                raise ConversionError(f"{indices[0]} names shards that are not there: {missing}")
+            files = _shards(indices[0])
         else:
             files = [src / p for p in prefer if (src / p).is_file()][:1]
             if not files:
                 files = sorted(f for f in src.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file())
             if len(files) != 1:
-                raise ConversionError(
-                    f"{src}: expected one weight file or an index json, found {[f.name for f in files] or 'none'}")
+                found = [f.name for f in files] or sorted(f.name for f in src.iterdir())[:8] or "nothing"
+                raise SourceError(src, f"expected one weight file ({', '.join(_WEIGHT_SUFFIXES)}) or an index json, "
+                                       f"found {found}")
     for f in files:
         if f.suffix == ".safetensors":
             sd._add_safetensors(f)
         elif f.suffix in _WEIGHT_SUFFIXES:
             sd._add_pickle(f)
         else:
-            raise ConversionError(f"{f}: unknown weight file type {f.suffix!r} (expected .safetensors or .pth)")
+            raise SourceError(f, f"unknown weight file type {f.suffix!r} (expected .safetensors or .pth)")
     return sd
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files an index json names, each checked to exist."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(index, "no \"weight_map\" object naming the shards")
+    files = [index.parent / f for f in sorted(set(map(str, weight_map.values())))]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise SourceError(index, f"names shards that are not there: {missing}")
+    return files
 
 
 # ----------------------------------------------------------------------------------------------- the merge
@@ -272,22 +361,82 @@ class _Renamed(StateDict):
         return self._base.shape(self._map[key])
 
 
-def converter_main(argv, *, prog: str, doc: str, convert: Callable, src_help: str, dtype_help: str,
-                   config_help: str, config_choices=None):
-    """The shared command line of the model converters: --src --dst [--dtype] [--config]; errors without traceback."""
+DTYPE_HELP = ("dtype the parameters are stored in (default: the source's: bfloat16 if every stored floating tensor "
+              "is bfloat16, else float32; float16/float8 sources become float32)")
+COMPUTE_DTYPE_HELP = ("compute dtype written to config.json (default: the same as the stored parameter dtype); "
+                      "checkpoints.load_*(dtype=...) or cfg.replace(dtype=...) can still change it at load time")
+
+
+def fail(e: BaseException):
+    """Print `error: <message>` to stderr and exit with status 1 (no traceback)."""
+    import sys
+
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def converter_main(argv, *, prog: str, doc: str, convert: Callable, src_help: str, config_help: str,
+                   config_choices=None):
+    """The shared command line of the model converters: --src --dst [--dtype] [--compute-dtype] [--config].
+
+    Errors end in `error: <file>: <what is wrong>` on stderr and exit status 1, without a traceback; a failed
+    conversion writes nothing at --dst (an existing checkpoint there is left as it was).
+    """
     import argparse
 
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", required=True, help=src_help)
     ap.add_argument("--dst", required=True, help="output checkpoint directory")
-    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help=dtype_help)
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help=DTYPE_HELP)
+    ap.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16"), help=COMPUTE_DTYPE_HELP)
     ap.add_argument("--config", default=None, choices=config_choices, help=config_help)
     args = ap.parse_args(argv)
     try:
-        convert(args.src, args.dst, dtype=args.dtype, config=args.config)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # ConversionError is a ValueError
-        raise SystemExit(f"{prog}: error: {e}") from None
+        convert(args.src, args.dst, dtype=args.dtype, compute_dtype=args.compute_dtype, config=args.config)
+    except (ValueError, OSError, KeyError) as e:  # ConversionError is a ValueError; OSError: unreadable, disk full
+        fail(e)
     return Path(args.dst)
+
+
+def dtype_name(dt) -> str:
+    return "bfloat16" if np.dtype(dt) == np.dtype(ml_dtypes.bfloat16) else np.dtype(dt).name
+
+
+def _is_float(x) -> bool:
+    return np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16
+
+
+def resolve_dtypes(params: dict, dtype=None, compute_dtype=None) -> tuple[dict, str, str]:
+    """(params cast to the stored dtype, stored dtype name, compute dtype name): the one `--dtype` rule.
+
+    stored: `dtype` if given, else "bfloat16" when every floating leaf already is bfloat16, else "float32".
+    compute: `compute_dtype` if given, else the stored dtype.
+    """
+    leaves = [x for x in _leaves(params) if _is_float(x)]
+    if dtype is not None:
+        stored = dtype_name(parse_dtype(dtype))
+    else:
+        stored = "bfloat16" if leaves and all(x.dtype == ml_dtypes.bfloat16 for x in leaves) else "float32"
+    if stored not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {stored}")
+    compute = dtype_name(parse_dtype(compute_dtype)) if compute_dtype is not None else stored
+    if compute not in ("float32", "bfloat16"):
+        raise ValueError(f"--compute-dtype must be float32 or bfloat16, got {compute}")
+    target = np.dtype(ml_dtypes.bfloat16) if stored == "bfloat16" else np.dtype(np.float32)
+
+    def cast(tree):
+        return {k: cast(v) if isinstance(v, Mapping) else (v.astype(target) if _is_float(v) and v.dtype != target
+                                                           else v) for k, v in tree.items()}
+
+    return cast(params), stored, compute
+
+
+def _leaves(tree):
+    for v in tree.values():
+        if isinstance(v, Mapping):
+            yield from _leaves(v)
+        else:
+            yield v
 
 
 def parse_dtype(name):

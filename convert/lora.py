@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import jax
@@ -203,8 +202,8 @@ def main(argv=None):
             checkpoints.save_lora(args.dst, adapters, extra={"source": str(args.src)})
             n = sum(int(np.prod(s)) for s in common.flatten_shapes(adapters.params).values())
             print(f"converted {args.src} -> {args.dst}: {n / 1e6:.2f} M LoRA parameters, {adapters.config}")
-    except (common.ConversionError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError, KeyError) as e:  # ConversionError is a ValueError; OSError: unreadable, disk full
+        common.fail(e)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """umT5 encoder weights -> a pickstyle_jax checkpoint.
 
-  python -m convert.umt5 --src models_t5_umt5-xxl-enc-bf16.pth --dst DST [--dtype float32|bfloat16] [--config NAME]
+  python -m convert.umt5 --src models_t5_umt5-xxl-enc-bf16.pth --dst DST [--dtype float32|bfloat16]
+                         [--compute-dtype float32|bfloat16] [--config NAME]
   python -m convert.umt5 --src a_transformers_UMT5EncoderModel_folder --dst DST
 
 Sources:
@@ -10,14 +11,15 @@ Sources:
     config.json unless --config is given. `shared.weight` and `encoder.embed_tokens.weight` are the same tied tensor:
     either is accepted; when both are present they must be equal.
 Every other key must be consumed; anything missing, unexpected or mis-shaped is one error naming all of it.
---dtype casts the weights (default: keep the stored dtype); the compute dtype follows (float32 weights -> float32
-compute, anything else -> bfloat16 compute). The content hash of the converted params is written to config.json
+--dtype is the dtype the parameters are stored in (default: the source's: bfloat16 if every stored tensor is bf16,
+else float32); the compute dtype written to config.json follows it unless --compute-dtype names another. Errors
+(corrupt, truncated or wrong-kind files, a missing shard, key mismatches) end in one `error: ...` line naming the
+file; nothing is written at DST. The content hash of the converted params is written to config.json
 (`params_sha256`) so text-embedding caches can key on it (`pickstyle_jax.text.checkpoint_identity`).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -151,11 +153,12 @@ def _dtype_name(dt) -> str:
     return "bfloat16" if dt == ml_dtypes.bfloat16 else np.dtype(dt).name
 
 
-def convert_state_dict(sd, cfg: umt5.Umt5Config | None = None, *, dtype=None) -> tuple[umt5.Umt5Config, dict]:
+def convert_state_dict(sd, cfg: umt5.Umt5Config | None = None, *, dtype=None,
+                       compute_dtype=None) -> tuple[umt5.Umt5Config, dict]:
     """(config, params) from a state dict (official or transformers names). `cfg` None: inferred from shapes.
 
-    The returned config's param_dtype is the output dtype; its compute dtype is float32 for float32 weights and
-    bfloat16 otherwise.
+    dtype: stored parameter dtype (None: the source's, see `common.resolve_dtypes`), the returned config's
+    param_dtype; compute_dtype: its `dtype` (None: the stored dtype).
     """
     fmt = detect_format(sd)
     if cfg is None:
@@ -172,11 +175,9 @@ def convert_state_dict(sd, cfg: umt5.Umt5Config | None = None, *, dtype=None) ->
                                       f"in UMT5 but differ here")
             ignore = lambda k: k == _TIED_ALIAS  # noqa: E731  (checked equal above)
     params = convert_strict(sd, table(cfg, fmt, embedding_key=embedding_key), expected_shapes(cfg),
-                            dtype=dtype, ignore=ignore)
-    stored = params["token_embedding"]["embedding"].dtype
-    pdt = _dtype_name(stored)
-    cfg = cfg.replace(param_dtype=pdt, dtype="float32" if pdt == "float32" else "bfloat16")
-    return cfg, params
+                            dtype=parse_dtype(dtype), ignore=ignore)
+    params, stored, compute = common.resolve_dtypes(params, dtype, compute_dtype)
+    return cfg.replace(param_dtype=stored, dtype=compute), params
 
 
 def params_sha256(params) -> str:
@@ -195,7 +196,7 @@ def _open(src: Path):
     """(state dict, transformers config dict or None)."""
     if src.is_dir():
         cfg_file = src / "config.json"
-        hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        hf = common.read_json(cfg_file) if cfg_file.is_file() else None
         is_t5_config = hf is not None and ("d_kv" in hf or hf.get("model_type") in ("umt5", "mt5", "t5"))
         if not is_t5_config and (src / OFFICIAL_FILE).is_file():  # a Wan folder (its config.json is the DiT's)
             return open_state_dict(src / OFFICIAL_FILE), None
@@ -204,7 +205,7 @@ def _open(src: Path):
     return open_state_dict(src), None
 
 
-def convert(src, dst, dtype=None, config: str | None = None) -> Path:
+def convert(src, dst, dtype=None, config: str | None = None, *, compute_dtype=None) -> Path:
     """Converts `src` (see the module docstring) and writes a checkpoint to `dst`; returns `dst`."""
     src = Path(src)
     sd, hf = _open(src)
@@ -214,7 +215,7 @@ def convert(src, dst, dtype=None, config: str | None = None) -> Path:
         cfg = config_from_transformers(hf)
     else:
         cfg = None
-    cfg, params = convert_state_dict(sd, cfg, dtype=parse_dtype(dtype))
+    cfg, params = convert_state_dict(sd, cfg, dtype=dtype, compute_dtype=compute_dtype)
     extra = {"source": str(src.absolute()), "params_sha256": params_sha256(params)}
     return checkpoints.save(dst, cfg, params, kind="umt5", extra=extra)
 
@@ -223,7 +224,7 @@ def main(argv=None):
     out = common.converter_main(
         argv, prog="python -m convert.umt5", doc=__doc__, convert=convert,
         src_help=f"{OFFICIAL_FILE} (Wan names) or a transformers UMT5 folder",
-        dtype_help="default: keep the stored dtype", config_choices=("umt5-xxl", "tiny"),
+        config_choices=("umt5-xxl", "tiny"),
         config_help="named config (default: config.json of a transformers folder, else the tensor shapes)")
     print(f"wrote {out}")
     return out

@@ -1,11 +1,16 @@
 """Wan2.1 DiT (T2V or VACE) PyTorch checkpoint -> pickstyle_jax checkpoint.
 
-    python -m convert.wan_dit --src SRC --dst DST [--dtype float32|bfloat16] [--config NAME]
+    python -m convert.wan_dit --src SRC --dst DST [--dtype float32|bfloat16] [--compute-dtype ...] [--config NAME]
 
 SRC is a diffusers transformer folder (`config.json` + safetensors, possibly sharded), an official Wan folder
 (official key names, e.g. `Wan-AI/Wan2.1-VACE-14B` with its index json), or one `.safetensors`/`.pth` file (official,
 diffusers or ComfyUI `model.diffusion_model.` names). Without a `config.json`, `--config` names the variant; if it is
 absent too, the variant is inferred from the tensor shapes and printed.
+
+--dtype is the dtype the parameters are stored in (default: the source's: bfloat16 if every stored tensor is bf16,
+else float32); the compute dtype written to config.json follows it unless --compute-dtype names another. Errors
+(a corrupt, truncated or wrong-kind file, a missing shard, a key mismatch) end in one `error: ...` line naming the
+file, and nothing is written at DST.
 
 Our parameter paths are the official key names (see models/wan.py), so the official table is a naming rule checked
 against the model's own parameter tree; the diffusers names are one explicit module table, `DIFFUSERS_MODULES`.
@@ -13,12 +18,10 @@ against the model's own parameter tree; the diffusers names are one explicit mod
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from convert import common
@@ -112,6 +115,18 @@ def key_table(cfg: wan.WanConfig, *, diffusers: bool) -> tuple[dict, dict]:
 
 
 # ------------------------------------------------------------------------------------------ configs
+_ARCHITECTURE = ("patch_size", "in_dim", "out_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "text_len",
+                 "num_heads", "num_layers", "eps", "vace_layers", "vace_in_dim")
+RELEASED = ("vace-14B", "vace-1.3B", "t2v-14B", "t2v-1.3B")
+
+
+def _as_variant(cfg: wan.WanConfig) -> wan.WanConfig:
+    """The released variant with cfg's architecture, with its run-time defaults (attention, scan_layers ...);
+    cfg itself when no release has that architecture."""
+    arch = lambda c: tuple(getattr(c, f) for f in _ARCHITECTURE)  # noqa: E731
+    return next((v for v in map(wan.WanConfig.named, RELEASED) if arch(v) == arch(cfg)), cfg)
+
+
 def _config_from_official(c: dict, base: wan.WanConfig) -> wan.WanConfig:
     n_layers = c["num_layers"]
     vace = c.get("model_type") == "vace" or "vace_layers" in c or "vace_in_dim" in c
@@ -126,7 +141,7 @@ def _config_from_official(c: dict, base: wan.WanConfig) -> wan.WanConfig:
                       vace_in_dim=c.get("vace_in_dim", 96))
     else:
         fields.update(vace_layers=())
-    return dataclasses.replace(base, **fields)
+    return _as_variant(dataclasses.replace(base, **fields))
 
 
 def _config_from_diffusers(c: dict, base: wan.WanConfig) -> wan.WanConfig:
@@ -145,7 +160,7 @@ def _config_from_diffusers(c: dict, base: wan.WanConfig) -> wan.WanConfig:
         fields.update(vace_layers=tuple(c["vace_layers"]), vace_in_dim=c.get("vace_in_channels", 96))
     else:
         fields.update(vace_layers=())
-    return dataclasses.replace(base, **fields)
+    return _as_variant(dataclasses.replace(base, **fields))
 
 
 def _config_from_shapes(sd, base: wan.WanConfig) -> wan.WanConfig:
@@ -168,7 +183,7 @@ def _config_from_shapes(sd, base: wan.WanConfig) -> wan.WanConfig:
                       vace_in_dim=sd.shape("vace_patch_embedding.weight")[1])
     else:
         fields.update(vace_layers=())
-    return dataclasses.replace(base, **fields)
+    return _as_variant(dataclasses.replace(base, **fields))
 
 
 def _detect(sd) -> str:
@@ -186,12 +201,12 @@ def read_source(src, config: str | None = None):
     sd = common.open_state_dict(src, prefer=("diffusion_pytorch_model.safetensors",))
     sd = common.strip_prefix(sd, COMFY_PREFIXES)
     layout = _detect(sd)
-    base = wan.WanConfig.named(config) if config else wan.WanConfig.named("t2v-1.3B")
+    base = wan.WanConfig.named(config) if config else wan.WanConfig()  # architecture fields come from the source
     cfg_file = (src if src.is_dir() else src.parent) / "config.json"
     if config:
         cfg = base
     elif cfg_file.is_file():
-        c = json.loads(cfg_file.read_text())
+        c = common.read_json(cfg_file)
         cfg = _config_from_diffusers(c, base) if "num_attention_heads" in c else _config_from_official(c, base)
     elif layout == "official":
         cfg = _config_from_shapes(sd, base)
@@ -200,19 +215,17 @@ def read_source(src, config: str | None = None):
     return cfg, sd, layout
 
 
-def convert(src, dst, *, dtype=None, config: str | None = None, verbose: bool = True):
-    """Converts `src` and writes the checkpoint `dst`; returns (cfg, params)."""
+def convert(src, dst, *, dtype=None, compute_dtype=None, config: str | None = None, verbose: bool = True):
+    """Converts `src` and writes the checkpoint `dst`; returns (cfg, params).
+
+    dtype: stored parameter dtype (None: the source's, see `common.resolve_dtypes`); compute_dtype: the config's
+    `dtype` (None: the stored dtype).
+    """
     cfg, sd, layout = read_source(src, config)
-    np_dtype = common.parse_dtype(dtype)
-    if np_dtype is not None:
-        cfg = dataclasses.replace(cfg, param_dtype=np.dtype(np_dtype).name)
     table, expected = key_table(cfg, diffusers=layout == "diffusers")
-    params = common.convert_strict(sd, table, expected, dtype=np_dtype)
-    if np_dtype is None:  # keep the stored dtype where the model can run in it: bf16 if every tensor is bf16
-        leaves = jax.tree.leaves(params)
-        stored = "bfloat16" if all(a.dtype == ml_dtypes.bfloat16 for a in leaves) else "float32"
-        params = jax.tree.map(lambda a: a.astype(np.dtype(stored)), params)
-        cfg = dataclasses.replace(cfg, param_dtype=stored)
+    params = common.convert_strict(sd, table, expected, dtype=common.parse_dtype(dtype))
+    params, stored, compute = common.resolve_dtypes(params, dtype, compute_dtype)
+    cfg = dataclasses.replace(cfg, param_dtype=stored, dtype=compute)
     checkpoints.save(dst, cfg, params, kind="wan", extra={"source": str(src), "source_layout": layout})
     if verbose:
         n = sum(int(np.prod(s)) for s in expected.values())
@@ -225,7 +238,6 @@ def main(argv=None):
     return common.converter_main(
         argv, prog="python -m convert.wan_dit", doc=__doc__, convert=convert,
         src_help="diffusers folder, official Wan folder, or one .safetensors/.pth file",
-        dtype_help="default: bfloat16 if every stored tensor is bf16, else float32",
         config_help="variant name, e.g. vace-14B (overrides config.json)")
 
 

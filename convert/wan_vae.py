@@ -1,6 +1,6 @@
 """Wan2.1 VAE PyTorch checkpoint -> pickstyle_jax checkpoint.
 
-    python -m convert.wan_vae --src SRC --dst DST [--dtype float32|bfloat16] [--config wan2.1|tiny]
+    python -m convert.wan_vae --src SRC --dst DST [--dtype float32|bfloat16] [--compute-dtype ...] [--config NAME]
 
 SRC is the official `Wan2.1_VAE.pth` (official key names; the variant is `--config`, default wan2.1), or a diffusers
 `AutoencoderKLWan` folder (`config.json` + `diffusion_pytorch_model.safetensors`; the variant comes from its
@@ -8,12 +8,16 @@ config.json unless `--config` is given), or a diffusers pipeline folder holding 
 
 Our parameter paths are the official key names (models/vae.py), so the official table is a naming rule checked
 against the model's own parameter tree; the diffusers names (PICKSTYLE.md §6.3) are `official_to_diffusers`, the
-only copy of that mapping. `--dtype bfloat16` stores bf16 weights and sets the config's compute dtype to bf16.
+only copy of that mapping.
+
+--dtype is the dtype the parameters are stored in (default: the source's: bfloat16 if every stored tensor is bf16,
+else float32); the compute dtype written to config.json follows it unless --compute-dtype names another (the VAE's
+norms and softmax run in fp32 either way). Errors end in one `error: ...` line naming the file; nothing is written at
+DST.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -134,7 +138,7 @@ def read_source(src, config: str | None = None):
     if config:
         cfg = vae.VaeConfig.named(config)
     elif layout == "diffusers" and cfg_file is not None and cfg_file.is_file():
-        cfg = config_from_diffusers(json.loads(cfg_file.read_text()), vae.VaeConfig.named("wan2.1"))
+        cfg = config_from_diffusers(common.read_json(cfg_file), vae.VaeConfig.named("wan2.1"))
     else:
         cfg = vae.VaeConfig.named("wan2.1")
         width = sd.shape("encoder.conv1.weight" if layout == "official" else "encoder.conv_in.weight")[0]
@@ -144,14 +148,17 @@ def read_source(src, config: str | None = None):
     return cfg, sd, layout
 
 
-def convert(src, dst, dtype=None, config: str | None = None, *, verbose: bool = True):
-    """Converts `src` and writes the checkpoint `dst`; returns (cfg, params)."""
+def convert(src, dst, dtype=None, config: str | None = None, *, compute_dtype=None, verbose: bool = True):
+    """Converts `src` and writes the checkpoint `dst`; returns (cfg, params).
+
+    dtype: stored parameter dtype (None: the source's, see `common.resolve_dtypes`); compute_dtype: the config's
+    `dtype` (None: the stored dtype).
+    """
     cfg, sd, layout = read_source(src, config)
-    np_dtype = common.parse_dtype(dtype)
-    if np_dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype="bfloat16" if np.dtype(np_dtype).name == "bfloat16" else "float32")
     table, expected = key_table(cfg, diffusers=layout == "diffusers")
-    params = common.convert_strict(sd, table, expected, dtype=np_dtype)
+    params = common.convert_strict(sd, table, expected, dtype=common.parse_dtype(dtype))
+    params, _, compute = common.resolve_dtypes(params, dtype, compute_dtype)
+    cfg = dataclasses.replace(cfg, dtype=compute)
     checkpoints.save(dst, cfg, params, kind="vae", extra={"source": str(src), "source_layout": layout})
     if verbose:
         n = sum(int(np.prod(s)) for s in expected.values())
@@ -164,7 +171,7 @@ def main(argv=None):
     return common.converter_main(
         argv, prog="python -m convert.wan_vae", doc=__doc__, convert=convert,
         src_help="Wan2.1_VAE.pth or a diffusers AutoencoderKLWan folder",
-        dtype_help="default: keep the stored dtype", config_choices=("wan2.1", "tiny"),
+        config_choices=("wan2.1", "tiny"),
         config_help="variant (default: wan2.1 for .pth files, config.json for diffusers folders)")
 
 

@@ -102,12 +102,36 @@ def read_meta(path) -> dict:
     return meta
 
 
+def _is_sharding(x):
+    return isinstance(x, jax.sharding.Sharding)
+
+
+def _leaf_sharding(sharding, path, sds, default):
+    """The sharding of one leaf: `sharding` is None, one Sharding, a callable (path, sds) -> Sharding, or a tree
+    of Shardings with the checkpoint's structure (what `sharding.tree_shardings` returns)."""
+    if sharding is None:
+        return default
+    if _is_sharding(sharding):
+        return sharding
+    if callable(sharding):
+        return sharding(path, sds)
+    node = sharding
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            raise CheckpointError(f"the sharding tree has no entry for parameter {'.'.join(map(str, path))}")
+        node = node[key]
+    if not _is_sharding(node):
+        raise CheckpointError(f"sharding for {'.'.join(map(str, path))} is {type(node).__name__}, not a Sharding")
+    return node
+
+
 def load(path, kind: str, *, dtype=None, sharding: Callable[[tuple, Any], Any] | Any = None):
     """Returns (config, params) of a checkpoint of `kind`.
 
     dtype: cast floating parameters to this dtype while reading; the config's param_dtype and compute dtype follow.
-    sharding: a `jax.sharding.Sharding` for every leaf, or a function (path_tuple, ShapeDtypeStruct) -> Sharding;
-      default: the first local device.
+    sharding: a `jax.sharding.Sharding` for every leaf, a function (path_tuple, ShapeDtypeStruct) -> Sharding, or
+      a tree of Shardings shaped like the params (e.g. `sharding.tree_shardings(...)`); default: the first local
+      device.
     """
     path = Path(path).absolute()
     meta = read_meta(path)
@@ -123,12 +147,7 @@ def load(path, kind: str, *, dtype=None, sharding: Callable[[tuple, Any], Any] |
         if dtype is not None and (np.issubdtype(dt, np.floating) or dt.name == "bfloat16"):
             dt = np.dtype(dtype)
         sds = jax.ShapeDtypeStruct(tuple(m.shape), dt)
-        if sharding is None:
-            sh = default
-        elif callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
-            sh = sharding(tuple(getattr(k, "key", k) for k in kp), sds)
-        else:
-            sh = sharding
+        sh = _leaf_sharding(sharding, tuple(getattr(k, "key", k) for k in kp), sds, default)
         return jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sh)
 
     target = jax.tree_util.tree_map_with_path(abstract, tree_meta)
@@ -139,9 +158,49 @@ def load(path, kind: str, *, dtype=None, sharding: Callable[[tuple, Any], Any] |
     return cfg, params
 
 
-def load_dit(path, **kw):
-    """(WanConfig, params) of a converted Wan DiT (T2V or VACE)."""
-    return load(path, "wan", **kw)
+def _unstacked_sharding(sh):
+    """Sharding of one layer of a stacked leaf: the stacked spec without its leading (layers) entry."""
+    if isinstance(sh, jax.sharding.NamedSharding):
+        spec = tuple(sh.spec)[1:]
+        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec), memory_kind=sh.memory_kind)
+    return sh
+
+
+def load_dit(path, *, scan_layers: bool = False, sharding=None, **kw):
+    """(WanConfig, params) of a converted Wan DiT (T2V or VACE).
+
+    Checkpoints hold the flat tree. scan_layers=True returns the stacked tree (`wan.stack_layers`) and a config
+    with scan_layers=True; otherwise the flat tree and scan_layers=False, so the config always describes the tree.
+    With scan_layers, `sharding` describes the stacked tree (a tree from `sharding.tree_shardings(
+    wan.param_axes(cfg), ...)`, one Sharding, or a callable on stacked paths): each layer is read with that
+    sharding minus its leading axis, then stacked one leaf at a time, freeing the layers as it goes.
+    """
+    if not scan_layers:
+        cfg, params = load(path, "wan", sharding=sharding, **kw)
+        return cfg.replace(scan_layers=False), params
+    from pickstyle_jax.models import wan
+
+    cfg = config_from_dict("wan", read_meta(path)["config"]).replace(scan_layers=True)
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    stacked_sh = jax.tree_util.tree_map_with_path(
+        lambda kp, sds: _leaf_sharding(sharding, tuple(getattr(k, "key", k) for k in kp), sds, default),
+        wan.param_shapes(cfg))  # raises for irregular vace_layers
+    flat_sh = wan.unstack_layers(cfg, jax.tree.map(_unstacked_sharding, stacked_sh, is_leaf=_is_sharding))
+    cfg_read, flat = load(path, "wan", sharding=flat_sh, **kw)
+    fns = {}
+
+    def stack(leaves, sh):
+        if sh not in fns:
+            fns[sh] = jax.jit(lambda *xs: jax.numpy.stack(xs), out_shardings=sh)
+        out = fns[sh](*leaves)
+        for leaf in leaves:
+            leaf.delete()
+        return out
+
+    is_list = lambda x: isinstance(x, list)
+    lists, treedef = jax.tree.flatten(wan.stack_layers(cfg, flat, stack=list), is_leaf=is_list)
+    leaves = [stack(ls, sh) if is_list(ls) else ls for ls, sh in zip(lists, treedef.flatten_up_to(stacked_sh))]
+    return cfg_read.replace(scan_layers=True), treedef.unflatten(leaves)
 
 
 def load_vae(path, **kw):

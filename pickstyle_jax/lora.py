@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pickstyle_jax.models import layers
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -112,12 +114,11 @@ def merge(params, adapters: Lora):
 
 
 def dense(x, p, adapter, scale, *, dtype=jnp.float32, out_dtype=None):
-    """Low-rank-adapted Dense: x @ kernel + bias + scale * (x @ A) @ B; matmuls in `dtype`, fp32 accumulation."""
-    x = x.astype(dtype)
-    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
-    if "bias" in p:
-        y = y + p["bias"].astype(jnp.float32)
-    down = jnp.einsum("...i,ir->...r", x, adapter["A"].astype(dtype), preferred_element_type=jnp.float32)
-    up = jnp.einsum("...r,ro->...o", down.astype(dtype), adapter["B"].astype(dtype),
-                    preferred_element_type=jnp.float32)
+    """Low-rank-adapted Dense: x @ kernel + bias + scale * (x @ A) @ B; matmuls in `dtype`, fp32 accumulation.
+
+    Three `layers.dense` products (the one Dense of the models); the rank-r detour never forms A @ B.
+    """
+    y = layers.dense(x, p, dtype=dtype, out_dtype=jnp.float32)
+    down = layers.dense(x, {"kernel": adapter["A"]}, dtype=dtype)  # rounded to `dtype` before the second product
+    up = layers.dense(down, {"kernel": adapter["B"]}, dtype=dtype, out_dtype=jnp.float32)
     return (y + scale * up).astype(out_dtype or dtype)

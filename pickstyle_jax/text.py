@@ -10,6 +10,10 @@ keys get probability exactly 0, and the relative position bias depends only on k
 depend on how much padding follows them (differences are float reordering only, ~1e-7). Each (batch size, bucket)
 compiles once; the jitted helper takes params as an argument, so new weights do not recompile.
 
+Fewer rows for the DiT: with `trim=True`, `encode_text` and `EmbeddingCache.get_or_compute` return
+[B, bucket_length(max lens), D] instead of [B, text_len, D] (still zero beyond each row's length). The DiT folds the
+padding exactly given `text_lens`, so the result is the same, and each bucket is one static shape to compile.
+
 `EmbeddingCache` stores one `.npz` per distinct caption, keyed by sha256 of (encoder identity, tokenizer identity,
 text_len, caption). Only the L true rows are stored. Storage is lossless: bfloat16 when every value is exactly a
 bfloat16 number (always the case for a bfloat16 encoder, whose last op rounds to bf16), float32 otherwise.
@@ -51,18 +55,20 @@ def _encode_padded(cfg: umt5.Umt5Config, params, ids, mask, text_len: int):
     return jnp.pad(emb, ((0, 0), (0, text_len - emb.shape[1]), (0, 0)))
 
 
-def encode_text(cfg: umt5.Umt5Config, params, tokenizer, prompts: Sequence[str] | str, *, text_len: int = 512):
+def encode_text(cfg: umt5.Umt5Config, params, tokenizer, prompts: Sequence[str] | str, *, text_len: int = 512,
+                trim: bool = False):
     """prompts -> (emb float32 [B, text_len, d_model], rows >= lens[b] zero; lens int32 [B], `</s>` counted).
 
     `tokenizer` is a `umt5.Tokenizer` (anything with `tok(texts, max_len) -> (ids, mask)`). Long prompts are truncated
-    to `text_len` tokens with a warning (from the tokenizer).
+    to `text_len` tokens with a warning (from the tokenizer). trim: return only the first
+    `bucket_length(lens.max(), text_len)` rows, [B, bucket, d_model] (the rows dropped are all zero).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     ids, mask = tokenizer(list(prompts), max_len=text_len)
     lens = np.asarray(mask).sum(axis=1).astype(np.int32)
     n = bucket_length(int(lens.max(initial=1)), text_len)
-    emb = _encode_padded(cfg, params, np.asarray(ids)[:, :n], np.asarray(mask)[:, :n], text_len)
+    emb = _encode_padded(cfg, params, np.asarray(ids)[:, :n], np.asarray(mask)[:, :n], n if trim else text_len)
     return emb, lens
 
 
@@ -157,11 +163,12 @@ class EmbeddingCache:
                 tmp.unlink()
         return p
 
-    def get_or_compute(self, captions: Sequence[str], compute_fn: Callable):
-        """(emb float32 [B, text_len, D], lens int32 [B]) for `captions`, computing only the missing ones.
+    def get_or_compute(self, captions: Sequence[str], compute_fn: Callable, *, trim: bool = False):
+        """(emb float32 [N, text_len, D], lens int32 [N]) for `captions`, computing only the missing ones.
 
-        compute_fn(list of distinct missing captions) -> (emb [n, text_len, D], lens [n]), e.g.
-        `functools.partial(encode_text, cfg, params, tokenizer, text_len=text_len)`.
+        compute_fn(list of distinct missing captions) -> (emb [n, >= max len, D], lens [n]), e.g.
+        `functools.partial(encode_text, cfg, params, tokenizer, text_len=text_len)` (with or without trim).
+        trim: emb is [N, bucket_length(lens.max(), text_len), D] instead, the same rows without the all-zero tail.
         """
         captions = list(captions)
         found = {c: self.get(c) for c in dict.fromkeys(captions)}
@@ -175,10 +182,12 @@ class EmbeddingCache:
         dims = {e.shape[-1] for e in found.values()}
         if len(dims) != 1:
             raise RuntimeError(f"cache entries under {self.directory} have different widths {sorted(dims)}")
-        out = np.zeros((len(captions), self.text_len, dims.pop()), np.float32)
-        lens = np.zeros((len(captions),), np.int32)
+        lens = np.asarray([len(found[c]) for c in captions], np.int32)
+        rows = bucket_length(int(lens.max(initial=1)), self.text_len) if trim else self.text_len
+        if lens.max(initial=0) > rows:
+            raise RuntimeError(f"cache entries under {self.directory} hold {lens.max()} rows, more than "
+                               f"text_len={self.text_len}")
+        out = np.zeros((len(captions), rows, dims.pop()), np.float32)
         for b, c in enumerate(captions):
-            e = found[c]
-            out[b, :len(e)] = e
-            lens[b] = len(e)
+            out[b, :lens[b]] = found[c]
         return out, lens

@@ -17,8 +17,7 @@ from convert import common, lora as lora_convert, wan_dit
 from pickstyle_jax import checkpoints, lora
 from pickstyle_jax.models import wan
 from tests import wan_ref
-
-SEED = int.from_bytes(os.urandom(4), "little")
+from tests.conftest import SEED  # the run's seed: printed, replayable with PICKSTYLE_TEST_SEED
 
 
 def _diffusers_to_official(key: str) -> str:
@@ -160,12 +159,17 @@ def test_bf16_source_and_dtype_choice(tiny, tmp_path):
     sd = {k: v.to(torch.bfloat16) for k, v in _official_sd(model).items()}
     torch.save(sd, tmp_path / "bf16.pth")
     ccfg, _ = wan_dit.convert(tmp_path / "bf16.pth", tmp_path / "keep", config="tiny", verbose=False)
-    _, kept = checkpoints.load_dit(tmp_path / "keep")
+    ckept, kept = checkpoints.load_dit(tmp_path / "keep")
     assert kept["blocks"]["0"]["self_attn"]["q"]["kernel"].dtype == jax.numpy.bfloat16
-    assert ccfg.param_dtype == "bfloat16"
+    assert ccfg.param_dtype == ccfg.dtype == ckept.param_dtype == ckept.dtype == "bfloat16"  # compute follows
     wan_dit.convert(tmp_path / "bf16.pth", tmp_path / "f32", config="tiny", dtype="float32", verbose=False)
     c32, f32 = checkpoints.load_dit(tmp_path / "f32")
-    assert c32.param_dtype == "float32"
+    assert c32.param_dtype == c32.dtype == "float32"
+    wan_dit.main(["--src", str(tmp_path / "bf16.pth"), "--dst", str(tmp_path / "mixed"), "--config", "tiny",
+                  "--compute-dtype", "float32"])
+    cm, pm = checkpoints.load_dit(tmp_path / "mixed")
+    assert (cm.param_dtype, cm.dtype) == ("bfloat16", "float32")
+    assert pm["head"]["head"]["kernel"].dtype == jax.numpy.bfloat16
     q = f32["blocks"]["1"]["self_attn"]["q"]["kernel"]
     assert q.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(q), sd["blocks.1.self_attn.q.weight"].float().numpy().T)
@@ -196,7 +200,7 @@ def test_bad_inputs_name_the_key(tiny, tmp_path):
     assert "head.head.bias" in str(e.value) and "blocks.0.self_attn.extra.weight" in str(e.value)
     with pytest.raises((ValueError, KeyError), match="no-such-variant"):
         wan_dit.convert(tmp_path / "both.pth", tmp_path / "v", config="no-such-variant", verbose=False)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(common.ConversionError, match="does not exist"):
         wan_dit.convert(tmp_path / "nope", tmp_path / "v", verbose=False)
 
 

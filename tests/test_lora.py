@@ -1,6 +1,4 @@
 """LoRA sibling pytree: PEFT parity on the tiny diffusers VACE model, merge, B = 0, grads, targets."""
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +8,10 @@ import torch
 from pickstyle_jax import lora
 from pickstyle_jax.models import wan
 from tests import wan_ref
+from tests.conftest import SEED  # the run's seed: printed, replayable with PICKSTYLE_TEST_SEED
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-SEED = int(time.time_ns() % 2**31)
 RANK, ALPHA = 4, 6.0  # alpha != rank so a missing alpha/rank factor shows
 
 
@@ -76,12 +74,16 @@ def test_peft_parity(setup, fwd):
     assert wan_ref.errors(base, ref)[1] > 1e-3  # the adapters do change the output
 
     # merge then forward == unmerged forward
+    q_before = np.array(params["vace_blocks"]["1"]["self_attn"]["q"]["kernel"])
     merged = lora.merge(params, adapters)
     max_abs, rel = wan_ref.errors(fwd(cfg, merged, x, t, text, ctx, context_scale=0.5), ours)
     assert max_abs <= 1e-4 and rel <= 1e-5, seed_msg()
-    assert merged["blocks"] is not params["blocks"] or merged["vace_blocks"] is not params["vace_blocks"]
-    np.testing.assert_array_equal(merged["vace_blocks"]["0"]["self_attn"]["o"]["kernel"],
-                                  params["vace_blocks"]["0"]["self_attn"]["o"]["kernel"])
+    # merge builds a new tree: the base params are not modified, untouched leaves are shared, not copied
+    assert merged["vace_blocks"]["1"]["self_attn"]["q"] is not params["vace_blocks"]["1"]["self_attn"]["q"]
+    np.testing.assert_array_equal(params["vace_blocks"]["1"]["self_attn"]["q"]["kernel"], q_before)
+    o_merged, o_base = (tree["vace_blocks"]["0"]["self_attn"]["o"]["kernel"] for tree in (merged, params))
+    assert o_merged is o_base
+    assert merged["blocks"]["0"]["ffn"]["0"]["kernel"] is params["blocks"]["0"]["ffn"]["0"]["kernel"]
     q = adapters.params["vace_blocks"]["1"]["self_attn"]["q"]
     np.testing.assert_allclose(merged["vace_blocks"]["1"]["self_attn"]["q"]["kernel"],
                                params["vace_blocks"]["1"]["self_attn"]["q"]["kernel"] + ALPHA / RANK * q["A"] @ q["B"],

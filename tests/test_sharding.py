@@ -21,7 +21,8 @@ _CHILD = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from pickstyle_jax import lora, sharding
-    from pickstyle_jax.models import wan
+    from jax.sharding import PartitionSpec as P
+    from pickstyle_jax.models import layers, wan
     assert jax.device_count() == 8, jax.devices()
     seed = int(sys.argv[1])
     cfg = wan.WanConfig.named("tiny").replace(dim=64, num_heads=2, ffn_dim=128)
@@ -43,10 +44,64 @@ _CHILD = textwrap.dedent("""
     q = p_sh["blocks"]["0"]["self_attn"]["q"]["kernel"]
     assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor"), q.sharding.spec
     assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (32, 32)
+    # every leaf's spec, against the rules spelled out by hand (embed -> fsdp, heads/mlp -> tensor, an axis the
+    # mesh does not divide (or a mesh axis already used) stays replicated)
+    by_hand = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "mod": None, None: None, "layers": None}
+
+    def expected(axes, shape):
+        used, out = set(), []
+        for name, n in zip(axes, shape):
+            m = by_hand[name]
+            m = None if m is None or m in used or n % mesh.shape[m] else m
+            used.add(m)
+            out.append(m)
+        return P(*out)
+
+    def check_every_leaf(tree, axes_tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        axes_leaves = jax.tree.leaves(axes_tree, is_leaf=lambda a: isinstance(a, tuple))
+        assert len(leaves) == len(axes_leaves) > 0
+        for (path, leaf), axes in zip(leaves, axes_leaves):
+            assert leaf.sharding.spec == expected(axes, leaf.shape), (jax.tree_util.keystr(path), leaf.sharding.spec)
+        return len(leaves)
+
+    n_checked = check_every_leaf(p_sh, wan.param_axes(cfg))
     inputs = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in (x, t, text, ctx)]
     got = jax.jit(fwd)(p_sh, adapters, *inputs)
     err = float(np.abs(np.asarray(got) - want).max())
-    print("max abs error sharded vs single device:", err)
+    print("max abs error sharded vs single device:", err, "leaves checked:", n_checked)
+    assert err <= 1e-5, err
+
+    # scanned layers: the stacked tree (leading "layers" axis, replicated) sharded by the same rules, and the
+    # residual-stream constraints of the blocks active under the logical-axis rules
+    rules = {**sharding.DEFAULT_RULES, "layers": None}
+    scfg = cfg.replace(scan_layers=True)
+    s_sh = jax.device_put(wan.stack_layers(cfg, params),
+                          sharding.tree_shardings(wan.param_axes(scfg), mesh, rules, wan.param_shapes(scfg)))
+    check_every_leaf(s_sh, wan.param_axes(scfg))
+    sfwd = lambda p, a, *args: wan.forward(scfg, p, *args, lora=a)
+    plain = jax.jit(sfwd).lower(s_sh, adapters, *inputs).as_text()
+    got = jax.jit(sfwd)(s_sh, adapters, *inputs)  # FSDP x tensor sharded stacked weights, no constraints
+    err = float(np.abs(np.asarray(got) - want).max())
+    print("max abs error scanned, sharded weights vs single device:", err)
+    assert err <= 1e-5, err
+    sfwd = jax.jit(sfwd)  # a fresh jit: traces are cached without regard to the rules context
+    # Replicated weights here: with FSDP-sharded weights AND these constraints, XLA's CPU SPMD partitioner
+    # returned wrong values (0.4 max abs; jax 0.10.2) although each alone is exact -- an open problem, see the
+    # note on layers.constrain.
+    s_rep = jax.device_put(wan.stack_layers(cfg, params), jax.sharding.NamedSharding(mesh, P()))
+    with jax.set_mesh(mesh), layers.axis_rules(rules):
+        lowered = sfwd.lower(s_rep, adapters, *inputs)
+        got = sfwd(s_rep, adapters, *inputs)
+    text_hlo = lowered.as_text()
+    count = lambda hlo: hlo.count("sharding_constraint") + hlo.count("@Sharding")  # Shardy or GSPMD lowering
+    n_plain, n_rules = count(plain), count(text_hlo)
+    print("sharding constraints without / with rules:", n_plain, n_rules)
+    assert n_plain == 0 and n_rules > 0, (n_plain, n_rules)
+    batch_spec = [line for line in text_hlo.splitlines() if "sharding_constraint" in line or "@Sharding" in line]
+    assert any('"data", "fsdp"' in line or "[4,1,1,2]" in line for line in batch_spec), batch_spec[:3]
+    err = float(np.abs(np.asarray(got) - want).max())
+    print("max abs error scanned sharded vs single device:", err)
     assert err <= 1e-5, err
 """)
 

@@ -1,11 +1,10 @@
 """Tokenizer parity with transformers' T5Tokenizer, the text path and the prompt-embedding cache.
 
 The sentencepiece model is trained inside the test (T5 layout: pad 0, eos 1, unk 2, no bos). Random model weights
-are fresh every run; the seed is printed (rerun one with UMT5_TEST_SEED=...).
+are fresh every run; the seed is printed (replay a run with PICKSTYLE_TEST_SEED=...).
 """
 import os
 import random
-import secrets
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +16,7 @@ import pytest  # noqa: E402
 from pickstyle_jax import checkpoints, text  # noqa: E402
 from pickstyle_jax.models import umt5  # noqa: E402
 from pickstyle_jax.models.tokenizer import clean_text  # noqa: E402
+from tests.conftest import SEED  # noqa: E402  (the run seed: printed, PICKSTYLE_TEST_SEED replays it)
 
 _CORPUS = """Anime style. A girl walks in the rain under neon lights, reflections on the wet street.
 Watercolor style: a cat sleeps on a windowsill; soft light, pastel colours, paper texture.
@@ -39,8 +39,9 @@ PROMPTS = [
 
 
 def _seed(tag):
-    seed = int(os.environ.get("UMT5_TEST_SEED", secrets.randbits(31)))
-    print(f"{tag}: seed={seed}")
+    """A seed per call site, derived from the run's seed (conftest: printed, PICKSTYLE_TEST_SEED replays it)."""
+    seed = (SEED + sum(map(ord, tag))) % 2**31
+    print(f"{tag}: seed={seed} (run seed {SEED})")
     return seed
 
 
@@ -181,6 +182,32 @@ def test_cache_reuses_and_keys(tmp_path, tok, tiny_encoder):
     assert len(calls) == 2
     leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".npz")]
     assert not leftovers  # atomic writes leave no temporary files
+
+
+def test_trim_returns_bucket_rows(tmp_path, tok, tiny_encoder):
+    """trim=True: the same embeddings without the all-zero tail, [N, bucket_length(max len), D]."""
+    cfg, params = tiny_encoder
+    prompts = ["Anime style. A girl walks in the rain under neon lights.", "x"]
+    full, lens = text.encode_text(cfg, params, tok, prompts, text_len=96)
+    trimmed, lens_t = text.encode_text(cfg, params, tok, prompts, text_len=96, trim=True)
+    bucket = text.bucket_length(int(lens.max()), 96)
+    assert 16 <= bucket < 96 and trimmed.shape == (2, bucket, cfg.d_model)
+    np.testing.assert_array_equal(lens_t, lens)
+    np.testing.assert_array_equal(np.asarray(trimmed), np.asarray(full)[:, :bucket])
+    assert np.all(np.asarray(full)[:, bucket:] == 0)
+
+    cache = text.EmbeddingCache(tmp_path, "encoder-a", tokenizer_id=tok.identity, text_len=96)
+    compute = lambda caps: text.encode_text(cfg, params, tok, caps, text_len=96, trim=True)  # noqa: E731
+    caps = ["x", prompts[0], "x"]
+    e_trim, l_trim = cache.get_or_compute(caps, compute, trim=True)  # computed (trimmed rows in, as stored)
+    e_full, l_full = cache.get_or_compute(caps, compute)             # read back from disk
+    assert e_trim.shape == (3, bucket, cfg.d_model) and e_full.shape == (3, 96, cfg.d_model)
+    np.testing.assert_array_equal(l_trim, l_full)
+    np.testing.assert_array_equal(l_trim, [lens[1], lens[0], lens[1]])
+    np.testing.assert_array_equal(e_trim, e_full[:, :bucket])
+    np.testing.assert_array_equal(e_full, np.asarray(full)[[1, 0, 1]])
+    short, short_lens = cache.get_or_compute(["x"], compute, trim=True)  # one short caption: the smallest bucket
+    assert short.shape == (1, 16, cfg.d_model) and short_lens.tolist() == [lens[1]]
 
 
 def test_cache_stores_bf16_losslessly(tmp_path):

@@ -1,9 +1,8 @@
 """umT5 encoder: parity with transformers' UMT5EncoderModel (fp32), bf16 accuracy, and the converter.
 
-Every run draws fresh random weights and inputs; the seed is printed (rerun one with UMT5_TEST_SEED=...).
+Every run draws fresh random weights and inputs; the seed is printed (replay a run with PICKSTYLE_TEST_SEED=...).
 """
 import os
-import secrets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -16,13 +15,15 @@ from convert import umt5 as convert_umt5  # noqa: E402
 from convert.common import ConversionError  # noqa: E402
 from pickstyle_jax import checkpoints  # noqa: E402
 from pickstyle_jax.models import umt5  # noqa: E402
+from tests.conftest import SEED  # noqa: E402  (the run seed: printed, PICKSTYLE_TEST_SEED replays it)
 
 transformers = pytest.importorskip("transformers")
 
 
 def _seed(tag):
-    seed = int(os.environ.get("UMT5_TEST_SEED", secrets.randbits(31)))
-    print(f"{tag}: seed={seed}")
+    """A seed per call site, derived from the run's seed (conftest: printed, PICKSTYLE_TEST_SEED replays it)."""
+    seed = (SEED + sum(map(ord, tag))) % 2**31
+    print(f"{tag}: seed={seed} (run seed {SEED})")
     return seed
 
 
@@ -111,11 +112,21 @@ def test_bf16_close_to_fp32():
 
 def test_init_matches_converted_layout():
     cfg = umt5.Umt5Config.named("tiny")
-    params = umt5.init(cfg, jax.random.key(0))
+    seed = _seed("init")
+    params = umt5.init(cfg, jax.random.key(seed))
     names = set(convert_umt5.table(cfg))
     assert names == set(convert_umt5.expected_shapes(cfg))
     assert "blocks.1.pos_embedding.embedding.embedding" in names
-    ids, mask = _inputs(np.random.default_rng(0), cfg.vocab_size, [9, 4], 16)
+    axes = umt5.param_axes(cfg)  # the same tree, leaves the logical axis names the sharding rules read
+    assert jax.tree.structure(axes, is_leaf=lambda a: isinstance(a, tuple)) == jax.tree.structure(params)
+    assert axes["token_embedding"]["embedding"] == ("vocab", "embed")
+    assert axes["blocks"]["1"]["attn"]["q"]["kernel"] == ("embed", "heads")
+    assert axes["blocks"]["1"]["attn"]["o"]["kernel"] == ("heads", "embed")
+    assert axes["blocks"]["0"]["ffn"]["fc2"]["kernel"] == ("mlp", "embed")
+    assert axes["blocks"]["0"]["pos_embedding"]["embedding"]["embedding"] == (None, None)
+    shapes = umt5.param_shapes(cfg)
+    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda a: a.shape, params)
+    ids, mask = _inputs(np.random.default_rng(seed), cfg.vocab_size, [9, 4], 16)
     out = np.asarray(umt5.encode(cfg, params, ids, mask))
     assert np.isfinite(out).all() and np.all(out[mask == 0] == 0)
 
@@ -162,7 +173,7 @@ def test_official_and_transformers_conversions_agree(tmp_path):
 
 
 def test_strict_errors_name_every_bad_key():
-    _, model = _hf_model(0, layers=2)
+    _, model = _hf_model(_seed("strict"), layers=2)
     sd = _sd(model)
     cfg = convert_umt5.config_from_shapes(sd, "transformers")
     assert (cfg.num_layers, cfg.num_heads, cfg.d_kv, cfg.d_ff) == (2, 4, 12, 96)

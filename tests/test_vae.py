@@ -7,7 +7,6 @@ rather than being mirrored by them.
 """
 import concurrent.futures
 import dataclasses
-import os
 import re
 import warnings
 
@@ -19,8 +18,7 @@ import torch
 from convert import common, wan_vae
 from pickstyle_jax import checkpoints
 from pickstyle_jax.models import vae
-
-SEED = int.from_bytes(os.urandom(4), "little")
+from tests.conftest import SEED  # the run's seed: printed, replayable with PICKSTYLE_TEST_SEED
 B, H, W = 2, 24, 40  # non-square, multiples of 8
 PARITY_RTOL = 1e-5
 BF16_RTOL = 4e-2  # measured on the tiny random model: encode ~7e-3, decode 1.2e-2 to 1.6e-2 relative L2
@@ -217,6 +215,18 @@ def test_official_and_diffusers_conversions_identical(converted):
     _assert_trees_equal(checkpoints.load_vae(root / "ours_o")[1], params_d)
     assert common.flatten_shapes(params_d) == common.flatten_shapes(
         jax.eval_shape(lambda: vae.init(cfg_d, jax.random.key(0))))
+
+
+def test_param_tree_and_axes():
+    """init, param_shapes and param_axes describe one tree; VAE parameters are all replicated (axes None)."""
+    cfg = vae.VaeConfig.named("tiny")
+    shapes = jax.eval_shape(lambda: vae.init(cfg, jax.random.key(SEED)))
+    is_tuple = lambda x: isinstance(x, tuple)  # noqa: E731
+    assert jax.tree.map(lambda s: s.shape, shapes) == vae.param_shapes(cfg)
+    axes = vae.param_axes(cfg)
+    flat = jax.tree.leaves(axes, is_leaf=is_tuple)
+    assert len(flat) == len(jax.tree.leaves(shapes)) and all(set(a) == {None} for a in flat)
+    assert axes["decoder"]["upsamples"]["2"]["time_conv"]["kernel"] == (None,) * 5
 
 
 def test_wan21_tables_cover_full_size_diffusers_and_official_names():

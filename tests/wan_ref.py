@@ -4,13 +4,12 @@
 `wan.WanConfig`, with every tensor randomised (zero-init layers hide bugs) and the timestep sinusoid evaluated in
 float64 like the official Wan code (diffusers evaluates it in fp32, ~3e-5 off near t = 1000; PICKSTYLE.md §2.3).
 `diffusers_forward` runs it on channels-last numpy inputs, padding the text to text_len like the pipelines do.
-`flax_params_from_diffusers` is a small test-only mapping (diffusers -> official names -> flax layout); the real,
-strict converter lives in convert/.
+`flax_params_from_diffusers` maps the diffusers weights to our tree with convert/wan_dit.py's strict key table (no
+second copy of the names here).
 """
 from __future__ import annotations
 
-import re
-
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -85,49 +84,23 @@ def diffusers_forward(model, x_BFHWC, t, text, ctx=None, context_scale=1.0, text
     return out.permute(0, 2, 3, 4, 1).numpy()
 
 
-_RENAMES = [  # diffusers -> official (PICKSTYLE.md §6.2), applied to the full dotted module path
-    (r"^condition_embedder\.time_embedder\.linear_1", "time_embedding.0"),
-    (r"^condition_embedder\.time_embedder\.linear_2", "time_embedding.2"),
-    (r"^condition_embedder\.text_embedder\.linear_1", "text_embedding.0"),
-    (r"^condition_embedder\.text_embedder\.linear_2", "text_embedding.2"),
-    (r"^condition_embedder\.time_proj", "time_projection.1"),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out", "head.head"),
-    (r"\.scale_shift_table$", ".modulation"),
-    (r"\.ffn\.net\.0\.proj", ".ffn.0"),
-    (r"\.ffn\.net\.2", ".ffn.2"),
-    (r"\.norm2\.", ".norm3."),
-    (r"\.attn1\.", ".self_attn."),
-    (r"\.attn2\.", ".cross_attn."),
-    (r"_attn\.to_out\.0", "_attn.o"),
-    (r"_attn\.to_(q|k|v)", r"_attn.\1"),
-    (r"^vace_blocks\.0\.proj_in", "vace_blocks.0.before_proj"),
-    (r"^(vace_blocks\.\d+)\.proj_out", r"\1.after_proj"),
-]
+def flax_params_from_diffusers(model, cfg=None):
+    """diffusers model -> our nested params (kernel [in,out], scale, patch kernel [4C, D]), through the converter's
+    own key table (convert/wan_dit.py), so the tests exercise the one mapping the project ships.
 
+    cfg: the matching `wan.WanConfig` (only its architecture matters); default: read from the model's config.
+    A PEFT-injected model contributes its base weights only.
+    """
+    from convert import common, wan_dit
+    from pickstyle_jax.models import wan
 
-def flax_params_from_diffusers(model):
-    """diffusers state dict -> official names -> nested flax dict (kernel [in,out], scale, patch kernel [4C, D])."""
-    params = {}
-    for name, tensor in model.state_dict().items():
-        if ".lora_" in name:  # a PEFT-injected model: base weights only
-            continue
-        name = name.replace(".base_layer.", ".")
-        value = tensor.detach().float().numpy()
-        for pattern, repl in _RENAMES:
-            name = re.sub(pattern, repl, name)
-        *module, leaf = name.split(".")
-        if leaf == "weight" and value.ndim == 5:  # Conv3d patch embedding [D, C, pt, ph, pw] -> [(pt,ph,pw,c), D]
-            leaf, value = "kernel", value.transpose(2, 3, 4, 1, 0).reshape(-1, value.shape[0])
-        elif leaf == "weight" and value.ndim == 2:
-            leaf, value = "kernel", value.T
-        elif leaf == "weight":
-            leaf = "scale"
-        node = params
-        for key in module:
-            node = node.setdefault(key, {})
-        node[leaf] = jnp.asarray(value)
-    return params
+    if cfg is None:
+        cfg = wan_dit._config_from_diffusers(dict(model.config), wan.WanConfig.named("tiny"))
+    sd = {name.replace(".base_layer.", "."): tensor.detach().float().numpy()
+          for name, tensor in model.state_dict().items() if ".lora_" not in name}
+    table, expected = wan_dit.key_table(cfg, diffusers=True)
+    params = common.convert_strict(sd, table, expected)
+    return jax.tree.map(jnp.asarray, params)
 
 
 def errors(ours, ref):

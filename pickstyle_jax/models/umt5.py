@@ -1,32 +1,38 @@
-"""umT5 encoder (the Wan2.1 text encoder), as pure functions of (config, params, inputs).
+"""umT5 encoder (the Wan2.1 text encoder) as a Flax NNX module, used through pure functions of (config, params, inputs).
 
 Dimension key: B batch, L tokens (query), K tokens (key), D d_model, H heads, E d_kv (head dim), F d_ff, V vocab,
 N relative-position buckets.
 
 Per layer (pre-norm): x <- x + Attn(RMS(x)); x <- x + FFN(RMS(x)); a final RMS after the last layer.
   RMS(x)  = scale * x * rsqrt(mean(x^2) + eps)                 (statistics in fp32; no mean, no bias)
-  Attn    = softmax_fp32(Q K^T + bias_l[h, bucket(k - q)]) V    (NO 1/sqrt(E) scaling; padded keys get dtype min)
+  Attn    = softmax_fp32(Q K^T + bias_l[h, bucket(k - q)]) V    (NO 1/sqrt(E) scaling; padded keys masked out)
   FFN     = fc2( GELU_tanh(gate(x)) * fc1(x) )                  (no biases)
 Every layer has its own [N, H] relative-position table (the umT5 difference from T5). Token embeddings are not
 scaled. `encode` returns float32 and zeroes every position beyond the mask (the pad rows of the reference encoders
 are garbage that the DiT discards anyway).
 
-Parameter tree (mirrors the official Wan key names, PICKSTYLE.md §5; torch Linear [out, in] -> kernel [in, out]):
-  token_embedding.embedding                 [V, D]      <- token_embedding.weight
-  blocks.{i}.norm1.scale                    [D]         <- blocks.{i}.norm1.weight
-  blocks.{i}.attn.{q,k,v}.kernel            [D, H*E]    <- blocks.{i}.attn.{q,k,v}.weight
-  blocks.{i}.attn.o.kernel                  [H*E, D]    <- blocks.{i}.attn.o.weight
-  blocks.{i}.pos_embedding.embedding.embedding  [N, H]  <- blocks.{i}.pos_embedding.embedding.weight
-  blocks.{i}.norm2.scale                    [D]         <- blocks.{i}.norm2.weight
-  blocks.{i}.ffn.gate.0.kernel              [D, F]      <- blocks.{i}.ffn.gate.0.weight   (the GELU branch)
-  blocks.{i}.ffn.fc1.kernel                 [D, F]      <- blocks.{i}.ffn.fc1.weight      (the linear branch)
-  blocks.{i}.ffn.fc2.kernel                 [F, D]      <- blocks.{i}.ffn.fc2.weight
-  norm.scale                                [D]         <- norm.weight
+Precision: weights are stored in `param_dtype`, activations and matmul inputs are in `dtype`; matmuls accumulate in
+fp32, norm statistics, attention logits and softmax run in fp32 (`layers.dense`, `layers.rms_norm`,
+`layers.gelu_tanh`). In float32 this is the reference computation; in bfloat16 it rounds less often than
+transformers' UMT5 (which rounds the logits and the normalised activations to bf16 before scaling them).
+
+Parameter tree (the module's attribute paths, which mirror the official Wan key names, PICKSTYLE.md §5; torch
+Linear [out, in] -> kernel [in, out]), with the logical axis names the sharding rules read:
+  token_embedding.embedding                 [V, D]      vocab, embed   <- token_embedding.weight
+  blocks.{i}.norm1.scale                    [D]         embed          <- blocks.{i}.norm1.weight
+  blocks.{i}.attn.{q,k,v}.kernel            [D, H*E]    embed, heads   <- blocks.{i}.attn.{q,k,v}.weight
+  blocks.{i}.attn.o.kernel                  [H*E, D]    heads, embed   <- blocks.{i}.attn.o.weight
+  blocks.{i}.pos_embedding.embedding.embedding  [N, H]  replicated     <- blocks.{i}.pos_embedding.embedding.weight
+  blocks.{i}.norm2.scale                    [D]         embed          <- blocks.{i}.norm2.weight
+  blocks.{i}.ffn.gate.0.kernel              [D, F]      embed, mlp     <- blocks.{i}.ffn.gate.0.weight  (GELU branch)
+  blocks.{i}.ffn.fc1.kernel                 [D, F]      embed, mlp     <- blocks.{i}.ffn.fc1.weight     (linear branch)
+  blocks.{i}.ffn.fc2.kernel                 [F, D]      mlp, embed     <- blocks.{i}.ffn.fc2.weight
+  norm.scale                                [D]         embed          <- norm.weight
 The relative table keeps the generic rule "module path as in torch, an Embedding's `weight` becomes `embedding`":
 the torch module `pos_embedding.embedding` is an nn.Embedding, hence the doubled `embedding.embedding`.
 
-Layers are kept as separate per-layer dicts (no stacked scan) so that the converter stays a key table; 24 unrolled
-layers compile in well under a minute.
+Layers are separate modules under `blocks` (an nnx.Dict keyed "0", "1", ...), run unrolled, so that the converter
+stays a key table and checkpoints keep the official names; 24 unrolled layers compile in well under a minute.
 """
 from __future__ import annotations
 
@@ -37,10 +43,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from pickstyle_jax.models import layers
 from pickstyle_jax.models.tokenizer import Tokenizer  # noqa: F401  (API: `umt5.Tokenizer`)
 
-__all__ = ["Umt5Config", "init", "encode", "relative_position_buckets", "Tokenizer"]
+__all__ = ["Umt5Config", "Umt5Encoder", "init", "encode", "param_axes", "param_shapes", "relative_position_buckets",
+           "Tokenizer"]
+
+f32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,41 +85,129 @@ class Umt5Config:
         return self.num_heads * self.d_kv
 
 
+# ---------------------------------------------------------------------------------------------------- modules
+# Random init (tests and converters overwrite it): kernels N(0, 1/fan_in), token embeddings N(0, 1), relative
+# tables N(0, 0.1^2), unit norm scales; drawn in fp32 and stored in param_dtype.
+
+
+def _normal(rngs, shape, std, dtype):
+    return (std * jax.random.normal(rngs.params(), shape, f32)).astype(dtype)
+
+
+class Dense(nnx.Module):
+    """A bias-free Linear, kernel [in, out]."""
+
+    def __init__(self, n_in: int, n_out: int, axes, dtype, *, rngs: nnx.Rngs):
+        self.kernel = layers.param(_normal(rngs, (n_in, n_out), n_in ** -0.5, dtype), axes)
+
+    def __call__(self, x):
+        return layers.dense(x, {"kernel": self.kernel[...]}, dtype=x.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, n: int, d: int, axes, std: float, dtype, *, rngs: nnx.Rngs):
+        self.embedding = layers.param(_normal(rngs, (n, d), std, dtype), axes)
+
+
+class RmsNorm(nnx.Module):
+    def __init__(self, d: int, eps: float, dtype):
+        self.scale = layers.param(jnp.ones((d,), dtype), ("embed",))
+        self.eps = eps
+
+    def __call__(self, x):
+        """Normalised in fp32, returned in x's (compute) dtype."""
+        return layers.rms_norm(x, {"scale": self.scale[...]}, eps=self.eps).astype(x.dtype)
+
+
+class RelativeBias(nnx.Module):
+    """The per-layer [N, H] relative position table (torch: `pos_embedding.embedding`, an nn.Embedding)."""
+
+    def __init__(self, cfg: Umt5Config, dtype, *, rngs: nnx.Rngs):
+        self.embedding = Embed(cfg.num_buckets, cfg.num_heads, (None, None), 0.1, dtype, rngs=rngs)
+
+    def __call__(self, buckets_LK):
+        """[H, L, K] fp32 logit bias."""
+        table_NH = self.embedding.embedding[...].astype(f32)
+        return jnp.transpose(jnp.take(table_NH, buckets_LK, axis=0), (2, 0, 1))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Umt5Config, dtype, *, rngs: nnx.Rngs):
+        d, i = cfg.d_model, cfg.inner_dim
+        self.q, self.k, self.v = (Dense(d, i, ("embed", "heads"), dtype, rngs=rngs) for _ in range(3))
+        self.o = Dense(i, d, ("heads", "embed"), dtype, rngs=rngs)
+        self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
+
+    def __call__(self, x_BLD, bias_HLK, key_valid_BK):
+        B, L, _ = x_BLD.shape
+        H, E = self.num_heads, self.d_kv
+        q_BLHE, k_BLHE, v_BLHE = (proj(x_BLD).reshape(B, L, H, E) for proj in (self.q, self.k, self.v))
+        # no 1/sqrt(E): the T5 convention (the scale is folded into the trained weights)
+        logits_BHLK = jnp.einsum("blhe,bkhe->bhlk", q_BLHE, k_BLHE, preferred_element_type=f32) + bias_HLK[None]
+        logits_BHLK = jnp.where(key_valid_BK[:, None, None, :], logits_BHLK, jnp.finfo(f32).min)
+        probs_BHLK = jax.nn.softmax(logits_BHLK, axis=-1).astype(x_BLD.dtype)
+        out_BLHE = jnp.einsum("bhlk,bkhe->blhe", probs_BHLK, v_BLHE, preferred_element_type=f32)
+        return self.o(out_BLHE.astype(x_BLD.dtype).reshape(B, L, H * E))
+
+
+class GatedFfn(nnx.Module):
+    def __init__(self, cfg: Umt5Config, dtype, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        self.gate = nnx.Dict({"0": Dense(d, f, ("embed", "mlp"), dtype, rngs=rngs)})  # torch: Sequential(Linear, GELU)
+        self.fc1 = Dense(d, f, ("embed", "mlp"), dtype, rngs=rngs)
+        self.fc2 = Dense(f, d, ("mlp", "embed"), dtype, rngs=rngs)
+
+    def __call__(self, x_BLD):
+        return self.fc2(layers.gelu_tanh(self.gate["0"](x_BLD)) * self.fc1(x_BLD))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: Umt5Config, dtype, *, rngs: nnx.Rngs):
+        self.norm1 = RmsNorm(cfg.d_model, cfg.eps, dtype)
+        self.attn = Attention(cfg, dtype, rngs=rngs)
+        self.pos_embedding = RelativeBias(cfg, dtype, rngs=rngs)
+        self.norm2 = RmsNorm(cfg.d_model, cfg.eps, dtype)
+        self.ffn = GatedFfn(cfg, dtype, rngs=rngs)
+
+    def __call__(self, x_BLD, buckets_LK, valid_BL):
+        x_BLD = x_BLD + self.attn(self.norm1(x_BLD), self.pos_embedding(buckets_LK), valid_BL)
+        return x_BLD + self.ffn(self.norm2(x_BLD))
+
+
+class Umt5Encoder(nnx.Module):
+    def __init__(self, cfg: Umt5Config, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.token_embedding = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), 1.0, pdt, rngs=rngs)
+        self.blocks = nnx.Dict({str(i): Block(cfg, pdt, rngs=rngs) for i in range(cfg.num_layers)})
+        self.norm = RmsNorm(cfg.d_model, cfg.eps, pdt)
+
+    def __call__(self, ids_BL, mask_BL):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        valid_BL = jnp.asarray(mask_BL).astype(bool)
+        L = ids_BL.shape[1]
+        buckets_LK = jnp.asarray(relative_position_buckets(L, L, cfg.num_buckets, cfg.max_distance))
+        x_BLD = jnp.take(self.token_embedding.embedding[...], jnp.asarray(ids_BL, jnp.int32), axis=0).astype(dt)
+        for i in range(cfg.num_layers):
+            x_BLD = self.blocks[str(i)](x_BLD, buckets_LK, valid_BL)
+        x_BLD = self.norm(x_BLD)
+        return jnp.where(valid_BL[..., None], x_BLD.astype(f32), 0.0)
+
+
 # ---------------------------------------------------------------------------------------------------- params
 def init(cfg: Umt5Config, rng) -> dict:
-    """Random parameters (tests overwrite them): kernels N(0, 1/fan_in), embeddings N(0, 1), relative tables
-    N(0, 0.01), unit norm scales. One jitted flat draw per layer: a couple of compiles, peak memory of one layer."""
-    pdt = jnp.dtype(cfg.param_dtype)
-    D, I, F, H, N = cfg.d_model, cfg.inner_dim, cfg.d_ff, cfg.num_heads, cfg.num_buckets
-    # (path inside a block, shape, std)
-    layout = [(("attn", "q"), (D, I), D ** -0.5), (("attn", "k"), (D, I), D ** -0.5),
-              (("attn", "v"), (D, I), D ** -0.5), (("attn", "o"), (I, D), I ** -0.5),
-              (("ffn", "gate", "0"), (D, F), D ** -0.5), (("ffn", "fc1"), (D, F), D ** -0.5),
-              (("ffn", "fc2"), (F, D), F ** -0.5), (("pos_embedding", "embedding"), (N, H), 0.1)]
-    total = sum(math.prod(shape) for _, shape, _ in layout)
+    """Random parameters as a plain nested dict (the tree the converter and checkpoints use); jit-able."""
+    return layers.init_params(Umt5Encoder, cfg, rng)
 
-    @jax.jit
-    def block(key):
-        z = jax.random.normal(key, (total,), jnp.float32)
-        out = {"norm1": {"scale": jnp.ones((D,), pdt)}, "norm2": {"scale": jnp.ones((D,), pdt)}}
-        offset = 0
-        for path, shape, std in layout:
-            size = math.prod(shape)
-            leaf = (std * z[offset:offset + size].reshape(shape)).astype(pdt)
-            offset += size
-            node = out
-            for name in path[:-1]:
-                node = node.setdefault(name, {})
-            node[path[-1]] = {"embedding" if path[0] == "pos_embedding" else "kernel": leaf}
-        return out
 
-    k_emb, *k_blocks = jax.random.split(rng, 1 + cfg.num_layers)
-    blocks = {str(i): block(k) for i, k in enumerate(k_blocks)}
-    return {
-        "token_embedding": {"embedding": jax.random.normal(k_emb, (cfg.vocab_size, D), jnp.float32).astype(pdt)},
-        "blocks": blocks,
-        "norm": {"scale": jnp.ones((D,), pdt)},
-    }
+def param_shapes(cfg: Umt5Config) -> dict:
+    """Same tree as `init`, leaves jax.ShapeDtypeStruct; nothing allocated."""
+    return layers.abstract_params(Umt5Encoder, cfg)
+
+
+def param_axes(cfg: Umt5Config) -> dict:
+    """Same tree as `init`, leaves the logical axis names ("vocab", "embed", "heads", "mlp", None)."""
+    return layers.logical_axes(Umt5Encoder, cfg)
 
 
 # -------------------------------------------------------------------------------------------- position buckets
@@ -142,56 +241,11 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int = 32, max
 
 
 # ---------------------------------------------------------------------------------------------------- forward
-def _rms_norm(x, scale, eps):
-    """scale * x * rsqrt(mean(x^2) + eps) with fp32 statistics; the result is cast to the compute dtype of x."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return scale.astype(x.dtype) * y.astype(x.dtype)
-
-
-def _gelu_tanh(x):
-    return jax.nn.gelu(x, approximate=True)
-
-
-def _dense(x, p):
-    return jnp.dot(x, p["kernel"].astype(x.dtype))
-
-
-def _attention(cfg: Umt5Config, p, x_BLD, bias_HLK, key_valid_BK):
-    B, L, _ = x_BLD.shape
-    H, E = cfg.num_heads, cfg.d_kv
-    q_BLHE = _dense(x_BLD, p["q"]).reshape(B, L, H, E)
-    k_BLHE = _dense(x_BLD, p["k"]).reshape(B, L, H, E)
-    v_BLHE = _dense(x_BLD, p["v"]).reshape(B, L, H, E)
-    logits_BHLK = jnp.einsum("blhe,bkhe->bhlk", q_BLHE, k_BLHE) + bias_HLK[None]  # no 1/sqrt(E): T5 convention
-    logits_BHLK = jnp.where(key_valid_BK[:, None, None, :], logits_BHLK, jnp.finfo(x_BLD.dtype).min)
-    probs_BHLK = jax.nn.softmax(logits_BHLK.astype(jnp.float32), axis=-1).astype(x_BLD.dtype)
-    out_BLHE = jnp.einsum("bhlk,bkhe->blhe", probs_BHLK, v_BLHE)
-    return _dense(out_BLHE.reshape(B, L, H * E), p["o"])
-
-
-def _ffn(p, x_BLD):
-    return _dense(_gelu_tanh(_dense(x_BLD, p["gate"]["0"])) * _dense(x_BLD, p["fc1"]), p["fc2"])
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def encode(cfg: Umt5Config, params: dict, ids, mask):
     """ids, mask: [B, L] (mask 1/True on real tokens, `</s>` included) -> [B, L, d_model] float32, 0 where mask is 0.
 
-    Runs in `cfg.dtype`; jitted with the config static, so each (config, B, L) compiles once.
+    Runs in `cfg.dtype`; jitted with the config static, so each (config, B, L) compiles once. `params` is the plain
+    dict of `init` / `checkpoints.load_umt5`, merged into the module inside the jitted function.
     """
-    dt = jnp.dtype(cfg.dtype)
-    ids = jnp.asarray(ids, jnp.int32)
-    valid_BL = jnp.asarray(mask).astype(bool)
-    B, L = ids.shape
-    buckets_LK = jnp.asarray(relative_position_buckets(L, L, cfg.num_buckets, cfg.max_distance))
-
-    x_BLD = jnp.take(params["token_embedding"]["embedding"], ids, axis=0).astype(dt)
-    for i in range(cfg.num_layers):
-        p = params["blocks"][str(i)]
-        table_NH = p["pos_embedding"]["embedding"]["embedding"].astype(dt)
-        bias_HLK = jnp.transpose(jnp.take(table_NH, buckets_LK, axis=0), (2, 0, 1))
-        x_BLD = x_BLD + _attention(cfg, p["attn"], _rms_norm(x_BLD, p["norm1"]["scale"], cfg.eps), bias_HLK, valid_BL)
-        x_BLD = x_BLD + _ffn(p["ffn"], _rms_norm(x_BLD, p["norm2"]["scale"], cfg.eps))
-    x_BLD = _rms_norm(x_BLD, params["norm"]["scale"], cfg.eps)
-    return jnp.where(valid_BL[..., None], x_BLD.astype(jnp.float32), 0.0)
+    return layers.bind(Umt5Encoder, cfg, params)(ids, mask)

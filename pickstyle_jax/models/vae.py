@@ -3,9 +3,13 @@
 Dimension key: B batch, F pixel frames, T latent (or chunk) frames, H/W pixel rows/columns, h/w latent rows/columns
 (H/8, W/8), C channels. Everything is channels-last.
 
-Parameters mirror the official `Wan2.1_VAE.pth` key names (`encoder.downsamples.3.residual.2.kernel`,
-`decoder.upsamples.3.time_conv.bias`, ...): conv kernels are `[kT,kH,kW,I,O]` / `[kH,kW,I,O]`, RMS-norm gammas are
-`scale` of shape (C,).
+The model is a Flax NNX module (`WanVae`) whose attribute paths mirror the official `Wan2.1_VAE.pth` key names
+(`encoder.downsamples.3.residual.2.kernel`, `decoder.upsamples.3.time_conv.bias`, ...): conv kernels are
+`[kT,kH,kW,I,O]` / `[kH,kW,I,O]`, RMS-norm gammas are `scale` of shape (C,). Outside jit the parameters are a plain
+nested dict (`init`, checkpoints, converters); `encode`/`decode` merge them into the module inside the jitted
+function (`layers.bind`). Every parameter's logical axes are None (replicated): the VAE is small (127 M parameters,
+0.5 GB in fp32) and its convolutions are activation-bound, so splitting kernels would only add gathers; shard the
+batch instead.
 
 Two executions that agree to ~1e-6 relative (§4.2, §4.3):
   chunked=True (default): the official scheme. Encode runs frames [0], [1-4], [5-8], ...; decode one latent frame at a
@@ -14,7 +18,7 @@ Two executions that agree to ~1e-6 relative (§4.2, §4.3):
   chunked=False: the whole clip in one pass; memory grows with F (81x480x832 fp32: XLA plans ~81 GiB of temporaries,
     against ~7 GiB chunked). On 2 CPU cores it is also ~10-20% slower at 17x128x128 (bench/vae.py); on accelerators
     the single pass may win for short clips.
-Both are one function, `_encoder`/`_decoder(x, history, first)`: a zero history is the causal zero padding, and the
+Both are one call, `Encoder`/`Decoder(x, history, first)`: a zero history is the causal zero padding, and the
 resamplers' first-chunk rules (§4.3: frame 0 passes the time down/up-sampler untouched) hold for any first-chunk
 length, so the non-chunked pass is just "the whole clip as chunk 0".
 """
@@ -28,7 +32,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
+
+from pickstyle_jax.models import layers
 
 # Per-channel statistics of Wan2.1 latents (official `WanVAE.mean/std`; diffusers' `latents_mean/std` defaults).
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -92,96 +99,33 @@ class VaeConfig:
 def encoder_layers(cfg: VaeConfig) -> list[tuple[str, int, int]]:
     """`encoder.downsamples.{k}` in order: (kind, in, out), kind in {res, down2d, down3d}."""
     dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
-    layers = []
+    layers_ = []
     for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
         for _ in range(cfg.num_res_blocks):
-            layers.append(("res", cin, cout))
+            layers_.append(("res", cin, cout))
             cin = cout
         if i != len(cfg.dim_mult) - 1:
-            layers.append(("down3d" if cfg.temperal_downsample[i] else "down2d", cout, cout))
-    return layers
+            layers_.append(("down3d" if cfg.temperal_downsample[i] else "down2d", cout, cout))
+    return layers_
 
 
 def decoder_layers(cfg: VaeConfig) -> list[tuple[str, int, int, int]]:
     """`decoder.upsamples.{k}` in order: (kind, in, out, stage), kind in {res, up2d, up3d}."""
     dims = [cfg.base_dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
     up_t = cfg.temperal_downsample[::-1]
-    layers = []
+    layers_ = []
     for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
         if i > 0:  # the previous stage's upsampler halved the channels
             cin //= 2
         for _ in range(cfg.num_res_blocks + 1):
-            layers.append(("res", cin, cout, i))
+            layers_.append(("res", cin, cout, i))
             cin = cout
         if i != len(cfg.dim_mult) - 1:
-            layers.append(("up3d" if up_t[i] else "up2d", cout, cout // 2, i))
-    return layers
+            layers_.append(("up3d" if up_t[i] else "up2d", cout, cout // 2, i))
+    return layers_
 
 
-def _conv_shapes(k: tuple, cin: int, cout: int) -> dict:
-    return {"kernel": (*k, cin, cout), "bias": (cout,)}
-
-
-def _res_shapes(cin, cout) -> dict:
-    s = {"residual": {"0": {"scale": (cin,)}, "2": _conv_shapes((3, 3, 3), cin, cout),
-                      "3": {"scale": (cout,)}, "6": _conv_shapes((3, 3, 3), cout, cout)}}
-    if cin != cout:
-        s["shortcut"] = _conv_shapes((1, 1, 1), cin, cout)
-    return s
-
-
-def _middle_shapes(c) -> dict:
-    return {"0": _res_shapes(c, c), "2": _res_shapes(c, c),
-            "1": {"norm": {"scale": (c,)}, "to_qkv": _conv_shapes((1, 1), c, 3 * c), "proj": _conv_shapes((1, 1), c, c)}}
-
-
-def param_shapes(cfg: VaeConfig) -> dict:
-    """The parameter tree as nested dicts of shapes (official key names, our layouts)."""
-    z, top = cfg.z_dim, cfg.base_dim * cfg.dim_mult[-1]
-    down = {}
-    for k, (kind, cin, cout) in enumerate(encoder_layers(cfg)):
-        if kind == "res":
-            down[str(k)] = _res_shapes(cin, cout)
-        else:
-            down[str(k)] = {"resample": {"1": _conv_shapes((3, 3), cin, cout)}}
-            if kind == "down3d":
-                down[str(k)]["time_conv"] = _conv_shapes((3, 1, 1), cout, cout)
-    up = {}
-    for k, (kind, cin, cout, _) in enumerate(decoder_layers(cfg)):
-        if kind == "res":
-            up[str(k)] = _res_shapes(cin, cout)
-        else:
-            up[str(k)] = {"resample": {"1": _conv_shapes((3, 3), cin, cout)}}
-            if kind == "up3d":
-                up[str(k)]["time_conv"] = _conv_shapes((3, 1, 1), cin, 2 * cin)
-    out_dim = cfg.base_dim * cfg.dim_mult[0]
-    return {
-        "encoder": {"conv1": _conv_shapes((3, 3, 3), 3, cfg.base_dim), "downsamples": down,
-                    "middle": _middle_shapes(top),
-                    "head": {"0": {"scale": (top,)}, "2": _conv_shapes((3, 3, 3), top, 2 * z)}},
-        "conv1": _conv_shapes((1, 1, 1), 2 * z, 2 * z),
-        "conv2": _conv_shapes((1, 1, 1), z, z),
-        "decoder": {"conv1": _conv_shapes((3, 3, 3), z, top), "middle": _middle_shapes(top), "upsamples": up,
-                    "head": {"0": {"scale": (out_dim,)}, "2": _conv_shapes((3, 3, 3), out_dim, 3)}},
-    }
-
-
-def init(cfg: VaeConfig, rng) -> dict:
-    """Random parameters (fan-in normal kernels, zero biases, unit gammas), float32."""
-    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
-    shapes = param_shapes(cfg)
-    keys = iter(jax.random.split(rng, len(jax.tree.leaves(shapes, is_leaf=is_shape))))
-
-    def one(path, shape):
-        leaf, key = path[-1].key, next(keys)
-        if leaf == "kernel":
-            return jax.random.normal(key, shape, jnp.float32) / math.sqrt(math.prod(shape[:-1]))
-        return (jnp.ones if leaf == "scale" else jnp.zeros)(shape, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(one, shapes, is_leaf=is_shape)
-
-
-# -------------------------------------------------------------------------------------------------- layers
+# ----------------------------------------------------------------------------------------- pure layer maths
 def _fold_time() -> bool:
     # XLA:CPU's 3D convolution is ~4x slower than a 2D convolution over frames with the kT taps stacked on channels
     # (measured, 2 cores); GPUs run the native 3D convolution (cuDNN) without the 3x input copy.
@@ -189,9 +133,9 @@ def _fold_time() -> bool:
 
 
 def _dense(p, x):
-    """A 1x1(x1) convolution: a matmul over channels."""
+    """A 1x1(x1) convolution: a matmul over channels (in x's dtype, fp32 accumulation)."""
     k = p["kernel"]
-    return jnp.einsum("...i,io->...o", x, k.reshape(k.shape[-2:])) + p["bias"]
+    return layers.dense(x, {"kernel": k.reshape(k.shape[-2:]), "bias": p["bias"]}, dtype=x.dtype)
 
 
 def _conv2d(p, x_NHWC, stride=1, padding=((1, 1), (1, 1))):
@@ -229,7 +173,11 @@ def _conv3d_valid_t(p, x_BTHWC):
 
 
 def _rms_norm(x, scale):
-    """x / max(||x||, 1e-12) * sqrt(C) * gamma over channels, in fp32, returned in x's dtype."""
+    """x / max(||x||, 1e-12) * sqrt(C) * gamma over channels, in fp32, returned in x's dtype.
+
+    Not `layers.rms_norm`: this is F.normalize (an L2 norm with a floor) times sqrt(C), which differs from
+    rsqrt(mean(x^2) + eps) near zero; the official VAE uses it.
+    """
     xf = x.astype(jnp.float32)
     n = jnp.sqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True))
     y = xf / jnp.maximum(n, 1e-12) * (math.sqrt(x.shape[-1]) * scale.astype(jnp.float32))
@@ -253,112 +201,211 @@ class _History:
         return _conv3d_valid_t(p, xx)
 
 
-def _resblock(p, x, hist: _History, name):
-    h = _dense(p["shortcut"], x) if "shortcut" in p else x
-    r = p["residual"]
-    x = jax.nn.silu(_rms_norm(x, r["0"]["scale"]))
-    x = hist.causal_conv(r["2"], x, f"{name}.residual.2")
-    x = jax.nn.silu(_rms_norm(x, r["3"]["scale"]))
-    x = hist.causal_conv(r["6"], x, f"{name}.residual.6")
-    return x + h
+# ------------------------------------------------------------------------------------------------- modules
+# Every module is built with its official dotted name (`key`), which names its entry in the causal history.
+# Random init: fan-in normal kernels, zero biases, unit gammas, float32 (tests and converters overwrite them).
+_REPLICATED = (None,)
 
 
-def _attention(p, x):
+class Conv(nnx.Module):
+    """Kernel [*k, I, O] and bias [O]; called through the pure functions above with `.p`."""
+
+    def __init__(self, k: tuple, cin: int, cout: int, key: str, *, rngs: nnx.Rngs):
+        shape = (*k, cin, cout)
+        draw = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(math.prod(k) * cin)
+        self.kernel = layers.param(draw, _REPLICATED * len(shape))
+        self.bias = layers.param(jnp.zeros((cout,), jnp.float32), _REPLICATED)
+        self.key = key
+
+    @property
+    def p(self) -> dict:
+        return {"kernel": self.kernel[...], "bias": self.bias[...]}
+
+
+class CausalConv(Conv):
+    """CausalConv3d with kT = 3: its last 2 input frames go to the next chunk."""
+
+    def __call__(self, x, hist: _History):
+        return hist.causal_conv(self.p, x, self.key)
+
+
+class RmsNorm(nnx.Module):
+    def __init__(self, c: int):
+        self.scale = layers.param(jnp.ones((c,), jnp.float32), _REPLICATED)
+
+    def __call__(self, x):
+        return _rms_norm(x, self.scale[...])
+
+
+class ResBlock(nnx.Module):
+    """residual = (RMS, SiLU, CausalConv3d, RMS, SiLU, dropout, CausalConv3d); 1x1x1 shortcut when widths differ."""
+
+    def __init__(self, cin: int, cout: int, key: str, *, rngs: nnx.Rngs):
+        self.residual = nnx.Dict({
+            "0": RmsNorm(cin), "2": CausalConv((3, 3, 3), cin, cout, f"{key}.residual.2", rngs=rngs),
+            "3": RmsNorm(cout), "6": CausalConv((3, 3, 3), cout, cout, f"{key}.residual.6", rngs=rngs)})
+        self.shortcut = Conv((1, 1, 1), cin, cout, f"{key}.shortcut", rngs=rngs) if cin != cout else None
+
+    def __call__(self, x, hist: _History, first: bool):
+        h = x if self.shortcut is None else _dense(self.shortcut.p, x)
+        r = self.residual
+        x = r["2"](jax.nn.silu(r["0"](x)), hist)
+        x = r["6"](jax.nn.silu(r["3"](x)), hist)
+        return x + h
+
+
+class AttentionBlock(nnx.Module):
     """Single-head self-attention over the h*w positions of each frame, scale 1/sqrt(C)."""
-    b, t, h, w, c = x.shape
-    y = _rms_norm(x, p["norm"]["scale"]).reshape(b, t, h * w, c)
-    q, k, v = jnp.split(_dense(p["to_qkv"], y), 3, axis=-1)
-    logits = jnp.einsum("btqc,btkc->btqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
-    a = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    y = jnp.einsum("btqk,btkc->btqc", a, v)
-    return _dense(p["proj"], y).reshape(b, t, h, w, c) + x
+
+    def __init__(self, c: int, key: str, *, rngs: nnx.Rngs):
+        self.norm = RmsNorm(c)
+        self.to_qkv = Conv((1, 1), c, 3 * c, f"{key}.to_qkv", rngs=rngs)
+        self.proj = Conv((1, 1), c, c, f"{key}.proj", rngs=rngs)
+
+    def __call__(self, x, hist: _History, first: bool):
+        b, t, h, w, c = x.shape
+        y = self.norm(x).reshape(b, t, h * w, c)
+        q, k, v = jnp.split(_dense(self.to_qkv.p, y), 3, axis=-1)
+        logits = jnp.einsum("btqc,btkc->btqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(c)
+        a = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        y = jnp.einsum("btqk,btkc->btqc", a, v)
+        return _dense(self.proj.p, y).reshape(b, t, h, w, c) + x
 
 
-def _middle(p, x, hist, name):
-    x = _resblock(p["0"], x, hist, f"{name}.0")
-    x = _attention(p["1"], x)
-    return _resblock(p["2"], x, hist, f"{name}.2")
+class Resample(nnx.Module):
+    """down2d / down3d / up2d / up3d: a per-frame 3x3 conv (`resample.1`), plus a time conv for the 3d kinds."""
 
+    def __init__(self, kind: str, cin: int, cout: int, key: str, *, rngs: nnx.Rngs):
+        self.kind, self.key = kind, key
+        self.resample = nnx.Dict({"1": Conv((3, 3), cin, cout, f"{key}.resample.1", rngs=rngs)})
+        if kind == "down3d":
+            self.time_conv = Conv((3, 1, 1), cout, cout, f"{key}.time_conv", rngs=rngs)
+        elif kind == "up3d":
+            self.time_conv = Conv((3, 1, 1), cin, 2 * cin, f"{key}.time_conv", rngs=rngs)
+        else:
+            self.time_conv = None
 
-def _down2d(p, x):
-    # ZeroPad2d((0,1,0,1)) then a valid stride-2 3x3 conv, per frame.
-    return _per_frame(lambda f: _conv2d(p["resample"]["1"], f, stride=2, padding=((0, 1), (0, 1))), x)
+    def __call__(self, x, hist: _History, first: bool):
+        conv = self.resample["1"].p
+        if self.kind.startswith("down"):
+            # ZeroPad2d((0,1,0,1)) then a valid stride-2 3x3 conv, per frame.
+            x = _per_frame(lambda f: _conv2d(conv, f, stride=2, padding=((0, 1), (0, 1))), x)
+            return x if self.kind == "down2d" else self._time_down(x, hist, first)
+        if self.kind == "up3d":
+            x = self._time_up(x, hist, first)
+        # nearest-exact x2 (= pixel repeat), then a 3x3 conv halving the channels, per frame.
+        return _per_frame(lambda v: _conv2d(conv, jnp.repeat(jnp.repeat(v, 2, axis=1), 2, axis=2)), x)
 
+    def _time_down(self, y, hist: _History, first: bool):
+        """§4.3: frame 0 of the clip passes through and is also the first tap of the first stride-2 window."""
+        tc = self.time_conv.p
+        k = tc["kernel"].reshape(-1, tc["kernel"].shape[-1])
+        if first:
+            n = (y.shape[1] - 1) // 2
+            out = y[:, :1]
+            if n > 0:
+                out = jnp.concatenate([out, jnp.einsum("...i,io->...o", _time_taps(y, n, 2), k) + tc["bias"]], axis=1)
+        else:
+            yy = jnp.concatenate([hist.old[self.key], y], axis=1)
+            out = jnp.einsum("...i,io->...o", _time_taps(yy, (yy.shape[1] - 1) // 2, 2), k) + tc["bias"]
+        hist.new[self.key] = y[:, -1:]
+        return out
 
-def _down3d(p, x, hist: _History, name, first: bool):
-    """§4.3: frame 0 of the clip passes through and is also the first tap of the first stride-2 window."""
-    y = _down2d(p, x)
-    tc = p["time_conv"]
-    k = tc["kernel"].reshape(-1, tc["kernel"].shape[-1])
-    if first:
-        n = (y.shape[1] - 1) // 2
-        out = y[:, :1]
-        if n > 0:
-            out = jnp.concatenate([out, jnp.einsum("...i,io->...o", _time_taps(y, n, 2), k) + tc["bias"]], axis=1)
-    else:
-        yy = jnp.concatenate([hist.old[name], y], axis=1)
-        out = jnp.einsum("...i,io->...o", _time_taps(yy, (yy.shape[1] - 1) // 2, 2), k) + tc["bias"]
-    hist.new[name] = y[:, -1:]
-    return out
-
-
-def _up2d(p, x):
-    # nearest-exact x2 (= pixel repeat), then a 3x3 conv halving the channels, per frame.
-    def f(v):
-        v = jnp.repeat(jnp.repeat(v, 2, axis=1), 2, axis=2)
-        return _conv2d(p["resample"]["1"], v)
-    return _per_frame(f, x)
-
-
-def _up3d(p, x, hist: _History, name, first: bool):
-    """§4.3: frame 0 of the clip is not doubled; later frames go through the time conv with zero history before
-    frame 1 (frame 0 is never seen), channels [0:C) -> frame 2t, [C:2C) -> frame 2t+1."""
-    if first:
-        head, x = x[:, :1], x[:, 1:]
-        xx = jnp.pad(x, ((0, 0), (2, 0)) + ((0, 0),) * (x.ndim - 2))
-    else:
-        head, xx = None, jnp.concatenate([hist.old[f"{name}.time_conv"], x], axis=1)
-    hist.new[f"{name}.time_conv"] = xx[:, -2:]
-    if x.shape[1]:
-        y = _conv3d_valid_t(p["time_conv"], xx)
+    def _time_up(self, x, hist: _History, first: bool):
+        """§4.3: frame 0 of the clip is not doubled; later frames go through the time conv with zero history before
+        frame 1 (frame 0 is never seen), channels [0:C) -> frame 2t, [C:2C) -> frame 2t+1."""
+        name = self.time_conv.key
+        if first:
+            head, x = x[:, :1], x[:, 1:]
+            xx = jnp.pad(x, ((0, 0), (2, 0)) + ((0, 0),) * (x.ndim - 2))
+        else:
+            head, xx = None, jnp.concatenate([hist.old[name], x], axis=1)
+        hist.new[name] = xx[:, -2:]
+        if not x.shape[1]:
+            return head
+        y = _conv3d_valid_t(self.time_conv.p, xx)
         b, t, h, w, c2 = y.shape
         y = y.reshape(b, t, h, w, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c2 // 2)
-        x = y if head is None else jnp.concatenate([head, y], axis=1)
-    else:
-        x = head
-    return _up2d(p, x)
+        return y if head is None else jnp.concatenate([head, y], axis=1)
 
 
-def _encoder(cfg, p, x, hist: _History, first: bool):
-    x = hist.causal_conv(p["conv1"], x, "encoder.conv1")
-    for k, (kind, _, _) in enumerate(encoder_layers(cfg)):
-        q, name = p["downsamples"][str(k)], f"encoder.downsamples.{k}"
-        if kind == "res":
-            x = _resblock(q, x, hist, name)
-        elif kind == "down2d":
-            x = _down2d(q, x)
-        else:
-            x = _down3d(q, x, hist, name, first)
-    x = _middle(p["middle"], x, hist, "encoder.middle")
-    x = jax.nn.silu(_rms_norm(x, p["head"]["0"]["scale"]))
-    return hist.causal_conv(p["head"]["2"], x, "encoder.head.2")
+def _middle(c: int, key: str, rngs: nnx.Rngs) -> nnx.Dict:
+    return nnx.Dict({"0": ResBlock(c, c, f"{key}.0", rngs=rngs), "1": AttentionBlock(c, f"{key}.1", rngs=rngs),
+                     "2": ResBlock(c, c, f"{key}.2", rngs=rngs)})
 
 
-def _decoder(cfg, p, x, hist: _History, first: bool):
-    x = hist.causal_conv(p["conv1"], x, "decoder.conv1")
-    x = _middle(p["middle"], x, hist, "decoder.middle")
-    for k, (kind, _, _, _) in enumerate(decoder_layers(cfg)):
-        q, name = p["upsamples"][str(k)], f"decoder.upsamples.{k}"
-        if kind == "res":
-            x = _resblock(q, x, hist, name)
-        elif kind == "up2d":
-            x = _up2d(q, x)
-        else:
-            x = _up3d(q, x, hist, name, first)
-    x = jax.nn.silu(_rms_norm(x, p["head"]["0"]["scale"]))
-    return hist.causal_conv(p["head"]["2"], x, "decoder.head.2")
+def _head(cin: int, cout: int, key: str, rngs: nnx.Rngs) -> nnx.Dict:
+    return nnx.Dict({"0": RmsNorm(cin), "2": CausalConv((3, 3, 3), cin, cout, f"{key}.2", rngs=rngs)})
 
 
+def _run(seq, x, hist: _History, first: bool):
+    for k in range(len(seq)):
+        x = seq[str(k)](x, hist, first)
+    return x
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+        top = cfg.base_dim * cfg.dim_mult[-1]
+        self.conv1 = CausalConv((3, 3, 3), 3, cfg.base_dim, "encoder.conv1", rngs=rngs)
+        self.downsamples = nnx.Dict({
+            str(k): (ResBlock(cin, cout, f"encoder.downsamples.{k}", rngs=rngs) if kind == "res" else
+                     Resample(kind, cin, cout, f"encoder.downsamples.{k}", rngs=rngs))
+            for k, (kind, cin, cout) in enumerate(encoder_layers(cfg))})
+        self.middle = _middle(top, "encoder.middle", rngs)
+        self.head = _head(top, 2 * cfg.z_dim, "encoder.head", rngs)
+
+    def __call__(self, x, hist: _History, first: bool):
+        x = _run(self.downsamples, self.conv1(x, hist), hist, first)
+        x = _run(self.middle, x, hist, first)
+        return self.head["2"](jax.nn.silu(self.head["0"](x)), hist)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+        top, out_dim = cfg.base_dim * cfg.dim_mult[-1], cfg.base_dim * cfg.dim_mult[0]
+        self.conv1 = CausalConv((3, 3, 3), cfg.z_dim, top, "decoder.conv1", rngs=rngs)
+        self.middle = _middle(top, "decoder.middle", rngs)
+        self.upsamples = nnx.Dict({
+            str(k): (ResBlock(cin, cout, f"decoder.upsamples.{k}", rngs=rngs) if kind == "res" else
+                     Resample(kind, cin, cout, f"decoder.upsamples.{k}", rngs=rngs))
+            for k, (kind, cin, cout, _) in enumerate(decoder_layers(cfg))})
+        self.head = _head(out_dim, 3, "decoder.head", rngs)
+
+    def __call__(self, x, hist: _History, first: bool):
+        x = _run(self.middle, self.conv1(x, hist), hist, first)
+        x = _run(self.upsamples, x, hist, first)
+        return self.head["2"](jax.nn.silu(self.head["0"](x)), hist)
+
+
+class WanVae(nnx.Module):
+    """The whole VAE: `encoder`, `conv1` (posterior moments), `conv2` (post-quant), `decoder`."""
+
+    def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+        z = cfg.z_dim
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.conv1 = Conv((1, 1, 1), 2 * z, 2 * z, "conv1", rngs=rngs)
+        self.conv2 = Conv((1, 1, 1), z, z, "conv2", rngs=rngs)
+        self.decoder = Decoder(cfg, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------------- params
+def init(cfg: VaeConfig, rng) -> dict:
+    """Random parameters (fan-in normal kernels, zero biases, unit gammas), float32, as a plain nested dict."""
+    return layers.init_params(WanVae, cfg, rng)
+
+
+def param_shapes(cfg: VaeConfig) -> dict:
+    """The parameter tree as nested dicts of shape tuples (official key names, our layouts); nothing allocated."""
+    return jax.tree.map(lambda s: tuple(s.shape), layers.abstract_params(WanVae, cfg))
+
+
+def param_axes(cfg: VaeConfig) -> dict:
+    """Same tree as `init`, leaves the logical axis names: all None (replicated, see the module docstring)."""
+    return layers.logical_axes(WanVae, cfg)
+
+
+# ----------------------------------------------------------------------------------------------- execution
 def _run_chunked(fn, x0, rest):
     """fn(x, hist, first) -> y on chunk 0, then lax.scan over `rest` [n, B, t, ...] carrying the history."""
     hist = _History(None)
@@ -384,19 +431,21 @@ def _cast(params, dtype):
     return jax.tree_util.tree_map_with_path(f, params)
 
 
+def _bound(cfg: VaeConfig, params) -> WanVae:
+    return layers.bind(WanVae, cfg, _cast(params, jnp.dtype(cfg.dtype)))
+
+
 @partial(jax.jit, static_argnames=("cfg", "chunked"))
 def _encode(cfg: VaeConfig, params, video, chunked: bool):
-    dt = jnp.dtype(cfg.dtype)
-    p = _cast(params, dt)
-    x = video.astype(dt)
-    fn = partial(_encoder, cfg, p["encoder"])
+    model = _bound(cfg, params)
+    x = video.astype(jnp.dtype(cfg.dtype))
     if chunked:
         b, f, tf = *x.shape[:2], cfg.temporal_factor  # chunks: frame 0, then 4 frames (one latent frame) each
         rest = x[:, 1:].reshape(b, (f - 1) // tf, tf, *x.shape[2:])
-        h = _run_chunked(fn, x[:, :1], jnp.moveaxis(rest, 1, 0))
+        h = _run_chunked(model.encoder, x[:, :1], jnp.moveaxis(rest, 1, 0))
     else:
-        h = fn(x, _History(None), True)
-    mu = _dense(p["conv1"], h)[..., : cfg.z_dim].astype(jnp.float32)
+        h = model.encoder(x, _History(None), True)
+    mu = _dense(model.conv1.p, h)[..., : cfg.z_dim].astype(jnp.float32)
     mean = jnp.asarray(cfg.latents_mean, jnp.float32)
     inv_std = 1.0 / jnp.asarray(cfg.latents_std, jnp.float32)  # the official (mu - mean) * (1/std)
     return (mu - mean) * inv_std
@@ -405,16 +454,15 @@ def _encode(cfg: VaeConfig, params, video, chunked: bool):
 @partial(jax.jit, static_argnames=("cfg", "chunked", "clamp"))
 def _decode(cfg: VaeConfig, params, z, chunked: bool, clamp: bool = True):
     """Decoder output, float32, clamped to [-1, 1] if `clamp`."""
+    model = _bound(cfg, params)
     dt = jnp.dtype(cfg.dtype)
-    p = _cast(params, dt)
     z = z.astype(jnp.float32) * jnp.asarray(cfg.latents_std, jnp.float32) + jnp.asarray(cfg.latents_mean,
                                                                                          jnp.float32)
-    x = _dense(p["conv2"], z.astype(dt))
-    fn = partial(_decoder, cfg, p["decoder"])
+    x = _dense(model.conv2.p, z.astype(dt))
     if chunked:
-        out = _run_chunked(fn, x[:, :1], jnp.moveaxis(x[:, 1:, None], 1, 0))
+        out = _run_chunked(model.decoder, x[:, :1], jnp.moveaxis(x[:, 1:, None], 1, 0))
     else:
-        out = fn(x, _History(None), True)
+        out = model.decoder(x, _History(None), True)
     out = out.astype(jnp.float32)
     return jnp.clip(out, -1.0, 1.0) if clamp else out
 

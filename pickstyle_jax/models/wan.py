@@ -1,12 +1,13 @@
-"""Wan2.1 diffusion transformer with the VACE context branch (PICKSTYLE.md §2-3), as pure functions.
+"""Wan2.1 diffusion transformer with the VACE context branch (PICKSTYLE.md §2-3), as Flax NNX modules.
 
 Dimension key: B batch, F latent frames, H latent rows, W latent columns, C latent channels (16; 96 for the VACE
 context), S video tokens = F/p_t * H/p_h * W/p_w, D model width, L text tokens (text_len after padding),
-N heads, K head dim (D / N), J VACE blocks.
+N heads, K head dim (D / N), J VACE blocks, P main blocks per VACE super-block.
 
-Parameters are nested dicts named after the official Wan/VACE keys (`blocks.3.self_attn.q.kernel` is
-params["blocks"]["3"]["self_attn"]["q"]["kernel"]); Dense kernels are [in, out], the patch embeddings are Dense
-layers on (p_t, p_h, p_w, c)-ordered patch vectors.
+The modules' attribute names are the official Wan/VACE keys, so their state, as a plain nested dict, is the
+checkpoint layout: `blocks.3.self_attn.q.kernel` is params["blocks"]["3"]["self_attn"]["q"]["kernel"]. Dense
+kernels are [in, out]; the patch embeddings are Dense layers on (p_t, p_h, p_w, c)-ordered patch vectors. Outside
+jit a model is only that dict; `forward` merges it with the cached graph definition inside the caller's trace.
 
 Block equations (m = modulation + e0, chunks 0..5 = shift/scale/gate for attention, then for the FFN):
     x += m2 * SelfAttn(LN(x) * (1 + m1) + m0)      q/k RMSNorm over all heads, 3D RoPE
@@ -14,18 +15,35 @@ Block equations (m = modulation + e0, chunks 0..5 = shift/scale/gate for attenti
     x += m5 * FFN(LN(x) * (1 + m4) + m3)
 VACE: c = before_proj(PatchEmbed_vace(z)) + x0; c = vace_block_j(c); hint_j = after_proj_j(c); hint_j is added
 (times context_scale[j]) to the main stream right after main block vace_layers[j].
+
+Scanned layers (`scan_layers=True`, the default of the four real variants). The flat tree compiles every block
+on its own, forward and backward; the stacked tree runs them under `lax.scan`, so one block is traced and
+compiled, and remat is realised per block (XLA cannot merge the buffers of scanned iterations). Stacked layout:
+    params["blocks"]            every main-block leaf stacked: [num_layers, ...]   (blocks.i -> index i)
+    params["vace_blocks"]       every VACE-block leaf stacked: [J, ...], after_proj included
+    params["vace_before_proj"]  {kernel, bias} of vace_blocks.0.before_proj (only block 0 has one: hoisted)
+    everything else             as in the flat tree
+`stack_layers` / `unstack_layers` convert exactly; a LoRA tree is stacked the same way inside `forward` (layers
+without an adapter get zero A and B, which add exactly nothing). The stacked axes get the logical axis name
+"layers" (replicated unless the sharding rules say otherwise). The scan runs over VACE super-blocks: main block
+vace_layers[j], VACE block j and its hint, then the main blocks up to vace_layers[j + 1] (an inner scan), which
+needs vace_layers = (0, P, 2P, ...) with num_layers = J * P (true of every real variant); T2V is one scan over
+the blocks. Checkpoints stay flat on disk (`checkpoints.load_dit(path, scan_layers=True)` stacks on load), and
+`init` always returns the flat tree (the converters' and LoRA's layout); stack it for a scanned config.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from pickstyle_jax import lora as lora_lib
 from pickstyle_jax.models import layers
 
 f32 = jnp.float32
@@ -39,8 +57,14 @@ REMAT_POLICIES = {
     "checkpoint_dots": "checkpoint_dots",
     "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
     "checkpoint_dots_with_no_batch_dims": "checkpoint_dots_with_no_batch_dims",
+    # recompute everything, but keep each block's input in pinned host memory instead of on the device (the
+    # official trainer's activation offload); needs a backend with a "pinned_host" memory kind
+    "offload": "offload",
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+STACKED_AXIS = "layers"  # logical name of the leading axis of stacked (scanned) parameters
+_STACKED_KEYS = ("blocks", "vace_blocks", "vace_before_proj")
+_RESIDUAL_AXES = ("batch", "length", "embed")  # sharding of the [B, S, D] streams at block boundaries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +85,20 @@ class WanConfig:
     vace_in_dim: int = 96
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of the matmuls
-    attention: str = "xla"  # layers.attention implementation: "xla" | "cudnn" | "chunked"
+    # self-attention implementation (layers.attention): "auto" = cudnn on GPU in bf16/fp16 (chunked in fp32),
+    # splash on TPU, chunked on CPU | "xla" | "cudnn" | "chunked" | "splash". Cross-attention over the <= 513 text
+    # keys always takes the plain "xla" path (it needs the fold's logit bias, which cudnn and splash cannot take).
+    attention: str = "auto"
     attention_chunk: int = 1024  # query block of the "chunked" implementation
     attention_kv_chunk: int = 0  # > 0: also stream keys with an online softmax in "chunked"
+    splash_block_q: int = 512  # splash kernel tiles (multiples of 128)
+    splash_block_kv: int = 512
     remat_policy: str = "none"  # per-block jax.checkpoint policy, see REMAT_POLICIES
     # The zero rows that pad the text to text_len all embed to one constant key/value. Attending to that row once
     # with a log(count) logit bias is exact and skips (text_len - L - 1) rows of text MLP, k/v projections and
-    # cross-attention; ignored with cudnn attention, which takes no bias.
+    # cross-attention.
     fold_text_padding: bool = True
+    scan_layers: bool = False  # params are the stacked tree and the blocks run under lax.scan (module docstring)
 
     def __post_init__(self):
         for name in ("patch_size", "vace_layers"):  # JSON round trips give lists
@@ -82,14 +112,18 @@ class WanConfig:
                               ("attention", layers.ATTENTION_IMPLEMENTATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(self, name)!r}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ValueError("attention='cudnn' needs a bfloat16 compute dtype (cuDNN flash attention has no fp32 "
+                             "kernel); set dtype='bfloat16', or use attention 'auto' or 'chunked'")
 
     @classmethod
     def named(cls, name: str, **overrides) -> "WanConfig":
         presets = {
-            "vace-14B": dict(),
-            "t2v-14B": dict(vace_layers=()),
-            "vace-1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, vace_layers=tuple(range(0, 30, 2))),
-            "t2v-1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, vace_layers=()),
+            "vace-14B": dict(scan_layers=True),
+            "t2v-14B": dict(vace_layers=(), scan_layers=True),
+            "vace-1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, vace_layers=tuple(range(0, 30, 2)),
+                              scan_layers=True),
+            "t2v-1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, vace_layers=(), scan_layers=True),
             "tiny": dict(dim=48, ffn_dim=64, text_dim=32, num_heads=2, num_layers=4, vace_layers=(0, 2)),
             "tiny-t2v": dict(dim=48, ffn_dim=64, text_dim=32, num_heads=2, num_layers=4, vace_layers=()),
         }
@@ -109,98 +143,32 @@ class WanConfig:
         return bool(self.vace_layers)
 
 
-# ------------------------------------------------------------------------------------------------- parameters
+def scan_period(cfg: WanConfig) -> int:
+    """P, the main blocks per VACE super-block of a scanned VACE model (num_layers for T2V); raises if the VACE
+    layers are not (0, P, 2P, ...) with num_layers = J * P."""
+    if not cfg.has_vace:
+        return cfg.num_layers
+    j = len(cfg.vace_layers)
+    period = cfg.num_layers // j
+    if cfg.num_layers % j or cfg.vace_layers != tuple(range(0, cfg.num_layers, period)):
+        raise ValueError(f"scan_layers=True needs regularly spaced vace_layers (0, P, 2P, ...) with num_layers = "
+                         f"J * P; got vace_layers {cfg.vace_layers} over {cfg.num_layers} layers. Set "
+                         f"scan_layers=False for this config (the blocks then run unrolled)")
+    return period
+
+
+# ------------------------------------------------------------------------------------------------- modules
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    init: str  # "xavier" | "normal" (std 0.02) | "modulation" (N(0,1)/sqrt(D)) | "zeros" | "ones"
-
-
-def _dense_spec(n_in, n_out, axes, init="xavier"):
-    return {"kernel": _Spec((n_in, n_out), axes, init), "bias": _Spec((n_out,), axes[1:], "zeros")}
-
-
-def _block_spec(cfg: WanConfig):
-    d, ff = cfg.dim, cfg.ffn_dim
-
-    def attn():
-        return {"q": _dense_spec(d, d, ("embed", "heads")), "k": _dense_spec(d, d, ("embed", "heads")),
-                "v": _dense_spec(d, d, ("embed", "heads")), "o": _dense_spec(d, d, ("heads", "embed")),
-                "norm_q": {"scale": _Spec((d,), ("heads",), "ones")},
-                "norm_k": {"scale": _Spec((d,), ("heads",), "ones")}}
-
-    return {
-        "modulation": _Spec((1, 6, d), (None, "mod", "embed"), "modulation"),
-        "self_attn": attn(),
-        "norm3": {"scale": _Spec((d,), ("embed",), "ones"), "bias": _Spec((d,), ("embed",), "zeros")},
-        "cross_attn": attn(),
-        "ffn": {"0": _dense_spec(d, ff, ("embed", "mlp")), "2": _dense_spec(ff, d, ("mlp", "embed"))},
-    }
-
-
-def _param_spec(cfg: WanConfig):
-    d, patch = cfg.dim, math.prod(cfg.patch_size)
-    spec: dict[str, Any] = {
-        "patch_embedding": _dense_spec(patch * cfg.in_dim, d, (None, "embed")),
-        "text_embedding": {"0": _dense_spec(cfg.text_dim, d, (None, "embed"), "normal"),
-                           "2": _dense_spec(d, d, ("embed", "heads"), "normal")},
-        "time_embedding": {"0": _dense_spec(cfg.freq_dim, d, (None, "embed"), "normal"),
-                           "2": _dense_spec(d, d, ("embed", "heads"), "normal")},
-        "time_projection": {"1": _dense_spec(d, 6 * d, ("embed", "mod"))},
-        "blocks": {str(i): _block_spec(cfg) for i in range(cfg.num_layers)},
-        "head": {"head": _dense_spec(d, patch * cfg.out_dim, ("embed", None), "zeros"),
-                 "modulation": _Spec((1, 2, d), (None, "mod", "embed"), "modulation")},
-    }
-    if cfg.has_vace:
-        spec["vace_patch_embedding"] = _dense_spec(patch * cfg.vace_in_dim, d, (None, "embed"))
-        spec["vace_blocks"] = {str(j): _block_spec(cfg) for j in range(len(cfg.vace_layers))}
-        # D -> D projections outside attention: output axis named like an attention projection's.
-        spec["vace_blocks"]["0"]["before_proj"] = _dense_spec(d, d, ("embed", "heads"), "zeros")
-        for j in range(len(cfg.vace_layers)):
-            spec["vace_blocks"][str(j)]["after_proj"] = _dense_spec(d, d, ("heads", "embed"), "zeros")
-    return spec
-
-
-def _is_spec(x):
-    return isinstance(x, _Spec)
-
-
-def param_axes(cfg: WanConfig):
-    """Same tree as the params, leaves = tuples of logical axis names (None = replicated)."""
-    return jax.tree_util.tree_map(lambda s: s.axes, _param_spec(cfg), is_leaf=_is_spec)
-
-
-def param_shapes(cfg: WanConfig):
-    """Same tree as the params, leaves = jax.ShapeDtypeStruct."""
-    dtype = _DTYPES[cfg.param_dtype]
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), _param_spec(cfg), is_leaf=_is_spec)
-
-
-def init(cfg: WanConfig, rng):
-    """Official-style random init (xavier Dense, N(0, 0.02) embeddings, zero head/VACE projections); jit-able."""
-    dtype = _DTYPES[cfg.param_dtype]
-    leaves, treedef = jax.tree_util.tree_flatten(_param_spec(cfg), is_leaf=_is_spec)
-    values = []
-    for spec, key in zip(leaves, jax.random.split(rng, len(leaves))):
-        if spec.init == "xavier":
-            bound = math.sqrt(6.0 / (spec.shape[0] + spec.shape[1]))
-            v = jax.random.uniform(key, spec.shape, f32, -bound, bound)
-        elif spec.init == "normal":
-            v = 0.02 * jax.random.normal(key, spec.shape, f32)
-        elif spec.init == "modulation":
-            v = jax.random.normal(key, spec.shape, f32) / math.sqrt(cfg.dim)
-        elif spec.init == "ones":
-            v = jnp.ones(spec.shape, f32)
-        else:
-            v = jnp.zeros(spec.shape, f32)
-        values.append(v.astype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, values)
-
-
-# ------------------------------------------------------------------------------------------------- forward
+class _Ctx:
+    """Per-call values every block reads: compute dtype, LoRA scale, RoPE tables, embedded text and its bias."""
+    cfg: WanConfig
+    dtype: Any
+    lora_scale: float
+    rope: Any = None
+    text_BLD: Any = None
+    text_bias: Any = None
 
 
 def _sub(tree, *keys):
@@ -212,80 +180,317 @@ def _sub(tree, *keys):
     return tree
 
 
-@dataclasses.dataclass(frozen=True)
-class _Ctx:
-    """Per-call constants threaded through the blocks."""
-    cfg: WanConfig
-    dtype: Any
-    lora_scale: float
+def _lin(ctx: _Ctx, layer: layers.Dense, x, lp, *path, out_dtype=None, dtype=None):
+    """Dense `layer` with the LoRA adapter at lp[path] (if any), inputs in the compute dtype (or `dtype`)."""
+    return layer(x, dtype=dtype or ctx.dtype, out_dtype=out_dtype, adapter=_sub(lp, *path), lora_scale=ctx.lora_scale)
 
 
-def _linear(ctx: _Ctx, x, p, lp, out_dtype=None):
-    if lp is None:
-        return layers.dense(x, p, dtype=ctx.dtype, out_dtype=out_dtype)
-    return lora_lib.dense(x, p, lp, ctx.lora_scale, dtype=ctx.dtype, out_dtype=out_dtype)
+def _modulation(cfg, rngs, rows):
+    """Official init of the modulation tables: N(0, 1) / sqrt(D)."""
+    value = jax.random.normal(rngs.params(), (1, rows, cfg.dim), f32) / math.sqrt(cfg.dim)
+    return layers.param(value.astype(_DTYPES[cfg.param_dtype]), (None, "mod", "embed"))
 
 
-def _self_attn(ctx: _Ctx, p, lp, y_BSD, rope):
-    cfg = ctx.cfg
-    b, s, _ = y_BSD.shape
-    heads = (b, s, cfg.num_heads, cfg.head_dim)
-    q_BSD = layers.rms_norm(_linear(ctx, y_BSD, p["q"], _sub(lp, "q"), f32), p["norm_q"], eps=cfg.eps)
-    k_BSD = layers.rms_norm(_linear(ctx, y_BSD, p["k"], _sub(lp, "k"), f32), p["norm_k"], eps=cfg.eps)
-    v_BSNK = _linear(ctx, y_BSD, p["v"], _sub(lp, "v")).reshape(heads)
-    # 1/sqrt(K) is folded into q while it is still fp32
-    q_BSNK = (layers.apply_rope(q_BSD.reshape(heads), *rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
-    k_BSNK = layers.apply_rope(k_BSD.reshape(heads), *rope).astype(ctx.dtype)
-    out_BSNK = layers.attention(q_BSNK, k_BSNK, v_BSNK, implementation=cfg.attention, scale=1.0,
-                                chunk_size=cfg.attention_chunk, kv_chunk_size=cfg.attention_kv_chunk or None)
-    return _linear(ctx, out_BSNK.reshape(b, s, cfg.dim), p["o"], _sub(lp, "o"), f32)
+class Attention(nnx.Module):
+    """q, k, v, o projections and the q/k RMSNorms over all heads (official `self_attn` / `cross_attn`)."""
+
+    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+        d, pd = cfg.dim, _DTYPES[cfg.param_dtype]
+        for name in ("q", "k", "v"):
+            setattr(self, name, layers.Dense(d, d, ("embed", "heads"), rngs=rngs, param_dtype=pd))
+        self.o = layers.Dense(d, d, ("heads", "embed"), rngs=rngs, param_dtype=pd)
+        self.norm_q = layers.RMSNorm(d, ("heads",), eps=cfg.eps, param_dtype=pd)
+        self.norm_k = layers.RMSNorm(d, ("heads",), eps=cfg.eps, param_dtype=pd)
+
+    def self_attention(self, ctx: _Ctx, y_BSD, lp):
+        cfg = ctx.cfg
+        b, s, _ = y_BSD.shape
+        heads = (b, s, cfg.num_heads, cfg.head_dim)
+        q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32))
+        k_BSD = self.norm_k(_lin(ctx, self.k, y_BSD, lp, "k", out_dtype=f32))
+        v_BSNK = _lin(ctx, self.v, y_BSD, lp, "v").reshape(heads)
+        # 1/sqrt(K) is folded into q while it is still fp32
+        q_BSNK = (layers.apply_rope(q_BSD.reshape(heads), *ctx.rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
+        k_BSNK = layers.apply_rope(k_BSD.reshape(heads), *ctx.rope).astype(ctx.dtype)
+        out_BSNK = layers.attention(q_BSNK, k_BSNK, v_BSNK, implementation=cfg.attention, scale=1.0,
+                                    chunk_size=cfg.attention_chunk, kv_chunk_size=cfg.attention_kv_chunk or None,
+                                    block_q=cfg.splash_block_q, block_kv=cfg.splash_block_kv)
+        return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
+
+    def cross_attention(self, ctx: _Ctx, y_BSD, lp):
+        cfg = ctx.cfg
+        b, s, _ = y_BSD.shape
+        q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32)) * cfg.head_dim**-0.5
+        k_BLD = self.norm_k(_lin(ctx, self.k, ctx.text_BLD, lp, "k", out_dtype=f32))
+        v_BLD = _lin(ctx, self.v, ctx.text_BLD, lp, "v")
+        split = lambda a: a.reshape(b, a.shape[1], cfg.num_heads, cfg.head_dim).astype(ctx.dtype)
+        # <= 513 text keys: the plain path is cheap, and it takes the fold's logit bias
+        out_BSNK = layers.attention(split(q_BSD), split(k_BLD), split(v_BLD), implementation="xla", scale=1.0,
+                                    key_bias=ctx.text_bias)
+        return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
 
 
-def _cross_attn(ctx: _Ctx, p, lp, y_BSD, text_BLD, text_bias_L):
-    cfg = ctx.cfg
-    b, s, _ = y_BSD.shape
-    q_BSD = layers.rms_norm(_linear(ctx, y_BSD, p["q"], _sub(lp, "q"), f32), p["norm_q"], eps=cfg.eps)
-    q_BSD = q_BSD * cfg.head_dim**-0.5
-    k_BLD = layers.rms_norm(_linear(ctx, text_BLD, p["k"], _sub(lp, "k"), f32), p["norm_k"], eps=cfg.eps)
-    v_BLD = _linear(ctx, text_BLD, p["v"], _sub(lp, "v"))
-    split = lambda a: a.reshape(b, a.shape[1], cfg.num_heads, cfg.head_dim).astype(ctx.dtype)
-    # 512 text keys: the plain path is cheap; the chunked one only matters for the S x S self-attention.
-    impl = "xla" if cfg.attention == "chunked" else cfg.attention
-    out_BSNK = layers.attention(split(q_BSD), split(k_BLD), split(v_BLD), implementation=impl, scale=1.0,
-                                key_bias=text_bias_L)
-    return _linear(ctx, out_BSNK.reshape(b, s, cfg.dim), p["o"], _sub(lp, "o"), f32)
+class WanBlock(nnx.Module):
+    """One Wan attention block on the fp32 residual stream."""
+
+    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+        d, pd = cfg.dim, _DTYPES[cfg.param_dtype]
+        self.modulation = _modulation(cfg, rngs, 6)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.norm3 = layers.LayerNorm(d, ("embed",), eps=cfg.eps, param_dtype=pd)
+        self.cross_attn = Attention(cfg, rngs=rngs)
+        self.ffn = nnx.Dict({"0": layers.Dense(d, cfg.ffn_dim, ("embed", "mlp"), rngs=rngs, param_dtype=pd),
+                             "2": layers.Dense(cfg.ffn_dim, d, ("mlp", "embed"), rngs=rngs, param_dtype=pd)})
+
+    def __call__(self, ctx: _Ctx, x_BSD, e0_B6D, lp):
+        eps = ctx.cfg.eps
+        m_B6D = self.modulation[...].astype(f32) + e0_B6D
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (m_B6D[:, k, None, :] for k in range(6))
+
+        y_BSD = layers.layer_norm(x_BSD, eps=eps) * (1 + scale_msa) + shift_msa
+        x_BSD = x_BSD + gate_msa * self.self_attn.self_attention(ctx, y_BSD, _sub(lp, "self_attn"))
+
+        y_BSD = self.norm3(x_BSD)
+        x_BSD = x_BSD + self.cross_attn.cross_attention(ctx, y_BSD, _sub(lp, "cross_attn"))
+
+        y_BSD = layers.layer_norm(x_BSD, eps=eps) * (1 + scale_ffn) + shift_ffn
+        h_BSF = layers.gelu_tanh(_lin(ctx, self.ffn["0"], y_BSD, lp, "ffn", "0"))
+        x_BSD = x_BSD + gate_ffn * _lin(ctx, self.ffn["2"], h_BSF, lp, "ffn", "2", out_dtype=f32)
+        return layers.constrain(x_BSD, _RESIDUAL_AXES)
 
 
-def _block(ctx: _Ctx, p, lp, x_BSD, e0_B6D, text_BLD, text_bias_L, rope):
-    """One Wan attention block on the fp32 residual stream x."""
-    cfg = ctx.cfg
-    m_B6D = p["modulation"].astype(f32) + e0_B6D
-    shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (m_B6D[:, k, None, :] for k in range(6))
+class VaceBlock(WanBlock):
+    """VACE block j: a Wan block plus after_proj (the hint); block 0 also owns before_proj."""
 
-    y_BSD = layers.layer_norm(x_BSD, eps=cfg.eps) * (1 + scale_msa) + shift_msa
-    x_BSD = x_BSD + gate_msa * _self_attn(ctx, p["self_attn"], _sub(lp, "self_attn"), y_BSD, rope)
+    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs, first: bool = False):
+        super().__init__(cfg, rngs=rngs)
+        d, pd = cfg.dim, _DTYPES[cfg.param_dtype]
+        # D -> D projections outside attention: output axis named like an attention projection's
+        if first:
+            self.before_proj = layers.Dense(d, d, ("embed", "heads"), rngs=rngs, kernel_init=layers.zeros,
+                                            param_dtype=pd)
+        self.after_proj = layers.Dense(d, d, ("heads", "embed"), rngs=rngs, kernel_init=layers.zeros, param_dtype=pd)
 
-    y_BSD = layers.layer_norm(x_BSD, p["norm3"], eps=cfg.eps)
-    x_BSD = x_BSD + _cross_attn(ctx, p["cross_attn"], _sub(lp, "cross_attn"), y_BSD, text_BLD, text_bias_L)
-
-    y_BSD = layers.layer_norm(x_BSD, eps=cfg.eps) * (1 + scale_ffn) + shift_ffn
-    h_BSF = layers.gelu_tanh(_linear(ctx, y_BSD, p["ffn"]["0"], _sub(lp, "ffn", "0")))
-    return x_BSD + gate_ffn * _linear(ctx, h_BSF, p["ffn"]["2"], _sub(lp, "ffn", "2"), f32)
-
-
-def _vace_block(ctx: _Ctx, j, p, lp, c_BSD, x0_BSD, e0_B6D, text_BLD, text_bias_L, rope):
-    """VACE block j: returns (hint_j, c) with hint_j = after_proj(c)."""
-    if j == 0:
-        c_BSD = _linear(ctx, c_BSD, p["before_proj"], _sub(lp, "before_proj"), f32) + x0_BSD
-    c_BSD = _block(ctx, p, lp, c_BSD, e0_B6D, text_BLD, text_bias_L, rope)
-    return _linear(ctx, c_BSD, p["after_proj"], _sub(lp, "after_proj"), f32), c_BSD
+    def __call__(self, ctx: _Ctx, c_BSD, x0_BSD, e0_B6D, lp):
+        """(hint_j, c); c enters through before_proj (+ x0) in block 0 only."""
+        if hasattr(self, "before_proj"):
+            c_BSD = _lin(ctx, self.before_proj, c_BSD, lp, "before_proj", out_dtype=f32) + x0_BSD
+        c_BSD = super().__call__(ctx, c_BSD, e0_B6D, lp)
+        return _lin(ctx, self.after_proj, c_BSD, lp, "after_proj", out_dtype=f32), c_BSD
 
 
-def _remat(cfg: WanConfig, fn):
-    policy = REMAT_POLICIES[cfg.remat_policy]
-    if policy is None:
-        return fn
-    return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
+class Head(nnx.Module):
+    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
+        self.head = layers.Dense(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim, ("embed", None), rngs=rngs,
+                                 kernel_init=layers.zeros, param_dtype=_DTYPES[cfg.param_dtype])
+        self.modulation = _modulation(cfg, rngs, 2)
+
+    def __call__(self, ctx: _Ctx, x_BSD, e_BD, lp):
+        """fp32 output projection, modulated by e (not e0)."""
+        m_B2D = self.modulation[...].astype(f32) + e_BD[:, None, :]
+        y_BSD = layers.layer_norm(x_BSD, eps=ctx.cfg.eps) * (1 + m_B2D[:, 1, None, :]) + m_B2D[:, 0, None, :]
+        return _lin(ctx, self.head, y_BSD, lp, "head", out_dtype=f32, dtype=f32)
+
+
+class WanModel(nnx.Module):
+    """The DiT (+ VACE). `blocks=False` builds only the embeddings and the head (the scanned forward binds the
+    stacked blocks one layer at a time)."""
+
+    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs, blocks: bool = True):
+        d, pd, patch = cfg.dim, _DTYPES[cfg.param_dtype], math.prod(cfg.patch_size)
+        dense = functools.partial(layers.Dense, rngs=rngs, param_dtype=pd)
+        normal = layers.normal(0.02)
+        self.patch_embedding = dense(patch * cfg.in_dim, d, (None, "embed"))
+        self.text_embedding = nnx.Dict({"0": dense(cfg.text_dim, d, (None, "embed"), kernel_init=normal),
+                                        "2": dense(d, d, ("embed", "heads"), kernel_init=normal)})
+        self.time_embedding = nnx.Dict({"0": dense(cfg.freq_dim, d, (None, "embed"), kernel_init=normal),
+                                        "2": dense(d, d, ("embed", "heads"), kernel_init=normal)})
+        self.time_projection = nnx.Dict({"1": dense(d, 6 * d, ("embed", "mod"))})
+        if blocks:
+            self.blocks = nnx.Dict({str(i): WanBlock(cfg, rngs=rngs) for i in range(cfg.num_layers)})
+        self.head = Head(cfg, rngs=rngs)
+        if cfg.has_vace:
+            self.vace_patch_embedding = dense(patch * cfg.vace_in_dim, d, (None, "embed"))
+            if blocks:
+                self.vace_blocks = nnx.Dict({str(j): VaceBlock(cfg, rngs=rngs, first=j == 0)
+                                             for j in range(len(cfg.vace_layers))})
+
+    def embed(self, ctx: _Ctx, x, t, text_BLC, vace_context, lp):
+        """(x0 [B,S,D], c [B,S,D] or None (before before_proj), e [B,D], e0 [B,6,D], text [B,L',D])."""
+        cfg, b = ctx.cfg, x.shape[0]
+        fp32 = dataclasses.replace(ctx, dtype=f32)
+        x0_BSD = _lin(ctx, self.patch_embedding, _patchify(x, cfg.patch_size), lp, "patch_embedding", out_dtype=f32)
+        # time conditioning, fp32 throughout
+        sinusoid_BT = layers.timestep_embedding(jnp.broadcast_to(jnp.asarray(t, f32), (b,)), cfg.freq_dim)
+        te = self.time_embedding
+        e_BD = _lin(fp32, te["2"], jax.nn.silu(_lin(fp32, te["0"], sinusoid_BT, lp, "time_embedding", "0")), lp,
+                    "time_embedding", "2")
+        e0_B6D = _lin(fp32, self.time_projection["1"], jax.nn.silu(e_BD), lp, "time_projection", "1")
+        tx = self.text_embedding
+        text_BLD = layers.gelu_tanh(_lin(ctx, tx["0"], text_BLC, lp, "text_embedding", "0"))
+        text_BLD = _lin(ctx, tx["2"], text_BLD, lp, "text_embedding", "2")
+        c_BSD = None
+        if cfg.has_vace:
+            c_BSD = _lin(ctx, self.vace_patch_embedding, _patchify(vace_context, cfg.patch_size), lp,
+                         "vace_patch_embedding", out_dtype=f32)
+            c_BSD = layers.constrain(c_BSD, _RESIDUAL_AXES)
+        return layers.constrain(x0_BSD, _RESIDUAL_AXES), c_BSD, e_BD, e0_B6D.reshape(b, 6, cfg.dim), text_BLD
+
+
+def _vace_block_first(cfg, *, rngs):
+    return VaceBlock(cfg, rngs=rngs, first=True)
+
+
+def _stem(cfg, *, rngs):
+    return WanModel(cfg, rngs=rngs, blocks=False)
+
+
+def _before_proj(cfg, *, rngs):
+    return layers.Dense(cfg.dim, cfg.dim, ("embed", "heads"), rngs=rngs, kernel_init=layers.zeros,
+                        param_dtype=_DTYPES[cfg.param_dtype])
+
+
+def _flat(cfg: WanConfig) -> WanConfig:
+    """The config the module structure is cached under (scan_layers changes the layout, not the modules)."""
+    return cfg.replace(scan_layers=False) if cfg.scan_layers else cfg
+
+
+# ------------------------------------------------------------------------------------------------- parameters
+
+
+def init(cfg: WanConfig, rng):
+    """Official-style random init (xavier Dense, N(0, 0.02) embeddings, zero head/VACE projections); jit-able.
+
+    Always the flat tree with the official paths (what checkpoints, converters and `lora.init` use); for a
+    scan_layers config pass it through `stack_layers` (inside the same jit to avoid holding both)."""
+    return layers.init_params(WanModel, _flat(cfg), rng)
+
+
+def param_axes(cfg: WanConfig):
+    """Logical axis names of every leaf of the tree `forward` takes (stacked leaves lead with "layers")."""
+    axes = layers.logical_axes(WanModel, _flat(cfg))
+    return _stack(cfg, axes, lambda ls: (STACKED_AXIS, *ls[0])) if cfg.scan_layers else axes
+
+
+def param_shapes(cfg: WanConfig):
+    """jax.ShapeDtypeStruct of every leaf of the tree `forward` takes; nothing is allocated."""
+    shapes = layers.abstract_params(WanModel, _flat(cfg))
+    if cfg.scan_layers:
+        return _stack(cfg, shapes, lambda ls: jax.ShapeDtypeStruct((len(ls), *ls[0].shape), ls[0].dtype))
+    return shapes
+
+
+def _leaf_paths(tree, prefix=()):
+    """{path tuple: leaf} of a nested dict (anything that is not a dict is a leaf)."""
+    out = {}
+    for key, sub in tree.items():
+        if isinstance(sub, dict):
+            out.update(_leaf_paths(sub, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = sub
+    return out
+
+
+def _nest(paths):
+    out: dict = {}
+    for path, leaf in paths.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def _groups(cfg):
+    return (("blocks", cfg.num_layers),) + ((("vace_blocks", len(cfg.vace_layers)),) if cfg.has_vace else ())
+
+
+def _stack(cfg: WanConfig, tree, stack, *, fill=None):
+    """Flat -> stacked layout; stack(list of n per-layer leaves) -> leaf. With `fill(like)`, a path missing from
+    some layers (a partial LoRA tree) is filled from fill(a present leaf); otherwise it is an error."""
+    scan_period(cfg)
+    out = {k: v for k, v in tree.items() if k not in ("blocks", "vace_blocks")}
+    for name, n in _groups(cfg):
+        sub = tree.get(name)
+        if sub is None:
+            continue
+        want = {str(i) for i in range(n)}
+        if not set(sub) <= want or (fill is None and set(sub) != want):
+            raise ValueError(f"params[{name!r}] has keys {sorted(sub)[:8]}..., expected the flat layout with keys "
+                             f"'0'..'{n - 1}' (is it already stacked?)")
+        per_layer = [_leaf_paths(sub.get(str(i), {})) for i in range(n)]
+        if name == "vace_blocks" and any(p[0] == "before_proj" for p in per_layer[0]):
+            out["vace_before_proj"] = sub["0"]["before_proj"]
+            per_layer[0] = {p: v for p, v in per_layer[0].items() if p[0] != "before_proj"}
+        stacked = {}
+        for path in sorted(set().union(*per_layer)):
+            leaves = [layer.get(path) for layer in per_layer]
+            present = next(leaf for leaf in leaves if leaf is not None)
+            if fill is None and any(leaf is None for leaf in leaves):
+                raise ValueError(f"{name}.*.{'.'.join(path)} is missing from some layers")
+            stacked[path] = stack([fill(present) if leaf is None else leaf for leaf in leaves])
+        out[name] = _nest(stacked)
+    return out
+
+
+def _unstack(cfg: WanConfig, tree, index):
+    """Stacked -> flat layout; index(leaf, i) -> the i-th layer's leaf."""
+    scan_period(cfg)
+    out = {k: v for k, v in tree.items() if k not in _STACKED_KEYS}
+    for name, n in _groups(cfg):
+        if name not in tree:
+            continue
+        if "0" in tree[name]:
+            raise ValueError(f"params[{name!r}] is already in the flat layout (keys '0', '1', ...)")
+        paths = _leaf_paths(tree[name])
+        out[name] = {str(i): _nest({p: index(leaf, i) for p, leaf in paths.items()}) for i in range(n)}
+    if "vace_before_proj" in tree:
+        out.setdefault("vace_blocks", {}).setdefault("0", {})["before_proj"] = tree["vace_before_proj"]
+    return out
+
+
+def _np_or_jnp(leaves):
+    return np if all(isinstance(leaf, np.ndarray) for leaf in leaves) else jnp
+
+
+def stack_layers(cfg: WanConfig, params, *, stack=None):
+    """The flat tree (official paths) -> the stacked tree `forward` takes with scan_layers=True (module docstring).
+    Exact; numpy leaves stay numpy (on the host), others become jax arrays; works on ShapeDtypeStruct trees.
+    stack: optional function (list of the n per-layer leaves) -> stacked leaf, replacing the default."""
+    def default(leaves):
+        if isinstance(leaves[0], jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype)
+        return _np_or_jnp(leaves).stack(leaves)
+
+    return _stack(cfg, params, stack or default)
+
+
+def unstack_layers(cfg: WanConfig, params):
+    """Exact inverse of `stack_layers` (also on ShapeDtypeStruct trees and trees of per-layer Shardings)."""
+    def index(leaf, i):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+        if isinstance(leaf, jax.sharding.Sharding):  # a tree of per-layer shardings: every layer gets the leaf
+            return leaf
+        return leaf[i]
+
+    return _unstack(cfg, params, index)
+
+
+def stack_lora(cfg: WanConfig, adapter_params):
+    """A flat LoRA tree (official paths, {"A", "B"} leaves) in the stacked layout; layers that carry no adapter
+    get zeros, which add exactly nothing to the output and receive no gradient that matters."""
+    return _stack(cfg, adapter_params, lambda leaves: jnp.stack(leaves), fill=jnp.zeros_like)
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_paths(cfg: WanConfig) -> frozenset:
+    """Dotted paths of every Dense layer of the flat model (LoRA adapter targets)."""
+    return frozenset(".".join(p[:-1]) for p in _leaf_paths(layers.abstract_params(WanModel, _flat(cfg)))
+                     if p[-1] == "kernel")
+
+
+# ------------------------------------------------------------------------------------------------- inputs
 
 
 def _patchify(x_BFHWC, patch_size):
@@ -309,7 +514,7 @@ def fold_text(cfg: WanConfig, text_BLC, text_lens=None):
 
     The reference zero-pads every prompt to text_len rows and attends to all of them. Zero rows all embed to one
     constant key/value, so attending to m of them equals attending to one with logit bias log(m). With
-    fold_text_padding (not with cudnn, which takes no bias) the rows kept are the given L plus one zero row;
+    fold_text_padding the rows kept are the given L plus one zero row;
     sample b's rows at or beyond text_lens[b] are masked (-inf) and its zero row carries log(text_len -
     text_lens[b]) (-inf when nothing is padded). Without it, the text is zero-padded to text_len rows.
     """
@@ -319,7 +524,7 @@ def fold_text(cfg: WanConfig, text_BLC, text_lens=None):
         text_BLC = jnp.where((jnp.arange(n)[None, :] < lens_B[:, None])[..., None], text_BLC, 0)
     elif cfg.text_len - n <= 1:
         return jnp.pad(text_BLC, ((0, 0), (0, cfg.text_len - n), (0, 0))), None
-    if not cfg.fold_text_padding or cfg.attention == "cudnn":
+    if not cfg.fold_text_padding:
         return jnp.pad(text_BLC, ((0, 0), (0, cfg.text_len - n), (0, 0))), None
     if text_lens is None:
         lens_B = jnp.full((b,), n, jnp.int32)
@@ -357,69 +562,150 @@ def _check_inputs(cfg: WanConfig, x, t, text, vace_context, context_scale, text_
         raise ValueError("vace_context given but this config has no VACE layers (vace_layers=())")
 
 
+# ------------------------------------------------------------------------------------------------- forward
+
+
+def _host_memory_kind(devices=None):
+    """"pinned_host" if every device of the backend has it, else None."""
+    devices = jax.local_devices() if devices is None else devices
+    kinds = [{m.kind for m in d.addressable_memories()} for d in devices]
+    return "pinned_host" if kinds and all("pinned_host" in k for k in kinds) else None
+
+
+def _remat(cfg: WanConfig, fn, *, scanned: bool):
+    """fn under the config's jax.checkpoint policy. Block functions tag their input "block_input"; the offload
+    policy moves exactly those to pinned host memory and recomputes everything else."""
+    name = REMAT_POLICIES[cfg.remat_policy]
+    if name is None:
+        return fn
+    if name == "offload":
+        if _host_memory_kind() is None:
+            raise ValueError(f"remat_policy='offload' needs a 'pinned_host' memory kind, which the "
+                             f"{jax.default_backend()} backend does not offer; use remat_policy='full'")
+        policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=("block_input",),
+            offload_src="device", offload_dst="pinned_host")
+    else:
+        policy = getattr(jax.checkpoint_policies, name)
+    # under scan, XLA cannot CSE across iterations anyway; the CSE barriers would only cost
+    return jax.checkpoint(fn, policy=policy, prevent_cse=not scanned)
+
+
+def _block_fns(ctx: _Ctx, x0_BSD, e0_B6D, *, scanned):
+    """(main(p, lp, x) -> x, vace(p, lp, c) -> (hint, c)) on plain per-layer dicts, each remat'd as configured."""
+    cfg = ctx.cfg
+
+    def main(p, lp, x_BSD):
+        x_BSD = checkpoint_name(x_BSD, "block_input")
+        return layers.bind(WanBlock, cfg, p)(ctx, x_BSD, e0_B6D, lp)
+
+    def vace(p, lp, c_BSD):
+        c_BSD = checkpoint_name(c_BSD, "block_input")
+        build = _vace_block_first if "before_proj" in p else VaceBlock
+        return layers.bind(build, cfg, p)(ctx, c_BSD, x0_BSD, e0_B6D, lp)
+
+    return _remat(cfg, main, scanned=scanned), _remat(cfg, vace, scanned=scanned)
+
+
+def _run_unrolled(ctx: _Ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J):
+    """VACE block j depends only on x0 and block j-1, so it runs just before its hint is added after main block
+    vace_layers[j]: one hint is alive at a time instead of all J."""
+    cfg = ctx.cfg
+    main, vace = _block_fns(ctx, x0_BSD, e0_B6D, scanned=False)
+    x_BSD = x0_BSD
+    for i in range(cfg.num_layers):
+        x_BSD = main(params["blocks"][str(i)], _sub(lp, "blocks", str(i)), x_BSD)
+        if i in cfg.vace_layers:
+            j = cfg.vace_layers.index(i)
+            hint_BSD, c_BSD = vace(params["vace_blocks"][str(j)], _sub(lp, "vace_blocks", str(j)), c_BSD)
+            x_BSD = x_BSD + scales_J[j] * hint_BSD
+    return x_BSD
+
+
+def _run_scanned(ctx: _Ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J):
+    """One lax.scan over VACE super-blocks (main block j*P, VACE block j + hint, main blocks j*P+1 .. j*P+P-1 as an
+    inner scan), or over all blocks for T2V. lp is the stacked LoRA tree (or None)."""
+    cfg = ctx.cfg
+    main, vace = _block_fns(ctx, x0_BSD, e0_B6D, scanned=True)
+
+    def scan_main(x_BSD, p, l):
+        return jax.lax.scan(lambda x, pl: (main(*pl, x), None), x_BSD, (p, l))[0]
+
+    lp_main, lp_vace = _sub(lp, "blocks"), _sub(lp, "vace_blocks")
+    if not cfg.has_vace:
+        return scan_main(x0_BSD, params["blocks"], lp_main)
+
+    j, per = len(cfg.vace_layers), scan_period(cfg)
+    by_super = lambda tree: jax.tree.map(lambda a: a.reshape(j, per, *a.shape[1:]), tree)  # a free reshape
+
+    def super_block(carry, xs):
+        x_BSD, c_BSD = carry
+        p_main, l_main, p_vace, l_vace, scale = xs
+        first, rest = (jax.tree.map(lambda a, sl=sl: a[sl], (p_main, l_main)) for sl in (0, slice(1, None)))
+        x_BSD = main(*first, x_BSD)
+        hint_BSD, c_BSD = vace(p_vace, l_vace, c_BSD)
+        x_BSD = x_BSD + scale * hint_BSD
+        if per > 1:
+            x_BSD = scan_main(x_BSD, *rest)
+        return (x_BSD, c_BSD), None
+
+    xs = (by_super(params["blocks"]), by_super(lp_main), params["vace_blocks"], lp_vace, scales_J)
+    return jax.lax.scan(super_block, (x0_BSD, c_BSD), xs)[0][0]
+
+
+def _check_layout(cfg: WanConfig, params):
+    stacked = isinstance(params, dict) and "blocks" in params and "0" not in params["blocks"]
+    if cfg.scan_layers and not stacked:
+        scan_period(cfg)
+        raise ValueError("this config has scan_layers=True but params are the flat tree (blocks '0', '1', ...): "
+                         "pass wan.stack_layers(cfg, params), load with checkpoints.load_dit(path, "
+                         "scan_layers=True), or use cfg.replace(scan_layers=False)")
+    if stacked and not cfg.scan_layers:
+        raise ValueError("params are the stacked tree but this config has scan_layers=False: pass "
+                         "wan.unstack_layers(cfg, params) or use cfg.replace(scan_layers=True)")
+
+
 def forward(cfg: WanConfig, params, x, t, text, vace_context=None, *, lora=None, context_scale=1.0,
             text_lens=None):
     """Flow velocity of the Wan DiT (+ VACE) at latents x and timesteps t.
 
+    params: the flat tree, or with cfg.scan_layers the stacked one (`stack_layers`).
     x [B, F, H, W, in_dim] latents; t [B] in [0, 1000]; text [B, L, text_dim] with L <= text_len (zero-padded to
     text_len here, never masked); vace_context [B, F, H, W, vace_in_dim] (required iff cfg has VACE layers);
-    lora: an optional lora.Lora applied unmerged; context_scale: scalar or [J] hint scales.
+    lora: an optional lora.Lora (flat, official paths) applied unmerged; context_scale: scalar or [J] hint scales.
     text_lens: optional int [B], the true prompt lengths; rows at or beyond text_lens[b] are zeroed, and with
     fold_text_padding every sample's (text_len - text_lens[b]) zero rows fold into one key with a log(count)
     bias, exactly, even when the prompts of one batch differ in length.
     Returns the velocity [B, F, H, W, out_dim] in fp32.
     """
     _check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens)
+    _check_layout(cfg, params)
     b, f, h, w, _ = x.shape
     grid = (f // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
-    ctx = _Ctx(cfg, _DTYPES[cfg.dtype], 1.0 if lora is None else lora.config.scale)
     lp = None
     if lora is not None:
-        lp = lora.params
-        unknown = [path for path in lora_lib.adapter_paths(lora)
-                   if "kernel" not in (_sub(params, *path.split(".")) or {})]
+        from pickstyle_jax import lora as lora_lib  # lora imports nothing of ours; lazily, to keep it that way
+
+        unknown = [path for path in lora_lib.adapter_paths(lora) if path not in _dense_paths(cfg)]
         if unknown:
             raise ValueError(f"LoRA adapters without a matching Dense layer in the model: {unknown}")
-    fp32_ctx = dataclasses.replace(ctx, dtype=f32)
-    rope = layers.rope_freqs(cfg.head_dim, grid, theta=cfg.rope_theta)
+        lp = stack_lora(cfg, lora.params) if cfg.scan_layers else lora.params
+    ctx = _Ctx(cfg, _DTYPES[cfg.dtype], 1.0 if lora is None else lora.config.scale,
+               rope=layers.rope_tables(cfg.head_dim, grid, theta=cfg.rope_theta))
 
-    x0_BSD = _linear(ctx, _patchify(x, cfg.patch_size), params["patch_embedding"], _sub(lp, "patch_embedding"), f32)
-
-    # time conditioning, fp32 throughout
-    sinusoid_BT = layers.timestep_embedding(jnp.broadcast_to(jnp.asarray(t, f32), (b,)), cfg.freq_dim)
-    te, tp = params["time_embedding"], params["time_projection"]
-    e_BD = _linear(fp32_ctx, jax.nn.silu(_linear(fp32_ctx, sinusoid_BT, te["0"], _sub(lp, "time_embedding", "0"))),
-                   te["2"], _sub(lp, "time_embedding", "2"))
-    e0_B6D = _linear(fp32_ctx, jax.nn.silu(e_BD), tp["1"], _sub(lp, "time_projection", "1")).reshape(b, 6, cfg.dim)
-
-    # text: always text_len rows, zero-padded and never masked (the padded rows are attended to); with
-    # fold_text_padding the (text_len - L) identical padded rows are one row with a log(count) logit bias
-    text_BLC, text_bias_L = fold_text(cfg, text, text_lens)
-    tx = params["text_embedding"]
-    text_BLD = layers.gelu_tanh(_linear(ctx, text_BLC, tx["0"], _sub(lp, "text_embedding", "0")))
-    text_BLD = _linear(ctx, text_BLD, tx["2"], _sub(lp, "text_embedding", "2"))
-
-    # VACE block j depends only on x0 and block j-1, so it runs just before its hint is added after main block
-    # vace_layers[j]: one hint is alive at a time instead of all J.
+    stem = layers.bind(_stem, cfg, {k: v for k, v in params.items() if k not in _STACKED_KEYS})
+    # text: with fold_text_padding the (text_len - L) identical padded rows are one row with a log(count) bias
+    text_BLC, text_bias = fold_text(cfg, text, text_lens)
+    x0_BSD, c_BSD, e_BD, e0_B6D, text_BLD = stem.embed(ctx, x, t, text_BLC, vace_context, lp)
+    ctx = dataclasses.replace(ctx, text_BLD=text_BLD, text_bias=text_bias)
+    scales_J = None
     if cfg.has_vace:
         scales_J = jnp.broadcast_to(jnp.asarray(context_scale, f32).reshape(-1), (len(cfg.vace_layers),))
-        c_BSD = _linear(ctx, _patchify(vace_context, cfg.patch_size), params["vace_patch_embedding"],
-                        _sub(lp, "vace_patch_embedding"), f32)
-    block = _remat(cfg, lambda p_, lp_, x_, e0_, t_: _block(ctx, p_, lp_, x_, e0_, t_, text_bias_L, rope))
-    x_BSD = x0_BSD
-    for i in range(cfg.num_layers):
-        x_BSD = block(params["blocks"][str(i)], _sub(lp, "blocks", str(i)), x_BSD, e0_B6D, text_BLD)
-        if i in cfg.vace_layers:
-            j = cfg.vace_layers.index(i)
-            vace_block = _remat(cfg, lambda p_, lp_, c_, x0_, e0_, t_, j=j: _vace_block(
-                ctx, j, p_, lp_, c_, x0_, e0_, t_, text_bias_L, rope))
-            hint_BSD, c_BSD = vace_block(params["vace_blocks"][str(j)], _sub(lp, "vace_blocks", str(j)), c_BSD,
-                                         x0_BSD, e0_B6D, text_BLD)
-            x_BSD = x_BSD + scales_J[j] * hint_BSD
-
-    # head, fp32, modulated by e (not e0)
-    m_B2D = params["head"]["modulation"].astype(f32) + e_BD[:, None, :]
-    shift_B1D, scale_B1D = m_B2D[:, 0, None, :], m_B2D[:, 1, None, :]
-    y_BSD = layers.layer_norm(x_BSD, eps=cfg.eps) * (1 + scale_B1D) + shift_B1D
-    out_BSP = _linear(fp32_ctx, y_BSD, params["head"]["head"], _sub(lp, "head", "head"), f32)
-    return _unpatchify(out_BSP, grid, cfg.patch_size)
+    if cfg.scan_layers:
+        if cfg.has_vace:  # VACE block 0's input projection, hoisted out of the scan
+            before = layers.bind(_before_proj, cfg, params["vace_before_proj"])
+            c_BSD = _lin(ctx, before, c_BSD, lp, "vace_before_proj", out_dtype=f32) + x0_BSD
+        x_BSD = _run_scanned(ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J)
+    else:
+        x_BSD = _run_unrolled(ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J)
+    return _unpatchify(stem.head(ctx, x_BSD, e_BD, _sub(lp, "head")), grid, cfg.patch_size)

@@ -1,0 +1,217 @@
+"""Scanned layers, the offload remat policy, per-sample text folding and attention dispatch (tiny configs, CPU)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pickstyle_jax import checkpoints, lora
+from pickstyle_jax.models import layers, wan
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _params(cfg, seed):
+    """Every leaf random (zero-init layers would hide a wrong stacking)."""
+    params = wan.init(cfg, jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return treedef.unflatten([a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+
+def _adapters(params, seed, targets=r"(vace_)?blocks\.\d+\.self_attn\.(q|v)"):
+    adapters = lora.init(lora.LoraConfig(rank=3, alpha=5.0, targets=targets), params, jax.random.key(seed))
+    return jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(seed + 3), a.shape), adapters)
+
+
+def _inputs(cfg, seed, b=2, f=2, h=4, w=4, text_lens=(5, 9)):
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((b, f, h, w, cfg.in_dim), dtype=np.float32)
+    t = r.uniform(0, 1000, b).astype(np.float32)
+    text = r.standard_normal((b, max(text_lens), cfg.text_dim), dtype=np.float32)
+    for i, n in enumerate(text_lens):
+        text[i, n:] = 0
+    ctx = r.standard_normal((b, f, h, w, cfg.vace_in_dim), dtype=np.float32) if cfg.has_vace else None
+    return x, t, text, ctx, np.asarray(text_lens, np.int32)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _tree_rel(g, g_ref):
+    """Relative L2 error of a whole gradient tree (the 1e-6 criterion), and the worst single leaf."""
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(tree)])
+    return _rel(flat(g), flat(g_ref)), max(_rel(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)))
+
+
+def _value_and_lora_grad(cfg, params, adapters, inputs):
+    x, t, text, ctx, lens = inputs
+
+    def loss(a):
+        return jnp.mean(jnp.square(wan.forward(cfg, params, x, t, text, ctx, lora=a, context_scale=0.7,
+                                               text_lens=lens)))
+
+    return jax.jit(jax.value_and_grad(loss))(adapters)
+
+
+def _check_scan_equals_unrolled(cfg, seed, policies):
+    params = _params(cfg, seed)
+    adapters = _adapters(params, seed + 5)
+    inputs = _inputs(cfg, seed + 7)
+    stacked = wan.stack_layers(cfg, params)
+    for policy in policies:
+        flat_cfg = cfg.replace(remat_policy=policy)
+        v_ref, g_ref = _value_and_lora_grad(flat_cfg, params, adapters, inputs)
+        v, g = _value_and_lora_grad(flat_cfg.replace(scan_layers=True), stacked, adapters, inputs)
+        assert _rel(v, v_ref) <= 1e-6, (policy, seed)
+        assert jax.tree.structure(g) == jax.tree.structure(g_ref)
+        whole, worst_leaf = _tree_rel(g, g_ref)
+        print(f"{policy}: value rel {_rel(v, v_ref):.1e}, LoRA grad rel L2 {whole:.1e} (worst leaf {worst_leaf:.1e})")
+        assert whole <= 1e-6 and worst_leaf <= 1e-5, (policy, seed)
+        assert all(np.abs(a).max() > 0 for a in jax.tree.leaves(g))
+
+
+def test_vace_scan_equals_unrolled_with_and_without_remat(seed):
+    # 6 layers, VACE after 0/3: super-blocks of one main block, the VACE block, then an inner scan over two
+    cfg = wan.WanConfig.named("tiny").replace(num_layers=6, vace_layers=(0, 3))
+    _check_scan_equals_unrolled(cfg, seed, ("none", "full"))
+
+
+def test_t2v_scan_equals_unrolled(seed):
+    _check_scan_equals_unrolled(wan.WanConfig.named("tiny-t2v").replace(num_layers=3), seed, ("full",))
+
+
+def test_offload_policy_same_output_and_grad(seed):
+    cfg = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0, 1))
+    if wan._host_memory_kind() is None:
+        with pytest.raises(ValueError, match="pinned_host"):
+            _value_and_lora_grad(cfg.replace(remat_policy="offload"), _params(cfg, seed), None, _inputs(cfg, seed))
+        return
+    params = _params(cfg, seed)
+    adapters = _adapters(params, seed + 1)
+    inputs = _inputs(cfg, seed + 2)
+    v_ref, g_ref = _value_and_lora_grad(cfg.replace(remat_policy="none"), params, adapters, inputs)
+    scan_cfg = cfg.replace(remat_policy="offload", scan_layers=True)
+    v, g = _value_and_lora_grad(scan_cfg, wan.stack_layers(cfg, params), adapters, inputs)
+    assert _rel(v, v_ref) <= 1e-6
+    whole, worst_leaf = _tree_rel(g, g_ref)
+    assert whole <= 1e-6 and worst_leaf <= 1e-5
+    # the block inputs really go to host memory: the scan's saved residuals live in host memory space
+    x, t, text, ctx, lens = inputs
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a: jnp.sum(wan.forward(scan_cfg, wan.stack_layers(cfg, params), x, t,
+                                                                  text, ctx, lora=a))))(adapters)
+    assert "f32<host>" in str(jaxpr)
+
+
+def test_offload_needs_host_memory():
+    class _Mem:
+        kind = "device"
+
+    class _Dev:
+        def addressable_memories(self):
+            return [_Mem()]
+
+    assert wan._host_memory_kind([_Dev()]) is None
+
+
+def test_stack_unstack_bit_exact_and_layout(seed):
+    cfg = wan.WanConfig.named("tiny").replace(scan_layers=True)
+    flat = jax.tree.map(np.asarray, _params(cfg, seed))
+    stacked = wan.stack_layers(cfg, flat)
+    assert stacked["blocks"]["self_attn"]["q"]["kernel"].shape == (4, 48, 48)
+    assert stacked["vace_blocks"]["after_proj"]["kernel"].shape == (2, 48, 48)
+    np.testing.assert_array_equal(stacked["vace_before_proj"]["kernel"],
+                                  flat["vace_blocks"]["0"]["before_proj"]["kernel"])
+    np.testing.assert_array_equal(stacked["blocks"]["ffn"]["2"]["bias"][3], flat["blocks"]["3"]["ffn"]["2"]["bias"])
+    back = wan.unstack_layers(cfg, stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(flat)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(flat)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # the stacked tree is what param_shapes / param_axes describe for a scanned config
+    shape_of = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
+    assert shape_of(wan.param_shapes(cfg)) == shape_of(stacked)
+    axes = wan.param_axes(cfg)
+    assert axes["blocks"]["self_attn"]["q"]["kernel"] == (wan.STACKED_AXIS, "embed", "heads")
+    assert axes["vace_before_proj"]["kernel"] == ("embed", "heads")
+    assert axes["head"]["head"]["kernel"] == ("embed", None)
+    with pytest.raises(ValueError, match="already"):
+        wan.stack_layers(cfg, stacked)
+    with pytest.raises(ValueError, match="already in the flat layout"):
+        wan.unstack_layers(cfg, flat)
+
+
+def test_layout_and_spacing_errors(seed):
+    cfg = wan.WanConfig.named("tiny")
+    params = _params(cfg, seed)
+    x, t, text, ctx, _ = _inputs(cfg, seed, b=1, text_lens=(3,))
+    with pytest.raises(ValueError, match="flat tree"):
+        wan.forward(cfg.replace(scan_layers=True), params, x, t, text, ctx)
+    with pytest.raises(ValueError, match="stacked tree but this config has scan_layers=False"):
+        wan.forward(cfg, wan.stack_layers(cfg, params), x, t, text, ctx)
+    irregular = cfg.replace(num_layers=5, vace_layers=(0, 1, 3), scan_layers=True)
+    for fn in (lambda: wan.param_shapes(irregular), lambda: wan.stack_layers(irregular, wan.init(irregular, jax.random.key(0))),
+               lambda: wan.forward(irregular, params, x, t, text, ctx)):
+        with pytest.raises(ValueError, match="regularly spaced vace_layers"):
+            fn()
+    for name in ("vace-14B", "vace-1.3B", "t2v-14B", "t2v-1.3B"):
+        real = wan.WanConfig.named(name)
+        assert real.scan_layers and real.attention == "auto"
+        wan.scan_period(real)  # every real variant scans
+    assert not wan.WanConfig.named("tiny").scan_layers and wan.WanConfig.named("tiny").attention == "auto"
+
+
+def test_load_dit_scan_layers(tmp_path, seed):
+    cfg = wan.WanConfig.named("tiny")
+    params = jax.tree.map(np.asarray, _params(cfg, seed))
+    checkpoints.save(tmp_path / "dit", cfg.replace(scan_layers=True), params, kind="wan")
+    flat_cfg, flat = checkpoints.load_dit(tmp_path / "dit")
+    assert not flat_cfg.scan_layers and "0" in flat["blocks"]
+    scan_cfg, stacked = checkpoints.load_dit(tmp_path / "dit", scan_layers=True)
+    assert scan_cfg.scan_layers
+    want = wan.stack_layers(cfg, params)
+    assert jax.tree.structure(stacked) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_text_fold_per_sample_lengths(seed):
+    """Different prompt lengths in one batch: folded == unfolded (512 zero-padded rows) == each sample alone."""
+    cfg = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0,), text_len=64)
+    params = _params(cfg, seed)
+    x, t, text, ctx, lens = _inputs(cfg, seed + 1, text_lens=(4, 17))
+    fwd = jax.jit(wan.forward, static_argnums=0, static_argnames=())
+    folded = fwd(cfg, params, x, t, text, ctx, text_lens=lens)
+    unfolded = fwd(cfg.replace(fold_text_padding=False), params, x, t, text, ctx, text_lens=lens)
+    assert _rel(folded, unfolded) <= 1e-5
+    for i, n in enumerate(lens):  # each sample alone, its text trimmed to its true length
+        alone = fwd(cfg.replace(fold_text_padding=False), params, x[i:i + 1], t[i:i + 1], text[i:i + 1, :n],
+                    ctx[i:i + 1])
+        assert _rel(folded[i:i + 1], alone) <= 1e-5
+    # the fold under scan
+    scanned = fwd(cfg.replace(scan_layers=True), wan.stack_layers(cfg, params), x, t, text, ctx, text_lens=lens)
+    assert _rel(scanned, folded) <= 1e-6
+
+
+def test_attention_auto_resolution_and_refusals():
+    bf16, fp32 = jnp.bfloat16, jnp.float32
+    assert layers.resolve_attention("auto", bf16, "gpu") == "cudnn"
+    assert layers.resolve_attention("auto", jnp.float16, "cuda") == "cudnn"
+    assert layers.resolve_attention("auto", fp32, "gpu") == "chunked"
+    assert layers.resolve_attention("auto", bf16, "tpu") == "splash"
+    assert layers.resolve_attention("auto", fp32, "tpu") == "splash"
+    assert layers.resolve_attention("auto", bf16, "cpu") == "chunked"
+    assert layers.resolve_attention("xla", bf16, "tpu") == "xla"
+    with pytest.raises(ValueError, match="must be one of"):
+        layers.resolve_attention("flash", bf16)
+    with pytest.raises(ValueError, match="bfloat16 compute dtype"):
+        wan.WanConfig.named("tiny", attention="cudnn")
+    q = jnp.zeros((1, 8, 2, 8), fp32)
+    with pytest.raises(ValueError, match="bfloat16/float16"):
+        layers.attention(q, q, q, implementation="cudnn")
+    with pytest.raises(ValueError, match="no key_bias"):
+        layers.attention(q.astype(bf16), q.astype(bf16), q.astype(bf16), implementation="cudnn",
+                         key_bias=jnp.zeros(8))
+    with pytest.raises(ValueError, match="no key_bias"):
+        layers.attention(q, q, q, implementation="splash", key_bias=jnp.zeros(8))
