@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CI runs on 2 cores; pytest-xdist splits the suite over them.
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo demo-convert bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,13 @@ venv: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
 
+# The main job on the embedded default: fit the demo's tiny base models, train the PickStyle LoRA on a held-out
+# style, stylise held-out clips and print the results table (out/demo/).
 demo: $(STAMP)
+	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(BIN)/python -m pickstyle_jax.demo --workdir out/demo
+
+# The converter round trip on a tiny random diffusers VACE model, and the parity it reaches.
+demo-convert: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m convert.demo
 
 bench: $(STAMP)
@@ -30,4 +36,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/data.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out out .pytest_cache

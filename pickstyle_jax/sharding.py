@@ -42,6 +42,7 @@ DEFAULT_RULES: dict = {
     "heads": "tensor",  # tensor parallelism over attention heads ...
     "mlp": "tensor",   # ... and the FFN hidden dimension
     "mod": None,
+    "vocab": None,     # umT5 token embedding rows (the encoder runs replicated or off-device)
     "length": None,    # video tokens; "context" here shards the sequence (context parallelism)
     "allow_replicate": True,
 }
