@@ -12,20 +12,10 @@ from PIL import Image
 from pickstyle_jax import checkpoints, evaluate, lora
 from pickstyle_jax.eval import world
 from pickstyle_jax.models import umt5, vae, wan
+from tests import tiny_models
 
 CFG = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0,), text_dim=64)  # umT5 tiny is 64 wide
 F, H, W = 5, 32, 48
-
-
-def _vae_params(vcfg, rng):
-    """vae.init's distribution drawn with numpy (jitting vae.init costs tens of seconds of compile on 2 cores)."""
-    def one(path, shape):
-        leaf = path[-1].key
-        if leaf == "kernel":
-            return rng.standard_normal(shape, dtype=np.float32) / np.sqrt(np.prod(shape[:-1]))
-        return (np.ones if leaf == "scale" else np.zeros)(shape, np.float32)
-
-    return jax.tree_util.tree_map_with_path(one, vae.param_shapes(vcfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def _run_config(models: dict, styles=("toon",)) -> dict:
@@ -52,7 +42,7 @@ def run_dir(tmp_path_factory):
     params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, dtype=np.float32), wan.param_shapes(CFG))
     checkpoints.save(root / "models" / "dit", CFG, params, kind="wan")
     vcfg = vae.VaeConfig.named("tiny")
-    checkpoints.save(root / "models" / "vae", vcfg, _vae_params(vcfg, rng), kind="vae")
+    checkpoints.save(root / "models" / "vae", vcfg, tiny_models.vae_params(vcfg, rng), kind="vae")
     tcfg = umt5.Umt5Config.named("tiny")
     checkpoints.save(root / "models" / "umt5", tcfg, umt5.init(tcfg, jax.random.key(seed)), kind="umt5")
     adapters = lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(CFG), jax.random.key(seed))

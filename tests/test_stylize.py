@@ -10,6 +10,7 @@ import pytest
 
 from pickstyle_jax import checkpoints, lora, sample, stylize, video
 from pickstyle_jax.models import umt5, vae, wan
+from tests import tiny_models
 
 CFG = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0,), text_dim=64)  # umT5 tiny is 64 wide
 FAST = ["--steps", "3", "--skip", "1", "--max-frames", "9"]
@@ -20,17 +21,6 @@ def _clip(f, h=32, w=48, seed=0):
     base = np.random.default_rng(seed).uniform(0, 255, 3)
     return np.asarray([np.stack([(base[c] + 4 * x + 3 * y + 7 * t * (c + 1)) % 256 for c in range(3)], -1)
                        for t in range(f)]).astype(np.uint8)
-
-
-def _vae_params(vcfg, rng):
-    """vae.init's distribution drawn with numpy (jitting vae.init costs ~30 s of compile on 2 cores)."""
-    def one(path, shape):
-        leaf = path[-1].key
-        if leaf == "kernel":
-            return rng.standard_normal(shape, dtype=np.float32) / np.sqrt(np.prod(shape[:-1]))
-        return (np.ones if leaf == "scale" else np.zeros)(shape, np.float32)
-
-    return jax.tree_util.tree_map_with_path(one, vae.param_shapes(vcfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def models(tmp_path_factory):
     checkpoints.save_lora(root / "lora_other", lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(other),
                                                          jax.random.key(0)))
     vcfg = vae.VaeConfig.named("tiny")
-    checkpoints.save(root / "vae", vcfg, _vae_params(vcfg, rng), kind="vae")
+    checkpoints.save(root / "vae", vcfg, tiny_models.vae_params(vcfg, rng), kind="vae")
     tcfg = umt5.Umt5Config.named("tiny")
     checkpoints.save(root / "umt5", tcfg, umt5.init(tcfg, jax.random.key(seed + 1)), kind="umt5")
     paths = {k: str(root / k) for k in ("dit", "vae", "umt5", "lora")}
