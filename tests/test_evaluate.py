@@ -2,17 +2,16 @@
 two sampler steps (numbers exist, shapes right, files written); the ablation tables and the report writers with a
 stand-in stylizer (no compiles)."""
 import json
-import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from pickstyle_jax import checkpoints, evaluate, lora
+from pickstyle_jax import evaluate
 from pickstyle_jax.eval import world
-from pickstyle_jax.models import umt5, vae, wan
+from pickstyle_jax.models import wan
 from tests import tiny_models
+from tests.conftest import SEED  # printed, replayable with PICKSTYLE_TEST_SEED
 
 CFG = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0,), text_dim=64)  # umT5 tiny is 64 wide
 F, H, W = 5, 32, 48
@@ -35,20 +34,8 @@ def _run_config(models: dict, styles=("toon",)) -> dict:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    seed = int(os.environ.get("PICKSTYLE_TEST_SEED") or int.from_bytes(os.urandom(2), "little"))
-    print(f"models seed {seed} (replay with PICKSTYLE_TEST_SEED={seed})")
     root = tmp_path_factory.mktemp("run")
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, dtype=np.float32), wan.param_shapes(CFG))
-    checkpoints.save(root / "models" / "dit", CFG, params, kind="wan")
-    vcfg = vae.VaeConfig.named("tiny")
-    checkpoints.save(root / "models" / "vae", vcfg, tiny_models.vae_params(vcfg, rng), kind="vae")
-    tcfg = umt5.Umt5Config.named("tiny")
-    checkpoints.save(root / "models" / "umt5", tcfg, umt5.init(tcfg, jax.random.key(seed)), kind="umt5")
-    adapters = lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(CFG), jax.random.key(seed))
-    adapters = jax.tree.map(lambda a: 0.1 * rng.standard_normal(a.shape, dtype=np.float32), adapters)
-    checkpoints.save_lora(root / "lora", adapters)
-    models = {k: str(root / "models" / k) for k in ("dit", "vae", "umt5")}
+    models = tiny_models.save_models(root / "models", root / "lora", CFG, SEED)
     (root / "config.json").write_text(json.dumps(_run_config(models), indent=2))
     return root
 

@@ -1,6 +1,5 @@
 """End to end with tiny random models: the CLI (video in, mp4 + json out), long videos in windows, bad input."""
 import json
-import os
 import shutil
 
 import jax
@@ -9,8 +8,9 @@ import numpy as np
 import pytest
 
 from pickstyle_jax import checkpoints, lora, sample, stylize, video
-from pickstyle_jax.models import umt5, vae, wan
+from pickstyle_jax.models import wan
 from tests import tiny_models
+from tests.conftest import SEED  # printed, replayable with PICKSTYLE_TEST_SEED
 
 CFG = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0,), text_dim=64)  # umT5 tiny is 64 wide
 FAST = ["--steps", "3", "--skip", "1", "--max-frames", "9"]
@@ -25,23 +25,11 @@ def _clip(f, h=32, w=48, seed=0):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    seed = int(os.environ.get("PICKSTYLE_TEST_SEED") or int.from_bytes(os.urandom(2), "little"))
-    print(f"models seed {seed} (replay with PICKSTYLE_TEST_SEED={seed})")
     root = tmp_path_factory.mktemp("models")
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, dtype=np.float32), wan.param_shapes(CFG))
-    checkpoints.save(root / "dit", CFG, params, kind="wan")
-    adapters = lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(CFG), jax.random.key(seed))
-    adapters = jax.tree.map(lambda a: 0.1 * rng.standard_normal(a.shape, dtype=np.float32), adapters)
-    checkpoints.save_lora(root / "lora", adapters)
+    paths = tiny_models.save_models(root, root / "lora", CFG, SEED)
     other = CFG.replace(dim=64, ffn_dim=96)  # "another variant": same layer names, other widths
     checkpoints.save_lora(root / "lora_other", lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(other),
                                                          jax.random.key(0)))
-    vcfg = vae.VaeConfig.named("tiny")
-    checkpoints.save(root / "vae", vcfg, tiny_models.vae_params(vcfg, rng), kind="vae")
-    tcfg = umt5.Umt5Config.named("tiny")
-    checkpoints.save(root / "umt5", tcfg, umt5.init(tcfg, jax.random.key(seed + 1)), kind="umt5")
-    paths = {k: str(root / k) for k in ("dit", "vae", "umt5", "lora")}
     return {**paths, "tokenizer": "bytes", "root": root}
 
 

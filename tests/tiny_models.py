@@ -1,4 +1,6 @@
 """Random weights for the tiny models of the CLI and evaluator tests, drawn with numpy (cheap: no compile)."""
+from pathlib import Path
+
 import jax
 import numpy as np
 
@@ -14,3 +16,25 @@ def vae_params(vcfg: vae.VaeConfig, rng: np.random.Generator) -> dict:
         return (np.ones if leaf == "scale" else np.zeros)(shape, np.float32)
 
     return jax.tree_util.tree_map_with_path(one, vae.param_shapes(vcfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def save_models(models_dir, lora_dir, cfg, seed: int) -> dict:
+    """Random tiny DiT (`cfg`), VAE, umT5 and a non-zero LoRA saved as checkpoint dirs; returns their paths.
+
+    The DiT and LoRA are drawn with numpy (no compile); the DiT is scaled so the random model is not ~zero.
+    """
+    from pickstyle_jax import checkpoints, lora
+    from pickstyle_jax.models import umt5, wan
+
+    rng = np.random.default_rng(seed)
+    models_dir, lora_dir = Path(models_dir), Path(lora_dir)
+    params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, dtype=np.float32), wan.param_shapes(cfg))
+    checkpoints.save(models_dir / "dit", cfg, params, kind="wan")
+    adapters = lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(cfg), jax.random.key(seed))
+    adapters = jax.tree.map(lambda a: 0.1 * rng.standard_normal(a.shape, dtype=np.float32), adapters)
+    checkpoints.save_lora(lora_dir, adapters)
+    vcfg = vae.VaeConfig.named("tiny")
+    checkpoints.save(models_dir / "vae", vcfg, vae_params(vcfg, rng), kind="vae")
+    tcfg = umt5.Umt5Config.named("tiny")
+    checkpoints.save(models_dir / "umt5", tcfg, umt5.init(tcfg, jax.random.key(seed + 1)), kind="umt5")
+    return {**{k: str(models_dir / k) for k in ("dit", "vae", "umt5")}, "lora": str(lora_dir)}
