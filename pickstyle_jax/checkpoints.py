@@ -61,30 +61,50 @@ def _to_numpy(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
+def _tmp_token() -> str:
+    """A random suffix every process agrees on (Orbax saves collectively into one directory)."""
+    token = uuid.uuid4().int % (1 << 31)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = int(multihost_utils.broadcast_one_to_all(np.int32(token)))
+    return f"{token:08x}"
+
+
 def save(path, cfg, params, *, kind: str, extra: dict | None = None, overwrite: bool = True) -> Path:
-    """Writes `params` and `cfg` to `path` atomically and returns the path."""
+    """Writes `params` and `cfg` to `path` atomically and returns the path.
+
+    Multi-process: every process calls it (the Orbax write is collective); process 0 writes config.json and
+    renames the finished directory into place, and the others return once it has."""
     if kind not in _KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {sorted(_KINDS)}")
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True or choose another --dst")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}.tmp-{_tmp_token()}"
+    primary = jax.process_index() == 0
     try:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / "params", _to_numpy(params))
         ckptr.wait_until_finished()
-        meta = {"kind": kind, "format": FORMAT, "config": config_to_dict(cfg), **(extra or {})}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        if primary:
+            meta = {"kind": kind, "format": FORMAT, "config": config_to_dict(cfg), **(extra or {})}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"pickstyle_jax checkpoint {path}")
     return path
 
 

@@ -190,6 +190,15 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
             null_context=None, keep_latents=None):
         _check(cfg, source_latents, context, text, null_text, null_context, mode)
         if mesh is not None:
+            with sharding.rules_context(mesh, rules, inside_jit=True):
+                return _run(params, adapters, source_latents, context, text, null_text, key, text_lens,
+                            null_text_lens, null_context, keep_latents)
+        return _run(params, adapters, source_latents, context, text, null_text, key, text_lens, null_text_lens,
+                    null_context, keep_latents)
+
+    def _run(params, adapters, source_latents, context, text, null_text, key, text_lens, null_text_lens,
+             null_context, keep_latents):
+        if mesh is not None:
             params = jax.lax.with_sharding_constraint(
                 params, sharding.tree_shardings(wan.param_axes(cfg), mesh, rules, wan.param_shapes(cfg)))
         key = _as_key(key)

@@ -180,7 +180,7 @@ def test_negative_prompt():
 
 _MESH_CHILD = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from pickstyle_jax import sample, sharding
@@ -192,10 +192,18 @@ _MESH_CHILD = textwrap.dedent("""
     args = [rng.standard_normal(s, dtype=np.float32) for s in
             ((1, 3, 4, 6, 16), (1, 3, 4, 6, 96), (1, 7, cfg.text_dim), (1, 11, cfg.text_dim))]
     want = sample.make_sampler(cfg, steps=3, skip=1)(params, None, *args, jax.random.key(0))
-    mesh = sharding.make_mesh({"data": 3})  # CFG-parallel: one branch per device
+    mesh = sharding.make_mesh({"data": 3}, jax.devices()[:3])  # CFG-parallel: one branch per device
     got = sample.make_sampler(cfg, steps=3, skip=1, mesh=mesh)(params, None, *args, jax.random.key(0))
     err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
     print("mesh vs single device, max rel error", err)
+    assert err < 1e-5, err
+    # four clips (12 branch rows over data x fsdp) with the weights FSDP x tensor sharded, the layout of a pod
+    args2 = [np.concatenate([a, 0.5 * a, -a, 0.25 * a]) if i < 2 else a for i, a in enumerate(args)]
+    want = sample.make_sampler(cfg, steps=3, skip=1)(params, None, *args2, jax.random.key(0))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    got = sample.make_sampler(cfg, steps=3, skip=1, mesh=mesh)(params, None, *args2, jax.random.key(0))
+    err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    print("data x fsdp x tensor mesh vs single device, max rel error", err)
     assert err < 1e-5, err
 """)
 
@@ -206,4 +214,5 @@ def test_cfg_parallel_on_a_mesh():
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", _MESH_CHILD, str(seed)], capture_output=True, text=True, env=env,
                        cwd=ROOT, timeout=600)
+    print(r.stdout)
     assert r.returncode == 0, f"seed {seed}\n{r.stdout}\n{r.stderr[-4000:]}"

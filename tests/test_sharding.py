@@ -86,13 +86,10 @@ _CHILD = textwrap.dedent("""
     print("max abs error scanned, sharded weights vs single device:", err)
     assert err <= 1e-5, err
     sfwd = jax.jit(sfwd)  # a fresh jit: traces are cached without regard to the rules context
-    # Replicated weights here: with FSDP-sharded weights AND these constraints, XLA's CPU SPMD partitioner
-    # returned wrong values (0.4 max abs; jax 0.10.2) although each alone is exact -- an open problem, see the
-    # note on layers.constrain.
-    s_rep = jax.device_put(wan.stack_layers(cfg, params), jax.sharding.NamedSharding(mesh, P()))
-    with jax.set_mesh(mesh), layers.axis_rules(rules):
-        lowered = sfwd.lower(s_rep, adapters, *inputs)
-        got = sfwd(s_rep, adapters, *inputs)
+    # the path training and sampling run: sharded weights, traced under the rules (activation pins, FSDP gathers)
+    with sharding.rules_context(mesh, rules):
+        lowered = sfwd.lower(s_sh, adapters, *inputs)
+        got = sfwd(s_sh, adapters, *inputs)
     text_hlo = lowered.as_text()
     count = lambda hlo: hlo.count("sharding_constraint") + hlo.count("@Sharding")  # Shardy or GSPMD lowering
     n_plain, n_rules = count(plain), count(text_hlo)

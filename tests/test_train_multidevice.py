@@ -32,13 +32,15 @@ _SHARDED = _PRELUDE + textwrap.dedent("""
     seed, workdir = int(sys.argv[1]), sys.argv[2]
     c = mod.get_config("tiny")
     c.seed = seed
+    c.model.scan_layers = sys.argv[3] == "1"
     c.mesh.update(dict(data=2, fsdp=2, tensor=2))
     c.data.batch_size = 4
     tr = train.prepare(c, workdir)
     a = tr.state["lora"]["vace_blocks"]["0"]["self_attn"]["q"]["A"]
     assert a.sharding.spec == jax.sharding.PartitionSpec("fsdp", None), a.sharding.spec
-    q = tr.base["dit"]["blocks"]["0"]["self_attn"]["q"]["kernel"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor"), q.sharding.spec
+    q = tr.base["dit"]["blocks"]["self_attn"]["q"]["kernel"] if c.model.scan_layers else \
+        tr.base["dit"]["blocks"]["0"]["self_attn"]["q"]["kernel"]
+    assert q.sharding.spec[-2:] == ("fsdp", "tensor"), q.sharding.spec
     batch = train.device_batch(tr, next(pipeline.make_iterator(c.data, seed=seed)))
     host = jax.device_get((tr.base, tr.state, batch, tr.step_key))
     dev0 = jax.devices()[0]
@@ -46,7 +48,7 @@ _SHARDED = _PRELUDE + textwrap.dedent("""
     state, m = tr.step_fn(tr.base, tr.state, batch, tr.step_key)  # tr.state is donated here
     print("loss sharded", float(m["loss"]), "single", float(ref_m["loss"]))
     assert rel(m["loss"], ref_m["loss"]) < 1e-5
-    assert rel(m["grad_norm"], ref_m["grad_norm"]) < 1e-4
+    assert rel(m["grad_norm"], ref_m["grad_norm"]) < 1e-5
     before = host[1]["lora"]
     d_got = jax.tree.map(lambda x, y: np.asarray(x) - y, state["lora"], before)
     d_ref = jax.tree.map(lambda x, y: np.asarray(x) - y, ref_state["lora"], before)
@@ -95,13 +97,12 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-# Open bug (jax 0.10.2, CPU, 8 host devices): with weights split over fsdp AND tensor while the batch also uses
-# fsdp, the partitioned DiT forward differs from the single-device one (self-attention's v->o path is off by
-# ~0.2 under Shardy and exact under GSPMD; cross-attention is off by ~1e-3 under both), so the sharded step's loss
-# is ~1.5 % off. Each axis alone is exact (tests/test_sharding.py). strict: the day it passes, drop this mark.
-@pytest.mark.xfail(strict=True, reason="open: partitioned forward with fsdp x tensor weights differs (see note)")
-def test_sharded_step_matches_single_device(tmp_path, seed):
-    r = subprocess.run([sys.executable, "-c", _SHARDED, str(seed % 10000), str(tmp_path)], capture_output=True,
+# Without the model's activation / weight-gather constraints (sharding.rules_context), XLA's partitioner got this
+# wrong on jax 0.10.2: the loss 1.5 % off and the LoRA gradients 1-15 % off, at some sequence lengths only. The
+# scanned variant is the layout the real configs train with.
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_sharded_step_matches_single_device(tmp_path, seed, scan):
+    r = subprocess.run([sys.executable, "-c", _SHARDED, str(seed % 10000), str(tmp_path), str(int(scan))], capture_output=True,
                        text=True, env=_env(), cwd=ROOT, timeout=900)
     print(r.stdout)
     assert r.returncode == 0, f"seed {seed}\n{r.stdout}\n{r.stderr[-4000:]}"
@@ -113,9 +114,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Open: the two processes compile the step, then hang in their first cross-process collective (gloo, jax 0.10.2
-# CPU). Not run, so CI does not wait out the timeout; run it by hand with --runxfail.
-@pytest.mark.xfail(run=False, reason="open: two-process CPU run hangs in its first gloo collective")
 def test_two_processes_match_one(tmp_path):
     port, run = _free_port(), tmp_path / "two"
     env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -126,7 +124,11 @@ def test_two_processes_match_one(tmp_path):
          f"--config.distributed.coordinator=127.0.0.1:{port}", "--config.distributed.num_processes=2",
          f"--config.distributed.process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=900)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:  # a hung collective must not outlive the test
+        for p in procs:
+            p.kill()
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
     assert "8 devices (2 processes)" in outs[0]

@@ -35,6 +35,7 @@ def dense(x, p, *, dtype=f32, out_dtype=None, adapter=None, scale=1.0):
         y = y + p["bias"].astype(f32)
     if adapter is not None:
         down = jnp.einsum("...i,ir->...r", x, adapter["A"].astype(dtype), preferred_element_type=f32)
+        down = constrain(down, ("batch",) + ("length",) * (down.ndim - 2) + (None,)) if down.ndim >= 2 else down
         up = jnp.einsum("...r,ro->...o", down.astype(dtype), adapter["B"].astype(dtype), preferred_element_type=f32)
         y = y + scale * up
     return y.astype(out_dtype or dtype)
@@ -353,6 +354,9 @@ def zeros(key, shape):
     return jnp.zeros(shape, f32)
 
 
+_SHARDED_OUT = ("heads", "mlp")  # kernel output axes whose sharding the layer's activations keep
+
+
 class Dense(nnx.Module):
     """Dense layer {kernel [in, out], bias [out]} computed by `dense`; LoRA enters as an optional adapter dict.
 
@@ -362,16 +366,20 @@ class Dense(nnx.Module):
 
     def __init__(self, n_in, n_out, axes, *, rngs, kernel_init=xavier_uniform, param_dtype=f32, use_bias=True):
         self.kernel = param(kernel_init(rngs.params(), (n_in, n_out)).astype(param_dtype), axes)
+        self.axes = tuple(axes)
+        self.out_axis = axes[1] if axes[1] in _SHARDED_OUT else None
         self.bias = param(jnp.zeros((n_out,), param_dtype), axes[1:]) if use_bias else None
 
     def as_dict(self) -> dict:
-        p = {"kernel": self.kernel[...]}
+        p = {"kernel": gathered(self.kernel[...], self.axes)}
         if self.bias is not None:
             p["bias"] = self.bias[...]
         return p
 
     def __call__(self, x, *, dtype=f32, out_dtype=None, adapter=None, lora_scale=1.0):
-        return dense(x, self.as_dict(), dtype=dtype, out_dtype=out_dtype, adapter=adapter, scale=lora_scale)
+        y = dense(x, self.as_dict(), dtype=dtype, out_dtype=out_dtype, adapter=adapter, scale=lora_scale)
+        # [batch, (length,) features]: split by batch, and over heads / mlp where the kernel's output axis is
+        return constrain(y, ("batch",) + ("length",) * (y.ndim - 2) + (self.out_axis,)) if y.ndim >= 2 else y
 
 
 class LayerNorm(nnx.Module):
@@ -410,9 +418,7 @@ def constrain(x, axes):
     single-device code pays nothing. Mesh axes the mesh lacks, or that do not divide the dimension (a 3-sample
     CFG batch over 2 data shards), leave that dimension unconstrained rather than failing mid-model.
     Note: jit caches traces without looking at the rules; trace a function under one rules context only.
-    Open problem (jax 0.10.2, CPU, 8 host devices): these constraints together with FSDP-sharded weights gave a
-    wrong forward (0.4 max abs error) while either alone is exact; check on the target backend before relying
-    on them with sharded weights.
+    With sharded weights these constraints are required, not a hint: `sharding.rules_context` says why.
     """
     rules = _RULES.get()
     mesh = jax.sharding.get_abstract_mesh()
@@ -431,14 +437,17 @@ def constrain(x, axes):
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
+def gathered(w, axes):
+    """A parameter as a layer uses it: FSDP-gathered (every axis but heads / mlp replicated), tensor-parallel
+    axes kept. A no-op outside `axis_rules` (see `constrain`)."""
+    return constrain(w, tuple(a if a in _SHARDED_OUT else None for a in axes))
+
+
 @contextlib.contextmanager
 def axis_rules(rules):
     """Context manager activating logical-axis rules for `constrain`: a mapping logical axis -> mesh axis, a
-    tuple of mesh axes or None (the form of sharding.DEFAULT_RULES), or a sequence of such pairs.
-
-    Our own context, deliberately not Flax's `logical_axis_rules`: with Flax's rules active, a jitted forward on
-    FSDP-sharded parameters came out wrong (0.4 max abs error on an 8-device mesh, jax 0.10.2 / flax 0.12.8;
-    cause not isolated, it is not these constraints)."""
+    tuple of mesh axes or None (the form of sharding.DEFAULT_RULES), or a sequence of such pairs. Usually entered
+    through `sharding.rules_context`, which also sets the mesh and Flax's copy of the rules."""
     pairs = rules.items() if hasattr(rules, "items") else rules
     token = _RULES.set({k: tuple(v) if isinstance(v, list) else v for k, v in pairs})
     try:
