@@ -27,9 +27,10 @@ import jax
 import numpy as np
 
 from convert import common
-from convert.wan_dit import diffusers_to_official_module, official_to_diffusers_module
 from pickstyle_jax import checkpoints
 from pickstyle_jax import lora as lora_lib
+from pickstyle_jax import lora_export
+from pickstyle_jax.lora_export import diffusers_to_official_module, official_to_diffusers_module
 
 _KEY_RE = re.compile(r"^(?P<module>.+?)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?\.weight$")
 _PREFIXES = ("module.", "base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.")
@@ -151,34 +152,19 @@ def check_against(adapters: lora_lib.Lora, config: str):
 
 
 def export_lora(adapters: lora_lib.Lora, dst) -> Path:
-    """Writes PickStyle `.pth` (module.-prefixed) or diffusers/PEFT `.safetensors` with alpha metadata."""
+    """Writes PickStyle `.pth` (module.-prefixed, with torch.save) or diffusers/PEFT `.safetensors` with alpha/rank
+    metadata (the package's writer, the same file training writes as DIR/lora.safetensors)."""
+    dst = Path(dst)
+    if dst.suffix not in (".pth", ".safetensors"):
+        raise ValueError(f"--dst must end in .pth or .safetensors, got {dst.name}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.suffix == ".safetensors":
+        return lora_export.write_peft_safetensors(dst, adapters)
     import torch
 
-    dst = Path(dst)
-    flat = common.flatten_shapes(adapters.params)
-    tensors = {}
-    for path in flat:
-        module, which = path.rsplit(".", 1)
-        node = adapters.params
-        for part in path.split("."):
-            node = node[part]
-        w = torch.from_numpy(np.ascontiguousarray(np.asarray(node, dtype=np.float32).T))
-        if dst.suffix == ".pth":
-            tensors[f"module.{module}.lora_{which}.consistency.weight"] = w
-        elif dst.suffix == ".safetensors":
-            tensors[f"transformer.{official_to_diffusers_module(module)}.lora_{which}.weight"] = w
-        else:
-            raise ValueError(f"--dst must end in .pth or .safetensors, got {dst.name}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: torch.from_numpy(w) for k, w in lora_export.pickstyle_state_dict(adapters).items()}
     tmp = dst.with_name(dst.name + ".tmp")
-    if dst.suffix == ".pth":
-        torch.save(tensors, tmp)
-    else:
-        from safetensors.torch import save_file
-
-        cfg = adapters.config
-        save_file(tensors, str(tmp), metadata={"lora_alpha": str(cfg.alpha), "r": str(cfg.rank),
-                                               "format": "pt"})
+    torch.save(tensors, tmp)
     tmp.replace(dst)
     return dst
 

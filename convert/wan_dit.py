@@ -13,7 +13,8 @@ else float32); the compute dtype written to config.json follows it unless --comp
 file, and nothing is written at DST.
 
 Our parameter paths are the official key names (see models/wan.py), so the official table is a naming rule checked
-against the model's own parameter tree; the diffusers names are one explicit module table, `DIFFUSERS_MODULES`.
+against the model's own parameter tree; the diffusers names are one explicit module table,
+`pickstyle_jax.lora_export.DIFFUSERS_TOP`/`DIFFUSERS_BLOCK` (re-exported here).
 """
 from __future__ import annotations
 
@@ -26,59 +27,13 @@ import numpy as np
 
 from convert import common
 from pickstyle_jax import checkpoints
+# The official -> diffusers module table lives in the package (one copy; convert/lora.py uses it too); these
+# names stay importable from here.
+from pickstyle_jax.lora_export import (DIFFUSERS_BLOCK, DIFFUSERS_TOP, diffusers_to_official_module,  # noqa: F401
+                                       official_to_diffusers_module)
 from pickstyle_jax.models import wan
 
-# Official module name (inside a block or at the top) -> diffusers module name. Block-level entries apply to both
-# `blocks.i.` and `vace_blocks.j.`. The only table of these names in the project: convert/lora.py imports it.
-DIFFUSERS_TOP = {
-    "patch_embedding": "patch_embedding",
-    "vace_patch_embedding": "vace_patch_embedding",
-    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-    "time_projection.1": "condition_embedder.time_proj",
-    "head.head": "proj_out",
-    "head.modulation": "scale_shift_table",
-}
-DIFFUSERS_BLOCK = {
-    "modulation": "scale_shift_table",
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "self_attn.norm_q": "attn1.norm_q",
-    "self_attn.norm_k": "attn1.norm_k",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "cross_attn.norm_q": "attn2.norm_q",
-    "cross_attn.norm_k": "attn2.norm_k",
-    "norm3": "norm2",  # the affine LayerNorm before cross-attention
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-    "before_proj": "proj_in",
-    "after_proj": "proj_out",
-}
-_BLOCK_RE = re.compile(r"^((?:vace_)?blocks\.\d+)\.(.+)$")
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
-
-
-def official_to_diffusers_module(module: str) -> str:
-    """`blocks.3.self_attn.q` -> `blocks.3.attn1.to_q`; raises KeyError for names outside the tables."""
-    m = _BLOCK_RE.match(module)
-    if m:
-        return f"{m.group(1)}.{DIFFUSERS_BLOCK[m.group(2)]}"
-    return DIFFUSERS_TOP[module]
-
-
-def diffusers_to_official_module(module: str) -> str:
-    m = _BLOCK_RE.match(module)
-    if m:
-        inv = {v: k for k, v in DIFFUSERS_BLOCK.items()}
-        return f"{m.group(1)}.{inv[m.group(2)]}"
-    return {v: k for k, v in DIFFUSERS_TOP.items()}[module]
 
 
 def _official_key(path: str) -> tuple[str, common.Transform]:

@@ -19,17 +19,23 @@ stylises every source clip once per method:
 Per row, averaged over clips: psnr and ssim against the ground truth, temporal_error (under the known motion),
 flicker and content against the source, style (distance to reference frames of other scenes in the style), and
 s_per_step: the stylisation's wall time (VAE encode, sampler, decode) per executed sampler step; with
-`--timing warm` (default) compile time is excluded (the first call of every setting is not timed; with a single
-clip it is rerun once for the timing). Definitions: `pickstyle_jax.eval.metrics`. The ground truth's own
-temporal error, flicker, content and style are reported as `reference` (what a perfect stylisation scores).
+`--timing warm` (default) compile time is excluded (the first call of every compiled sampler is not timed; with a
+single clip it is rerun once for the timing; results.json says which in settings.s_per_step_excludes_compile).
+A compiled sampler serves one static setting (solver, steps, shift, skip, mode, apg, cache, cache_threshold) and
+clip shape: the guidance scales are call-time inputs of `sample.Sampler`, so all scale pairs share it.
+Definitions: `pickstyle_jax.eval.metrics`. The ground truth's own temporal error, flicker, content and style are
+reported as `reference` (what a perfect stylisation scores).
 
-Writes OUT (default DIR/eval): results.json ({"rows": [...], "reference", "ablations", "settings", "clips"}),
-results.md (the tables), strip_<i>.png per clip (rows: source, cs_cfg, ground truth), plot.png (a bar chart per
-metric), and for the first clip stylised.mp4 (cs_cfg) and side_by_side.mp4 (source | cs_cfg | ground truth).
+Writes OUT (default DIR/eval): results.json ({"rows": [...], "reference", "ablations", "settings", "clips",
+"sampler_compiles"}), results.md (the tables), strip_<i>.png per clip (rows: source, cs_cfg, ground truth),
+plot.png (a bar chart per metric), and for the first clip stylised.mp4 (cs_cfg) and side_by_side.mp4
+(source | cs_cfg | ground truth).
 
 `--ablations` adds, on the first `--ablation-clips` clips: the text x context scale grid, skip, APG on/off, the
 3-branch CS-CFG against the 2-branch "text" and "text_context" modes, and TeaCache against uncached sampling;
-every row with its wall time per step.
+every row with its wall time per step. The 9 scale pairs run the main cs_cfg row's compiled sampler (no compile of
+their own); the other tables compile once per new static setting (skip 0, 2, 6; APG off; text_context; TeaCache).
+results.json's `sampler_compiles` counts the compiled samplers (static setting x clip shape) the run used.
 
 Base models: a `model.*` path is loaded; an empty one is rebuilt as the training run built it (a random init of
 the named variant from `config.seed`, with the training script's keys), so runs on random backbones evaluate too.
@@ -56,6 +62,9 @@ _BETTER = {"psnr": "higher", "ssim": "higher", "temporal_error": "lower", "flick
            "style": "lower"}
 DEFAULTS = dict(solver="dpm++", steps=20, shift=16.0, skip=4, text_scale=5.0, context_scale=4.0, apg=True,
                 mode="cs_cfg", cache=None, cache_threshold=0.2)
+# settings that are call-time (traced) inputs of a compiled sampler: sample.CALL_TIME_SETTINGS (not imported here,
+# to keep this module free of JAX until a Stylizer is built; tests check the two agree)
+CALL_TIME = ("text_scale", "context_scale")
 
 
 def _log(msg: str) -> None:
@@ -137,8 +146,16 @@ def load_stylizer(workdir, run: dict | None = None, lora=None):
 
 
 # --------------------------------------------------------------------------------------------- sampling
+def _compile_key(settings: dict) -> tuple:
+    """The settings that select a compiled sampler (all but the call-time CALL_TIME), sorted: (name, value)."""
+    return tuple(sorted((k, v) for k, v in settings.items() if k not in CALL_TIME))
+
+
 class _Runner:
-    """Stylises clips with the Stylizer, memoising results per (settings, clip) and timing warm calls only."""
+    """Stylises clips with the Stylizer, memoising results per (settings, clip) and timing warm calls only.
+
+    A call is cold (it compiles) when its _compile_key and clip shape are new: scale pairs of one static setting
+    share one compile, so only the first call of the first of them is cold."""
 
     def __init__(self, stylizer, base: dict, timing: str):
         self.stylizer, self.base, self.timing = stylizer, base, timing
@@ -146,8 +163,13 @@ class _Runner:
         self._memo: dict = {}
         self._warm: dict = {}  # (settings, per_frame) -> warm seconds per clip measured so far
 
+    @property
+    def compiles(self) -> int:
+        """Compiled samplers used so far: distinct (_compile_key, clip shape) of the calls made."""
+        return len(self._seen)
+
     def _call(self, frames, prompt, settings, seed):
-        key = tuple(sorted(settings.items())) + (frames.shape,)
+        key = _compile_key(settings) + (frames.shape,)
         first = key not in self._seen
         self._seen.add(key)
         f, h, w, _ = frames.shape
@@ -164,8 +186,8 @@ class _Runner:
 
     def stylise(self, clip_index: int, clip, settings: dict, seed: int, per_frame: bool = False):
         """(frames uint8 [F, H, W, 3], seconds to stylise the clip). Warm timing (the default) leaves out every
-        setting's first, compiling call: the seconds are None when only such calls were made (see `timed`);
-        cold timing is the plain total."""
+        compiled sampler's first, compiling call: the seconds are None when only such calls were made (see
+        `timed`); cold timing is the plain total."""
         settings = {**self.base, **settings}
         memo_key = (tuple(sorted(settings.items())), per_frame, clip_index)
         if memo_key in self._memo:
@@ -285,15 +307,21 @@ def _markdown(result: dict) -> str:
              f"shift {s['shift']}, skip {s['skip']}, text scale {s['text_scale']}, context scale "
              f"{s['context_scale']}, APG {_fmt(s['apg'])}. psnr/ssim against the ground truth; temporal_error "
              f"under the known motion; flicker and content against the source; style = distance to reference "
-             f"frames of the style; s_per_step = wall seconds per executed step ({s['timing']} timing).", "",
+             f"frames of the style; s_per_step = wall seconds per executed step ({s['timing']} timing: "
+             f"{_TIMING[s['timing']]}).", "",
              markdown_table(result["rows"], ["method"]), "",
              "Ground truth (a perfect stylisation) scores: " +
              ", ".join(f"{k} {_fmt(v)}" for k, v in result["reference"].items()) + "."]
     for name, rows in result.get("ablations", {}).items():
         first = [k for k in rows[0] if k not in (*METRICS, "s_per_step", "steps")]
-        parts += ["", f"## Ablation: {name}", "", markdown_table(rows, first)]
+        note = [_ABLATION_NOTES[name], ""] if name in _ABLATION_NOTES else []
+        parts += ["", f"## Ablation: {name}", "", *note, markdown_table(rows, first)]
     return "\n".join(parts) + "\n"
 
+
+_TIMING = {"warm": "each compiled sampler's first, compiling call is not timed",
+           "cold": "plain wall time, including the compile of a compiled sampler's first call"}
+_ABLATION_NOTES = {"scales": "All scale pairs run one compiled sampler (the scales are call-time inputs)."}
 
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (214, 39, 40), (140, 86, 75)]
 
@@ -421,10 +449,11 @@ def evaluate(workdir, *, clips: int = 2, seed: int = 0, ablations: bool = False,
 
     result = {"rows": rows, "reference": reference, "run": str(workdir),
               "settings": {**base, "frames": f, "height": h, "width": w, "styles": list(styles), "seed": seed,
-                           "clips": clips, "timing": timing},
+                           "clips": clips, "timing": timing, "s_per_step_excludes_compile": timing == "warm"},
               "clips": [{"id": c.id, "style": c.style, "caption": c.caption} for c in items]}
     if ablations:
         result["ablations"] = _ablations(runner, items[:max(1, ablation_clips)], refs, seed * 1000, int(base["steps"]))
+    result["sampler_compiles"] = runner.compiles
 
     for i, (c, o) in enumerate(zip(items, ours)):
         _strip(out_dir / f"strip_{i}.png", [c.source, o, c.target])

@@ -32,6 +32,10 @@ batched forward over the concatenated branches returns it):
 - "none":          (v_cond,)                         v̂ = v_cond
 Every mode takes and returns the same state pytree (`init_state`), so a sampler's scan carry does not depend on
 the mode; the two-branch modes use the "text" buffer only.
+
+Scales (text_scale, context_scale, scale) may be Python numbers or traced scalars (f32[] inside jit): nothing
+here branches on their values (a scale of 1 multiplies its direction by 0; it is not skipped), so one trace serves
+any scales. `apg` (on/off and its constants) and `mode` are static: they choose the formula.
 """
 from __future__ import annotations
 
@@ -113,7 +117,9 @@ def _unit(v):
 
 def cs_cfg(v_cond, v_null_text, v_null, text_scale: float = 5.0, context_scale: float = 4.0, apg: bool | Apg = True,
            state=None):
-    """Context-style CFG over three branches: returns (guided velocity fp32, new state). state=None = fresh."""
+    """Context-style CFG over three branches: returns (guided velocity fp32, new state). state=None = fresh.
+
+    v_cond, v_null_text, v_null: [B, ...]; text_scale, context_scale: scalars, static or traced; apg: static."""
     v_c, v_nt, v_n = _f32(v_cond, v_null_text, v_null)
     state = init_state(v_c) if state is None else state
     d_text, d_ctx = v_c - v_nt, v_nt - v_n
@@ -130,7 +136,7 @@ def cs_cfg(v_cond, v_null_text, v_null, text_scale: float = 5.0, context_scale: 
 def text_cfg(v_cond, v_null, scale: float = 5.0, apg: bool | Apg = True, state=None):
     """Two-branch CFG v̂ = v_null + s·(v_cond − v_null) (APG: v_cond + (s − 1)·g′): returns (v fp32, state).
 
-    Uses and updates only state["text"]; state["context"] passes through.
+    Uses and updates only state["text"]; state["context"] passes through. scale: a scalar, static or traced.
     """
     v_c, v_n = _f32(v_cond, v_null)
     state = init_state(v_c) if state is None else state
@@ -164,7 +170,9 @@ def _branches(mode: str, vs) -> list:
 
 def combine(mode: str, vs: Sequence | Any, *, text_scale: float = 5.0, context_scale: float = 4.0,
             apg: bool | Apg = True, state=None):
-    """Guided velocity of `mode` (see the module docstring): returns (v fp32 [B, ...], new state)."""
+    """Guided velocity of `mode` (see the module docstring): returns (v fp32 [B, ...], new state).
+
+    mode, apg: static; text_scale, context_scale: scalars, static or traced (mode "none" ignores them)."""
     branches = _branches(mode, vs)
     if mode == "cs_cfg":
         return cs_cfg(*branches, text_scale=text_scale, context_scale=context_scale, apg=apg, state=state)

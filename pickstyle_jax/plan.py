@@ -69,7 +69,8 @@ def plan(config, n_devices: int) -> dict:
     if wcfg.attention in _HOST_KERNELS and jax.default_backend() == "cpu":
         print(f"attention {wcfg.attention!r} does not lower on CPU: planning with "
               f"{_HOST_KERNELS[wcfg.attention]!r}", flush=True)
-        wcfg = wcfg.replace(attention=_HOST_KERNELS[wcfg.attention])
+        # key blocks too (online softmax): [B, N, 1024, 1024] logits at a time, the working set of a flash kernel
+        wcfg = wcfg.replace(attention=_HOST_KERNELS[wcfg.attention], attention_chunk=1024, attention_kv_chunk=1024)
     setup = train.setup_from_config(config, wcfg, vcfg, lcfg)
     rep = sharding.replicated(mesh)
 

@@ -3,11 +3,15 @@
     sampler = sample.make_sampler(cfg, solver="dpm++", steps=20, shift=16.0, skip=4)
     latents = sampler(params, adapters, source_latents, context, text, null_text, key,
                       text_lens=lens, null_text_lens=null_lens)
+    latents = sampler(..., text_scale=3.0, context_scale=2.5)       # same compile: the scales are traced
 
-`make_sampler` returns ONE jitted pure function: a `lax.scan` over the executed steps k = skip .. steps-1 whose
-body runs every guidance branch as one batched DiT forward (batch n_branches * B, branch-major), combines them with
-`guidance`, and takes a solver step. Parameters, adapters and inputs are arguments, never closed-over constants, so
-one compile serves any weights, and the function can be called from jitted user code or exported (`jax.export`).
+`make_sampler` returns a `Sampler` around ONE jitted pure function: a `lax.scan` over the executed steps
+k = skip .. steps-1 whose body runs every guidance branch as one batched DiT forward (batch n_branches * B,
+branch-major), combines them with `guidance`, and takes a solver step. Parameters, adapters and inputs are
+arguments, never closed-over constants, so one compile serves any weights, and the function can be called from
+jitted user code or exported (`jax.export`). The guidance scales are traced inputs too (f32[] scalars;
+make_sampler's values are only the call-time defaults), so one compile serves any scales; everything else
+make_sampler takes (solver, steps, skip, mode, apg, cache, ...) is static and compiled in.
 
 Branches (mode "cs_cfg"): v_c = v(text, z), v_nt = v(null text, z), v_n = v(null text, z~), where z~ permutes the
 context's latent frames, rows and columns with three independent permutations shared by all 96 channels, drawn
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import numbers
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,8 +50,9 @@ from pickstyle_jax.models import layers, vae, wan
 
 f32 = jnp.float32
 
-__all__ = ["NEGATIVE_PROMPT", "make_sampler", "permute_context", "null_context_key", "time_modulation",
-           "TEACACHE_POLY_14B", "Stylizer", "CompatibilityError", "check_lora", "check_compatible"]
+__all__ = ["NEGATIVE_PROMPT", "make_sampler", "Sampler", "CALL_TIME_SETTINGS", "permute_context",
+           "null_context_key", "time_modulation", "TEACACHE_POLY_14B", "Stylizer", "CompatibilityError", "check_lora",
+           "check_compatible"]
 
 # Wan's default negative prompt (`sample_neg_prompt` of the official shared config), the CS-CFG null text.
 NEGATIVE_PROMPT = (importlib.resources.files("pickstyle_jax") / "wan_negative_prompt.txt").read_bytes() \
@@ -57,6 +63,8 @@ TEACACHE_POLY_14B = (8.10705460e3, 2.13393892e3, -3.72934672e2, 1.66203073e1, -4
 TEACACHE_WARMUP = 5  # executed steps always computed at the start
 
 MODES = ("cs_cfg", "text", "text_context", "none")
+# make_sampler settings that are traced call-time inputs of the compiled sampler (not part of a compile's key)
+CALL_TIME_SETTINGS = ("text_scale", "context_scale")
 
 
 # --------------------------------------------------------------------------------------------- building blocks
@@ -136,6 +144,104 @@ def _batch_spec(mesh, rules, a):
     return jax.sharding.PartitionSpec(lead, *([None] * (a.ndim - 1)))
 
 
+def _scale(name, value):
+    """A guidance scale as the compiled sampler's input: a real scalar -> f32[] jax array (a tracer, from user jit
+    code, is cast to f32; a jax.ShapeDtypeStruct spec becomes the f32[] spec). Concrete values go through the host,
+    so every accepted value, of whatever Python or array type or placement, has the same abstract value and
+    placement (f32[], not weakly typed, uncommitted) and reuses the one compile."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        if value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
+            raise ValueError(f"{name} spec must be a floating scalar, got {value.dtype}{list(value.shape)}")
+        return jax.ShapeDtypeStruct((), f32)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray, np.generic,
+                                                                      jax.Array)):
+        raise TypeError(f"{name} must be a real scalar (a float or a 0-d array), got {type(value).__name__} "
+                        f"{value!r}")
+    if np.shape(value) != ():
+        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
+    dtype = jnp.result_type(value)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{name} must be a real scalar, got dtype {dtype}")
+    if isinstance(value, jax.core.Tracer):
+        return value.astype(f32)
+    host = np.asarray(value, np.float32)
+    if not np.isfinite(host):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return jnp.asarray(host)
+
+
+class Sampler:
+    """The compiled sampler with call-time guidance scales; returned by `make_sampler`.
+
+    sampler(params, adapters, source_latents, context, text, null_text, key, text_lens=None,
+            null_text_lens=None, null_context=None, keep_latents=None, *, text_scale=None, context_scale=None)
+
+    text_scale / context_scale: real scalars (float, int, numpy or jax 0-d array, or a tracer), TRACED: passed to
+    the jitted function as f32[] inputs, so one compile serves any values; None takes this sampler's default (the
+    make_sampler values, or `with_scales`'). Every other input is as make_sampler documents.
+
+    It is a `jax.stages.Wrapped` (as jax.jit returns): `trace` and `lower` take the same arguments, and
+    `jax.export.export(sampler)` works; an exported or `lower(...).compile()`d sampler has the two scales as
+    inputs too (`lower(...).compile()` here fills in the defaults like the sampler does; an `Exported`'s `call`
+    needs them explicitly, as keywords).
+    """
+
+    def __init__(self, jitted, text_scale=5.0, context_scale=4.0):
+        self._jit = jitted
+        self.text_scale = _scale("text_scale", text_scale)
+        self.context_scale = _scale("context_scale", context_scale)
+
+    def _kwargs(self, kw: dict) -> dict:
+        """kw with both scales filled in (defaults) and normalised to f32[] inputs."""
+        ts, cs = kw.pop("text_scale", None), kw.pop("context_scale", None)
+        return {**kw, "text_scale": self.text_scale if ts is None else _scale("text_scale", ts),
+                "context_scale": self.context_scale if cs is None else _scale("context_scale", cs)}
+
+    def __call__(self, *args, **kw):
+        return self._jit(*args, **self._kwargs(kw))
+
+    def trace(self, *args, **kw):
+        return self._jit.trace(*args, **self._kwargs(kw))
+
+    def lower(self, *args, **kw):
+        return _Lowered(self._jit.lower(*args, **self._kwargs(kw)), self._kwargs)
+
+    def with_scales(self, text_scale=None, context_scale=None) -> "Sampler":
+        """The same compiled function with other default scales (None keeps this sampler's): no new compile."""
+        return Sampler(self._jit, self.text_scale if text_scale is None else text_scale,
+                       self.context_scale if context_scale is None else context_scale)
+
+    def _cache_size(self) -> int:
+        """How many programs the jitted function has traced and compiled (one per input shape / static setting)."""
+        return self._jit._cache_size()
+
+
+class _Lowered:
+    """jax's Lowered, whose compile() gives a compiled sampler that fills in the default scales as `Sampler` does."""
+
+    def __init__(self, lowered, fill):
+        self._lowered, self._fill = lowered, fill
+
+    def __getattr__(self, name):
+        return getattr(self._lowered, name)
+
+    def compile(self, *args, **kw):
+        return _Compiled(self._lowered.compile(*args, **kw), self._fill)
+
+
+class _Compiled:
+    """jax's Compiled, called like `Sampler` (default scales filled in); other attributes are the Compiled's."""
+
+    def __init__(self, compiled, fill):
+        self._compiled, self._fill = compiled, fill
+
+    def __getattr__(self, name):
+        return getattr(self._compiled, name)
+
+    def __call__(self, *args, **kw):
+        return self._compiled(*args, **self._fill(kw))
+
+
 def _teacache_decide(tc, e0, i, n_exec, threshold, poly):
     """(compute?, new accumulator): reference rule on the relative L1 change of e0, warm-up and last step forced."""
     prev, acc = tc["e0"], tc["acc"]
@@ -150,8 +256,15 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
                  text_scale: float = 5.0, context_scale: float = 4.0, apg: bool = True, mesh=None,
                  mode: str = "cs_cfg", cache: str | None = None, cache_threshold: float = 0.2, rules=None,
                  progress: Callable[[np.ndarray], None] | None = None, teacache_poly=TEACACHE_POLY_14B):
-    """The jitted sampler `sampler(params, adapters, source_latents, context, text, null_text, key, text_lens=None,
-    null_text_lens=None, null_context=None, keep_latents=None) -> latents [B, f, h, w, 16]` (fp32).
+    """The compiled sampler (a `Sampler`) `sampler(params, adapters, source_latents, context, text, null_text, key,
+    text_lens=None, null_text_lens=None, null_context=None, keep_latents=None, text_scale=None,
+    context_scale=None) -> latents [B, f, h, w, 16]` (fp32).
+
+    Static (compiled in; a new value is a new make_sampler and a new compile): cfg, solver, steps, shift, skip,
+    apg, mode, cache, cache_threshold, mesh, rules, progress, teacache_poly. Traced (call-time inputs):
+    text_scale and context_scale, real scalars passed as f32[]; the values given here are only their defaults,
+    so any scales, called in any order, share one compile. The number of guidance branches depends on `mode`
+    only, never on the scale values (a scale of 1 or 0 still runs every branch of the mode).
 
     source_latents: normalised VAE latents of the source [B, f, h, w, 16] (the reactive latent E(src));
     context: [B, f, h, w, 96] = [E(0) | E(src) | mask]; text: [B, L, text_dim] and null_text: [B or 1, L', text_dim]
@@ -174,6 +287,7 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
         raise ValueError(f"cache must be None or 'teacache', got {cache!r}")
     if not 0 <= skip < steps:
         raise ValueError(f"skip must be in [0, steps) = [0, {steps}), got {skip}")
+    _scale("text_scale", text_scale), _scale("context_scale", context_scale)  # bad defaults fail here, not later
     sch = schedulers.make(solver, steps=steps, shift=shift)
     sigmas = np.asarray(sch.sigmas, np.float32)
     ts = np.asarray(sch.timesteps, np.float32)
@@ -187,17 +301,19 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
         return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(mesh, _batch_spec(mesh, rules, a)))
 
     def run(params, adapters, source_latents, context, text, null_text, key, text_lens=None, null_text_lens=None,
-            null_context=None, keep_latents=None):
+            null_context=None, keep_latents=None, *, text_scale, context_scale):
         _check(cfg, source_latents, context, text, null_text, null_context, mode)
+        scales = (_scale("text_scale", text_scale), _scale("context_scale", context_scale))  # traced f32[]
         if mesh is not None:
             with sharding.rules_context(mesh, rules, inside_jit=True):
                 return _run(params, adapters, source_latents, context, text, null_text, key, text_lens,
-                            null_text_lens, null_context, keep_latents)
+                            null_text_lens, null_context, keep_latents, scales)
         return _run(params, adapters, source_latents, context, text, null_text, key, text_lens, null_text_lens,
-                    null_context, keep_latents)
+                    null_context, keep_latents, scales)
 
     def _run(params, adapters, source_latents, context, text, null_text, key, text_lens, null_text_lens,
-             null_context, keep_latents):
+             null_context, keep_latents, scales):
+        s_text, s_ctx = scales
         if mesh is not None:
             params = jax.lax.with_sharding_constraint(
                 params, sharding.tree_shardings(wan.param_axes(cfg), mesh, rules, wan.param_shapes(cfg)))
@@ -256,8 +372,8 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
                 tc = {"e0": e0, "acc": acc, "v": v_all}
             else:
                 v_all = velocities(x, k)
-            v, g_state = guidance.combine(mode, v_all, text_scale=text_scale, context_scale=context_scale,
-                                          apg=apg, state=g_state)
+            v, g_state = guidance.combine(mode, v_all, text_scale=s_text, context_scale=s_ctx, apg=apg,
+                                          state=g_state)
             x, sch_state = sch.step(sch_state, x, v.astype(f32), k)
             x = pin(x, sig_j[k + 1])
             if progress is not None:
@@ -274,7 +390,7 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
         (x, *_), _ = jax.lax.scan(body, carry, jnp.arange(skip, steps))
         return x
 
-    return jax.jit(run)
+    return Sampler(jax.jit(run), text_scale, context_scale)
 
 
 # ------------------------------------------------------------------------------------------------- Stylizer
@@ -395,14 +511,17 @@ class Stylizer:
         return cls(cfg, params, adapters, vae_cfg, vae_params, text_cfg, text_params, tok, mesh=mesh, rules=rules)
 
     # ---------------------------------------------------------------------------------------------- pieces
-    def sampler(self, **settings):
-        """The jitted sampler for these settings (make_sampler's keywords), compiled once per setting."""
+    def sampler(self, **settings) -> Sampler:
+        """The sampler for these settings (make_sampler's keywords; progress: True/False). Samplers are cached by
+        the static settings only: text_scale / context_scale (CALL_TIME_SETTINGS) become the returned sampler's
+        call-time defaults, so every scale pair of one static setting shares one compile."""
+        scales = {k: settings.pop(k) for k in CALL_TIME_SETTINGS if k in settings}
         key = tuple(sorted(settings.items()))
         if key not in self._samplers:
             progress = self._on_step if settings.pop("progress", False) else None
             self._samplers[key] = make_sampler(self.cfg, mesh=self.mesh, rules=self.rules, progress=progress,
                                                **settings)
-        return self._samplers[key]
+        return self._samplers[key].with_scales(**scales)
 
     def _on_step(self, k):
         if self._bar is not None:
@@ -460,7 +579,7 @@ class Stylizer:
         settings = dict(solver=solver, steps=int(steps), shift=float(shift), skip=int(skip),
                         text_scale=float(text_scale), context_scale=float(context_scale), apg=bool(apg), mode=mode,
                         cache=cache, cache_threshold=float(cache_threshold), progress=bool(progress))
-        sampler = self.sampler(**settings)  # validates the settings; compiles only on first call
+        sampler = self.sampler(**settings)  # validates the settings; compiles once per static setting
         n_in, h_in, w_in, _ = frames.shape
         plan = sizing.plan(n_in, h_in, w_in, size=size, max_frames=max_frames, keep_frames=long == "chunked")
         if long == "chunked":

@@ -14,24 +14,20 @@ the flow draw of flow.py, loss = mean_b(w_b * mse_b), gradient w.r.t. the LoRA, 
 The run (`run`): distributed init, mesh and rules from the config, base models loaded (or randomly initialised)
 straight into their shardings, every caption encoded once into the embedding cache before step 1 (umT5 then
 leaves device memory), Orbax checkpoints of state + PRNG key + Grain iterator every `checkpoint_every` steps and on
-SIGTERM/SIGINT, automatic resume, metrics.jsonl, and the LoRA exported at the end (checkpoint dir and .pth).
+SIGTERM/SIGINT, automatic resume, metrics.jsonl, and the LoRA exported at the end (checkpoint dir, PickStyle .pth
+and PEFT safetensors).
 Config schema: `default_config()`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import io
 import json
 import math
-import os
 import signal
-import struct
 import sys
 import time
 import types
-import zipfile
 from pathlib import Path
 
 import jax
@@ -294,81 +290,8 @@ def jit_train_step(setup: Setup, mesh, rules, base_sh, state_sh, batch_sh):
 
 
 def rules_context(mesh, rules):
-    """Mesh + Flax logical-axis rules active while the step is traced (binds the model's activation constraints)."""
-    from flax import nnx
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh)
-    stack.enter_context(nnx.logical_axis_rules(sharding.flax_rules(rules, mesh)))
-    return stack
-
-
-# ------------------------------------------------------------------------------------------------- export
-def _pickle_tensor_dict(tensors: dict) -> bytes:
-    """The pickle torch.save writes for {name: float32 tensor} (protocol 2; storages as persistent ids "0", "1",
-    ...), written opcode by opcode so that no torch is needed. torch.load(weights_only=True) reads it."""
-    out = io.BytesIO()
-    w = out.write
-
-    def text(s):
-        b = s.encode()
-        w(b"X" + struct.pack("<I", len(b)) + b)
-
-    def integer(v):
-        w(b"J" + struct.pack("<i", int(v)))
-
-    def tup(values):
-        w(b"(")
-        for v in values:
-            integer(v)
-        w(b"t")
-
-    w(b"\x80\x02}(")
-    for i, (name, a) in enumerate(tensors.items()):
-        text(name)
-        w(b"ctorch._utils\n_rebuild_tensor_v2\n(")
-        w(b"(")
-        text("storage")
-        w(b"ctorch\nFloatStorage\n")
-        text(str(i))
-        text("cpu")
-        integer(a.size)
-        w(b"tQ")  # persistent id tuple -> storage
-        integer(0)
-        tup(a.shape)
-        tup([int(np.prod(a.shape[k + 1:])) for k in range(a.ndim)])
-        w(b"\x89ccollections\nOrderedDict\n)R")  # requires_grad=False, backward hooks = OrderedDict()
-        w(b"tR")
-    w(b"u.")
-    return out.getvalue()
-
-
-def write_torch_state_dict(path, tensors: dict) -> Path:
-    """A torch.save-compatible zip file of float32 tensors ({name: np.ndarray}), written without torch."""
-    path = Path(path)
-    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
-    root = path.stem.replace(".", "_") or "archive"
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
-        z.writestr(f"{root}/data.pkl", _pickle_tensor_dict(tensors))
-        z.writestr(f"{root}/byteorder", "little")
-        for i, a in enumerate(tensors.values()):
-            z.writestr(f"{root}/data/{i}", a.astype("<f4").tobytes())
-        z.writestr(f"{root}/version", "3\n")
-    tmp.replace(path)
-    return path
-
-
-def pickstyle_state_dict(adapters: lora_lib.Lora) -> dict:
-    """PickStyle's .pth layout: module.<path>.lora_{A,B}.consistency.weight, torch [r, in] / [out, r]."""
-    out = {}
-    for path in lora_lib.adapter_paths(adapters):
-        node = adapters.params
-        for part in path.split("."):
-            node = node[part]
-        for which in ("A", "B"):
-            out[f"module.{path}.lora_{which}.consistency.weight"] = np.asarray(node[which], np.float32).T
-    return out
+    """Mesh + logical-axis rules active while the step is traced (`sharding.rules_context`: required)."""
+    return sharding.rules_context(mesh, rules)
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -613,13 +536,16 @@ def _trim_metrics(path: Path, last_step: int):
 
 
 def export_lora(workdir, adapters: lora_lib.Lora):
-    """DIR/lora (our checkpoint) and DIR/pickstyle_lora.pth (the official layout, written without torch)."""
-    from pickstyle_jax import checkpoints
+    """DIR/lora (our checkpoint), DIR/pickstyle_lora.pth (PickStyle's layout) and DIR/lora.safetensors (PEFT/diffusers
+    layout with alpha/rank metadata, as `convert.lora --export` writes), the last two without torch (lora_export)."""
+    from pickstyle_jax import checkpoints, lora_export
 
     workdir = Path(workdir)
     adapters = lora_lib.Lora(jax.tree.map(lambda x: np.asarray(x, np.float32), adapters.params), adapters.config)
-    checkpoints.save_lora(workdir / "lora", adapters)
-    write_torch_state_dict(workdir / "pickstyle_lora.pth", pickstyle_state_dict(adapters))
+    checkpoints.save_lora(workdir / "lora", adapters)  # collective: every process calls export_lora
+    if jax.process_index() == 0:
+        lora_export.write_pickstyle_pth(workdir / "pickstyle_lora.pth", adapters)
+        lora_export.write_peft_safetensors(workdir / "lora.safetensors", adapters)
     return workdir / "lora"
 
 
@@ -778,10 +704,13 @@ def run(config, workdir) -> int:
     if code == 0 and saved != step:
         _save(mgr, step, state, step_key, it)
     mgr.close()
+    if code == 0:  # every process: the LoRA may be split across hosts, and the Orbax save is collective
+        from jax.experimental import multihost_utils
+
+        out = export_lora(workdir, lora_lib.Lora(multihost_utils.process_allgather(state["lora"], tiled=True), lcfg))
     if code == 0 and main_proc:
-        out = export_lora(workdir, lora_lib.Lora(jax.device_get(state["lora"]), lcfg))
-        print(f"done: step {step}; LoRA in {out} and {workdir / 'pickstyle_lora.pth'}; PEFT safetensors: "
-              f"python -m convert.lora --export {out} --dst {workdir / 'lora.safetensors'}", flush=True)
+        print(f"done: step {step}; LoRA in {out}, {workdir / 'pickstyle_lora.pth'} (PickStyle) and "
+              f"{workdir / 'lora.safetensors'} (PEFT / diffusers)", flush=True)
     return code
 
 

@@ -1,6 +1,7 @@
 """The evaluator end to end: tiny random checkpoints + a tiny LoRA written as a training run, one held-out clip,
-two sampler steps (numbers exist, shapes right, files written); the ablation tables and the report writers with a
-stand-in stylizer (no compiles)."""
+two sampler steps, with the ablations (numbers exist, shapes right, files written, one compile per static sampler
+setting: the scale grid compiles nothing); the ablation tables, warm timing and the report writers with a stand-in
+stylizer (no compiles)."""
 import json
 
 import numpy as np
@@ -40,9 +41,12 @@ def run_dir(tmp_path_factory):
     return root
 
 
-def test_end_to_end_tiny_run(run_dir, capsys):
+def test_end_to_end_tiny_run(run_dir, capsys, monkeypatch):
+    built = []
+    load = evaluate.load_stylizer
+    monkeypatch.setattr(evaluate, "load_stylizer", lambda *a, **k: built.append(load(*a, **k)) or built[-1])
     assert evaluate.main(["--workdir", str(run_dir), "--clips", "1", "--steps", "2", "--skip", "0",
-                          "--timing", "cold"]) == 0
+                          "--timing", "cold", "--ablations"]) == 0
     printed = capsys.readouterr().out
     assert "| cs_cfg |" in printed and "| per_frame |" in printed
     out = run_dir / "eval"
@@ -71,6 +75,21 @@ def test_end_to_end_tiny_run(run_dir, capsys):
     ours, _ = video.read(out / "stylized.mp4")
     sbs, _ = video.read(out / "side_by_side.mp4")
     assert ours.shape == (F, H, W, 3) and sbs.shape == (F, H, 3 * W, 3)
+    # ablations (steps 2: the skip table is skip 0 only), every row measured
+    ab = result["ablations"]
+    assert [len(ab[k]) for k in ("scales", "skip", "apg", "modes", "cache")] == [9, 1, 2, 3, 2]
+    for r in (r for rows_ in ab.values() for r in rows_):
+        assert np.isfinite(r["psnr"]) and r["s_per_step"] > 0 and r["steps"] == 2
+    assert len({r["psnr"] for r in ab["scales"]}) == 9  # the call-time scales really differ
+    # compiles: one sampler per static setting (cs_cfg, text, none, apg off, text_context, teacache), one program
+    # per clip shape (cs_cfg also runs one-frame clips for per_frame); the 9 scale pairs reuse cs_cfg's program
+    # (with make-time scales they were 8 more)
+    (stylizer,) = built
+    programs = sum(s._cache_size() for s in stylizer._samplers.values())
+    assert len(stylizer._samplers) == 6 and programs == 7 == result["sampler_compiles"], (
+        len(stylizer._samplers), programs, result["sampler_compiles"])
+    assert result["settings"]["s_per_step_excludes_compile"] is False  # --timing cold
+    assert "All scale pairs run one compiled sampler" in md
 
 
 class _Fake:
@@ -107,13 +126,28 @@ def test_ablations_and_reports_with_a_stand_in(tmp_path):
     assert ab["cache"][1]["cache"] == "teacache"
     assert all(r["s_per_step"] > 0 for rows_ in ab.values() for r in rows_)
     # identical settings are sampled once (the default setting appears in several tables): 2 clips, no rerun, as
-    # clip 1's call is warm; a new setting on the single ablation clip is called twice (cold, then the timed rerun)
+    # clip 1's call is warm; a new static setting on the single ablation clip is called twice (cold, then the timed
+    # rerun); a new scale pair reuses the default setting's compile, so its one call is warm and timed
     def calls(**want):
         return sum(c["frames"] == F and all(c[k] == v for k, v in want.items()) for c in fake.calls)
 
     default = dict(mode="cs_cfg", text_scale=5.0, context_scale=4.0, skip=4, apg=True, cache=None)
     assert calls(**default) == 2
-    assert calls(**{**default, "text_scale": 1.0, "context_scale": 1.0}) == 2
+    assert calls(**{**default, "text_scale": 1.0, "context_scale": 1.0}) == 1
+    assert calls(**{**default, "apg": False}) == 2 and calls(**{**default, "skip": 2}) == 2
+    # warm timing: the first, compiling call of a compiled sampler (here the fake's 0.02 s first call) is never
+    # timed, so every row reads the fake's 0.01 s per call
+    for r in [*res["rows"], *(r for rows_ in ab.values() for r in rows_)]:
+        if r["steps"]:
+            per_call = 0.01 * (F if r.get("method") == "per_frame" else 1)
+            assert r["s_per_step"] == pytest.approx(per_call / r["steps"]), r
+    assert res["settings"]["s_per_step_excludes_compile"] is True
+    # compiled samplers: (cs_cfg, text, none) x clip + cs_cfg x one frame; skip 0, 2, 6, APG off, text_context,
+    # TeaCache; none for the 8 new scale pairs
+    assert res["sampler_compiles"] == 4 + 6
+    from pickstyle_jax import sample
+
+    assert evaluate.CALL_TIME == sample.CALL_TIME_SETTINGS  # what the evaluator counts as one compile
     md = (tmp_path / "ev" / "results.md").read_text()
     for name in ab:
         assert f"## Ablation: {name}" in md

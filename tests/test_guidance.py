@@ -1,5 +1,5 @@
 """Guidance: CS-CFG with APG against an independent float64 NumPy rendering over threaded state, the APG limit
-properties, the plain two-condition form, the two-branch modes and the by-name entry point."""
+properties, the plain two-condition form, the two-branch modes, the by-name entry point, and traced scales."""
 import functools
 import math
 
@@ -159,6 +159,32 @@ def test_combine_by_name(seed):
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), new_state, want_state)
     v, _ = guidance.combine("none", vs[0])
     np.testing.assert_array_equal(v, vs[0])
+
+
+def test_traced_scales_one_trace_same_values(seed):
+    # scales as jit arguments: one trace serves every value (0 and 1 included: no branch is skipped), and each
+    # result equals the eager Python-float one; mode and apg stay static
+    r = np.random.default_rng(seed)
+    vs = jnp.concatenate(branches(r), axis=0)
+    state = {"text": jnp.asarray(branches(r, 1)[0]), "context": jnp.asarray(branches(r, 1)[0])}
+    traces = []
+
+    def guided(mode, apg, s_t, s_c):
+        traces.append((mode, apg))
+        return guidance.combine(mode, vs[: guidance.MODES[mode] * SHAPE[0]], text_scale=s_t, context_scale=s_c,
+                                apg=apg, state=state)
+
+    step = jax.jit(guided, static_argnums=(0, 1))
+    for mode in ("cs_cfg", "text"):
+        for apg in (True, False):
+            n = len(traces)
+            for s_t, s_c in ((5.0, 4.0), (1.0, 0.0), (0.0, 1.0), (2.5, -1.0)):
+                v, new_state = step(mode, apg, jnp.float32(s_t), jnp.float32(s_c))
+                want_v, want_state = guided(mode, apg, s_t, s_c)  # eager, Python floats
+                np.testing.assert_allclose(v, want_v, rtol=1e-5, atol=1e-6 * np.abs(want_v).max())
+                jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), new_state,
+                             want_state)
+            assert len(traces) == n + 1 + 4, (mode, apg)  # one trace, plus the 4 eager calls
 
 
 def test_bad_input():

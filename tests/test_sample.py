@@ -1,5 +1,5 @@
 """The jitted sampler: batched branches = separate forwards + guidance + solver, seeds, the null-context
-permutation, jax.export, TeaCache, and the null text."""
+permutation, jax.export, TeaCache, call-time (traced) guidance scales, and the null text."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pickstyle_jax import guidance, lora, sample, schedulers
-from pickstyle_jax.models import wan
+from pickstyle_jax.models import vae, wan
 
 ROOT = str(Path(__file__).resolve().parents[1])
 SHARED_PROMPT = Path(__file__).resolve().parents[2] / "shared" / "wan_negative_prompt.txt"
@@ -105,7 +105,56 @@ def test_export(world):
         sds(w["params"]), sds(w["adapters"]), sds(w["src"]), sds(w["ctx"]), sds(w["text"]), sds(w["null"]),
         jax.ShapeDtypeStruct((2,), jnp.uint32), **sds(w["lens"]))  # a raw uint32 key is accepted too
     assert exported.out_avals[0].shape == (*SHAPE, 16)
+    scalars = [a for a in exported.in_avals if a.shape == () and a.dtype == jnp.float32]
+    assert len(scalars) == 2  # text_scale and context_scale: inputs of the exported program, not constants
     assert "stablehlo.while" in exported.mlir_module()  # one scan, not an unrolled loop
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_call_time_scales_equal_make_time_scales(world):
+    w = world
+    made = sample.make_sampler(CFG, steps=3, skip=1, text_scale=2.0, context_scale=3.5)
+    want = _run(w, made, key=4)
+    got = _run(w, key=4, text_scale=2.0, context_scale=3.5)  # the default-scale sampler, scales at call time
+    print("call-time vs make-time scales, max rel difference", _rel(got, want))
+    assert _rel(got, want) <= 1e-6
+    default = _run(w, key=4)
+    assert _rel(got, default) > 1e-3  # the call-time scales took effect ...
+    back = _run(w, made, key=4, text_scale=5.0, context_scale=4.0)
+    assert _rel(back, default) <= 1e-6  # ... and override make-time ones the same way
+
+
+def test_scales_share_one_compile(world, monkeypatch):
+    # a Python side effect of tracing the scan body: a retrace for new scale values would run it again
+    traces, combine = [], guidance.combine
+    monkeypatch.setattr(guidance, "combine", lambda *a, **k: traces.append(k["text_scale"]) or combine(*a, **k))
+    s = sample.make_sampler(CFG, steps=3, skip=1)
+    pairs = [(1.0, 2.5), (np.float32(3), 4), (jnp.asarray(7.5), np.float64(0.0))]  # any real scalar type
+    outs = [_run(world, s, key=5, text_scale=pairs[0][0], context_scale=pairs[0][1])]
+    n_traces = len(traces)
+    assert n_traces >= 1 and all(isinstance(t, jax.core.Tracer) for t in traces)  # traced, not baked in
+    outs += [_run(world, s, key=5, text_scale=ts, context_scale=cs) for ts, cs in pairs[1:]]
+    outs.append(_run(world, s, key=5))  # the make-time defaults: the same program too
+    assert len(traces) == n_traces, "new scale values retraced the sampler"
+    assert s._cache_size() == 1, "new scale values recompiled the sampler"
+    for i in range(len(outs)):
+        for j in range(i):
+            assert _rel(outs[i], outs[j]) > 1e-3, (i, j)  # every pair really ran with its own scales
+    # the same for a sampler made with other default scales from it, e.g. the Stylizer's per-call ones
+    _run(world, s.with_scales(text_scale=2.0), key=5)
+    assert len(traces) == n_traces and s._cache_size() == 1
+
+
+def test_stylizer_caches_samplers_without_the_scales():
+    st = sample.Stylizer(CFG, None, None, vae.VaeConfig.named("tiny"), None, None, None, None)
+    a = st.sampler(steps=3, skip=1, text_scale=1.0, context_scale=2.5)
+    b = st.sampler(steps=3, skip=1, text_scale=3.0, context_scale=4.0)
+    c = st.sampler(steps=3, skip=2, text_scale=3.0, context_scale=4.0)
+    assert a._jit is b._jit and a._jit is not c._jit and len(st._samplers) == 2  # one compile per static setting
+    assert (float(a.text_scale), float(a.context_scale), float(b.text_scale)) == (1.0, 2.5, 3.0)
 
 
 def test_used_inside_user_jit(world):
@@ -168,6 +217,18 @@ def test_input_errors(world):
         sample.make_sampler(CFG, steps=3, skip=3)
     with pytest.raises(ValueError, match="mode"):
         sample.make_sampler(CFG, mode="cfg")
+    call = lambda **kw: w["sampler"](w["params"], None, w["src"], w["ctx"], w["text"], w["null"],  # noqa: E731
+                                     jax.random.key(0), **kw)
+    with pytest.raises(ValueError, match="text_scale must be a scalar"):
+        call(text_scale=np.ones(2))
+    with pytest.raises(TypeError, match="context_scale must be a real scalar"):
+        call(context_scale="4")
+    with pytest.raises(TypeError, match="text_scale must be a real scalar"):
+        call(text_scale=True)
+    with pytest.raises(ValueError, match="context_scale must be finite"):
+        call(context_scale=float("nan"))
+    with pytest.raises(ValueError, match="text_scale must be a scalar"):
+        sample.make_sampler(CFG, text_scale=np.full((1,), 5.0))
 
 
 def test_negative_prompt():
@@ -184,7 +245,7 @@ _MESH_CHILD = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from pickstyle_jax import sample, sharding
-    from pickstyle_jax.models import wan
+    from pickstyle_jax.models import vae, wan
     cfg = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0,))
     rng = np.random.default_rng(int(sys.argv[1]))
     params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape, dtype=np.float32)),

@@ -1,4 +1,5 @@
-"""Training: the flow-matching grid, the step (loss falls), bad configs, plan, kill-and-resume, the .pth export.
+"""Training: the flow-matching grid, the step (loss falls), bad configs, plan, kill-and-resume, the .pth and
+.safetensors exports.
 
 Runs of `python -m pickstyle_jax.train` are subprocesses on the tiny config; they share one persistent compilation
 cache so that only the first pays for compiling.
@@ -238,6 +239,21 @@ def test_kill_and_resume_match_the_straight_run(tmp_path):
         assert ours[k].dtype == torch.float32 and ours[k].shape == ref[k].shape
         np.testing.assert_array_equal(ours[k].numpy(), ref[k].numpy())
     back = convert_lora.import_lora(straight / "pickstyle_lora.pth")
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, back.params), _lora(straight))
+
+    # So does the PEFT/diffusers lora.safetensors (also torch-free): the keys and fp32 arrays of
+    # `python -m convert.lora --export`, and it imports back bit-exact with the run's rank and alpha.
+    from safetensors.numpy import load_file
+
+    trained = checkpoints.load_lora(straight / "lora")
+    convert_lora.export_lora(trained, tmp_path / "ref.safetensors")
+    ours, ref = load_file(str(straight / "lora.safetensors")), load_file(str(tmp_path / "ref.safetensors"))
+    assert sorted(ours) == sorted(ref) and len(ours) == 2 * 3 * 2
+    for k in ref:
+        assert ours[k].dtype == np.float32 and ours[k].shape == ref[k].shape
+        np.testing.assert_array_equal(ours[k], ref[k])
+    back = convert_lora.import_lora(straight / "lora.safetensors")
+    assert (back.config.rank, back.config.alpha) == (trained.config.rank, trained.config.alpha)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, back.params), _lora(straight))
     assert (straight / "config.json").is_file() and json.loads((straight / "config.json").read_text())["model"]
 

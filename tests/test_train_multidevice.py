@@ -45,6 +45,14 @@ _SHARDED = _PRELUDE + textwrap.dedent("""
     host = jax.device_get((tr.base, tr.state, batch, tr.step_key))
     dev0 = jax.devices()[0]
     ref_state, ref_m = jax.jit(functools.partial(train.train_step, tr.setup))(*jax.device_put(host, dev0))
+    # the LoRA gradients themselves (what a mis-partitioned backward gets wrong), then the full step
+    grads = lambda base, st, bt, key: train._grads(tr.setup, st["lora"], base, bt, jax.random.fold_in(key, st["step"]))
+    _, g_ref = jax.jit(grads)(*jax.device_put(host, dev0))
+    with train.rules_context(tr.mesh, tr.rules):
+        _, g_got = jax.jit(grads)(tr.base, tr.state, batch, tr.step_key)
+    g_errs = [rel(a, b) for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)) if np.abs(b).max() > 0]
+    print("max relative error of the LoRA gradients:", max(g_errs))
+    assert g_errs and max(g_errs) < 1e-5, max(g_errs)
     state, m = tr.step_fn(tr.base, tr.state, batch, tr.step_key)  # tr.state is donated here
     print("loss sharded", float(m["loss"]), "single", float(ref_m["loss"]))
     assert rel(m["loss"], ref_m["loss"]) < 1e-5
@@ -54,7 +62,8 @@ _SHARDED = _PRELUDE + textwrap.dedent("""
     d_ref = jax.tree.map(lambda x, y: np.asarray(x) - y, ref_state["lora"], before)
     errs = jax.tree.leaves(jax.tree.map(rel, d_got, d_ref))
     print("max relative error of the LoRA update:", max(errs))
-    assert max(errs) < 1e-4, max(errs)
+    # Adam's first step is ~lr * g / (|g| + eps): entries with |g| near eps amplify fp32 rounding ~1e4-fold
+    assert max(errs) < 1e-3, max(errs)
     assert all(float(np.abs(x).max()) > 0 for x in jax.tree.leaves(d_got))  # every LoRA leaf moved
     # the frozen base is bit-identical after the step (never donated, never updated)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(tr.base), host[0])

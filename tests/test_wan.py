@@ -136,7 +136,8 @@ def test_chunked_attention_forward_equals_xla(vace_setup, jit_forward):
     cfg, _, params = vace_setup
     x, t, text, ctx = make_inputs(cfg, **SMALL)
     ref = jit_forward(cfg, params, x, t, text, ctx)
-    # query blocks of 5 over S = 12 (padded last block) and keys streamed in blocks of 5; plain query chunking
+    # query blocks of 5 over S = 12 (padded last block) in self- and cross-attention (with the text fold's
+    # bias), keys streamed in blocks of 5 (each key step rematerialised); plain query chunking
     # is covered by test_chunked_attention_equals_xla
     out = jit_forward(cfg.replace(attention="chunked", attention_chunk=5, attention_kv_chunk=5),
                       params, x, t, text, ctx)

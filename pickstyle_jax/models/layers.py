@@ -163,7 +163,10 @@ def _attend(q_BNSK, k_BNTK, v_BNTK, bias_BT):
 
 
 def _attend_online(q_BNSK, k_BNTK, v_BNTK, bias_BT, kv_chunk):
-    """Key-chunked online softmax (flash-attention recurrence); never holds more than [B, N, S, kv_chunk]."""
+    """Key-chunked online softmax (flash-attention recurrence); never holds more than [B, N, S, kv_chunk].
+
+    Each key step is rematerialised: its backward recomputes the [B, N, S, kv_chunk] logits from the carry
+    instead of saving them for every key chunk (which cost 10 x 5 GiB per device in the 14B plan)."""
     b, n, s, kd = q_BNSK.shape
     t = k_BNTK.shape[2]
     n_chunks = -(-t // kv_chunk)
@@ -174,6 +177,7 @@ def _attend_online(q_BNSK, k_BNTK, v_BNTK, bias_BT, kv_chunk):
     k_chunks, v_chunks = (jnp.moveaxis(jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0)))
                                        .reshape(b, n, n_chunks, kv_chunk, kd), 2, 0) for a in (k_BNTK, v_BNTK))
 
+    @jax.checkpoint
     def step(carry, xs):
         acc_BNSK, row_max_BNS1, denom_BNS1 = carry
         bias_c, k_c, v_c = xs
@@ -440,6 +444,9 @@ def constrain(x, axes):
 def gathered(w, axes):
     """A parameter as a layer uses it: FSDP-gathered (every axis but heads / mlp replicated), tensor-parallel
     axes kept. A no-op outside `axis_rules` (see `constrain`)."""
+    # first pinned to its stored (sharded) layout, so that the gather stays here: without that anchor XLA
+    # propagates the gathered layout back into the scanned stack and gathers every layer up front
+    w = constrain(w, axes)
     return constrain(w, tuple(a if a in _SHARDED_OUT else None for a in axes))
 
 

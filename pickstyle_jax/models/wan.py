@@ -224,9 +224,11 @@ class Attention(nnx.Module):
         k_BLD = self.norm_k(_lin(ctx, self.k, ctx.text_BLD, lp, "k", out_dtype=f32))
         v_BLD = _lin(ctx, self.v, ctx.text_BLD, lp, "v")
         split = lambda a: a.reshape(b, a.shape[1], cfg.num_heads, cfg.head_dim).astype(ctx.dtype)
-        # <= 513 text keys: the plain path is cheap, and it takes the fold's logit bias
-        out_BSNK = layers.attention(split(q_BSD), split(k_BLD), split(v_BLD), implementation="xla", scale=1.0,
-                                    key_bias=ctx.text_bias)
+        # <= 513 text keys: no key blocks needed, but long videos take query blocks (the [B, N, S, 513] fp32
+        # logits of 81 x 480 x 832 are 2.5 GiB per copy at 14B); both paths take the fold's logit bias
+        impl = "chunked" if s > cfg.attention_chunk and cfg.attention != "xla" else "xla"
+        out_BSNK = layers.attention(split(q_BSD), split(k_BLD), split(v_BLD), implementation=impl, scale=1.0,
+                                    key_bias=ctx.text_bias, chunk_size=cfg.attention_chunk)
         return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
 
 
