@@ -145,7 +145,7 @@ def main(argv=None):
                                 (5.6e-4, 0.9, 0.999, 1e-8, 0.01, 1.0))
             state = train.init_state(setup, jax.tree.map(jnp.copy, lora_params))
             step = jax.jit(functools.partial(train.train_step, setup), donate_argnums=(1,))
-            with train.rules_context(mesh, rules):
+            with sharding.rules_context(mesh, rules):
                 t0 = time.perf_counter()
                 compiled = step.lower(base, state, batch, step_key).compile()
             compile_s = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 FORMAT = 1
 
@@ -65,8 +66,6 @@ def _tmp_token() -> str:
     """A random suffix every process agrees on (Orbax saves collectively into one directory)."""
     token = uuid.uuid4().int % (1 << 31)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         token = int(multihost_utils.broadcast_one_to_all(np.int32(token)))
     return f"{token:08x}"
 
@@ -102,8 +101,6 @@ def save(path, cfg, params, *, kind: str, extra: dict | None = None, overwrite: 
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(f"pickstyle_jax checkpoint {path}")
     return path
 

@@ -105,7 +105,7 @@ def plan(config, n_devices: int) -> dict:
               f"{str(x.sharding.spec):30s} {x.sharding.shard_shape(x.shape)}")
 
     t0 = time.perf_counter()
-    with train.rules_context(mesh, rules):
+    with sharding.rules_context(mesh, rules):
         compiled = train.jit_train_step(setup, mesh, rules, jax.tree.map(lambda x: x.sharding, base),
                                         jax.tree.map(lambda x: x.sharding, state), batch_sh).lower(
             base, state, batch, key).compile()

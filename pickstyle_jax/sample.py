@@ -32,6 +32,7 @@ starts fresh in every sampler call. It is an approximation; leave it off for par
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.resources
 import numbers
@@ -304,12 +305,10 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
             null_context=None, keep_latents=None, *, text_scale, context_scale):
         _check(cfg, source_latents, context, text, null_text, null_context, mode)
         scales = (_scale("text_scale", text_scale), _scale("context_scale", context_scale))  # traced f32[]
-        if mesh is not None:
-            with sharding.rules_context(mesh, rules, inside_jit=True):
-                return _run(params, adapters, source_latents, context, text, null_text, key, text_lens,
-                            null_text_lens, null_context, keep_latents, scales)
-        return _run(params, adapters, source_latents, context, text, null_text, key, text_lens, null_text_lens,
-                    null_context, keep_latents, scales)
+        pins = contextlib.nullcontext() if mesh is None else sharding.rules_context(mesh, rules, inside_jit=True)
+        with pins:
+            return _run(params, adapters, source_latents, context, text, null_text, key, text_lens, null_text_lens,
+                        null_context, keep_latents, scales)
 
     def _run(params, adapters, source_latents, context, text, null_text, key, text_lens, null_text_lens,
              null_context, keep_latents, scales):

@@ -17,10 +17,11 @@ Typical use (eval_shape -> shardings -> jit(init, out_shardings=...)):
     shardings = sharding.tree_shardings(wan.param_axes(cfg), mesh, rules, wan.param_shapes(cfg))
     params = jax.jit(functools.partial(wan.init, cfg), out_shardings=shardings)(rng)
 
-Activation constraints inside the model bind through Flax's logical-axis rules context:
+A sharded model function must be traced inside `rules_context`, which binds the models' activation pins and
+per-layer FSDP gathers (its docstring says why they are required):
 
-    with mesh, nnx.logical_axis_rules(sharding.flax_rules(rules, mesh)):
-        step = jax.jit(...)
+    with sharding.rules_context(mesh, rules):
+        step = jax.jit(...).lower(...).compile()
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from pickstyle_jax import flow, lora as lora_lib, sharding
 from pickstyle_jax.data import pipeline
@@ -289,11 +290,6 @@ def jit_train_step(setup: Setup, mesh, rules, base_sh, state_sh, batch_sh):
                    out_shardings=(state_sh, rep), donate_argnums=(1,))
 
 
-def rules_context(mesh, rules):
-    """Mesh + logical-axis rules active while the step is traced (`sharding.rules_context`: required)."""
-    return sharding.rules_context(mesh, rules)
-
-
 # ------------------------------------------------------------------------------------------------- the run
 
 def init_distributed(d) -> None:
@@ -491,8 +487,6 @@ class _Signals:
         """The signal any process got (all processes must stop at the same step)."""
         if jax.process_count() == 1:
             return self.signum
-        from jax.experimental import multihost_utils
-
         return int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
 
 
@@ -598,7 +592,7 @@ def prepare(config, workdir, say=lambda msg: None) -> types.SimpleNamespace:
               f"base params {count(dit) / 1e6:.2f} M DiT + {count(vparams) / 1e6:.2f} M VAE; "
               f"LoRA {count(lora_params) / 1e6:.3f} M trainable; {tokens} tokens per step; steps to {total}")
     say("state ready; compiling the train step")
-    with rules_context(mesh, rules):
+    with sharding.rules_context(mesh, rules):
         t0 = time.perf_counter()
         step_fn = jit_train_step(setup, mesh, rules, base_sh, state_sh, batch_sh).lower(
             base, state, bshapes, step_key).compile()
@@ -705,8 +699,6 @@ def run(config, workdir) -> int:
         _save(mgr, step, state, step_key, it)
     mgr.close()
     if code == 0:  # every process: the LoRA may be split across hosts, and the Orbax save is collective
-        from jax.experimental import multihost_utils
-
         out = export_lora(workdir, lora_lib.Lora(multihost_utils.process_allgather(state["lora"], tiled=True), lcfg))
     if code == 0 and main_proc:
         print(f"done: step {step}; LoRA in {out}, {workdir / 'pickstyle_lora.pth'} (PickStyle) and "

@@ -20,7 +20,7 @@ _PRELUDE = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from absl import flags; flags.FLAGS.mark_as_parsed()
-    from pickstyle_jax import train
+    from pickstyle_jax import sharding, train
     from pickstyle_jax.data import pipeline
     assert jax.device_count() == 8, jax.devices()
     spec = importlib.util.spec_from_file_location("cfg", "configs/pickstyle.py")
@@ -48,7 +48,7 @@ _SHARDED = _PRELUDE + textwrap.dedent("""
     # the LoRA gradients themselves (what a mis-partitioned backward gets wrong), then the full step
     grads = lambda base, st, bt, key: train._grads(tr.setup, st["lora"], base, bt, jax.random.fold_in(key, st["step"]))
     _, g_ref = jax.jit(grads)(*jax.device_put(host, dev0))
-    with train.rules_context(tr.mesh, tr.rules):
+    with sharding.rules_context(tr.mesh, tr.rules):
         _, g_got = jax.jit(grads)(tr.base, tr.state, batch, tr.step_key)
     g_errs = [rel(a, b) for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)) if np.abs(b).max() > 0]
     print("max relative error of the LoRA gradients:", max(g_errs))

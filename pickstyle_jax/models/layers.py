@@ -35,7 +35,7 @@ def dense(x, p, *, dtype=f32, out_dtype=None, adapter=None, scale=1.0):
         y = y + p["bias"].astype(f32)
     if adapter is not None:
         down = jnp.einsum("...i,ir->...r", x, adapter["A"].astype(dtype), preferred_element_type=f32)
-        down = constrain(down, ("batch",) + ("length",) * (down.ndim - 2) + (None,)) if down.ndim >= 2 else down
+        down = _constrain_rows(down, None)
         up = jnp.einsum("...r,ro->...o", down.astype(dtype), adapter["B"].astype(dtype), preferred_element_type=f32)
         y = y + scale * up
     return y.astype(out_dtype or dtype)
@@ -371,7 +371,6 @@ class Dense(nnx.Module):
     def __init__(self, n_in, n_out, axes, *, rngs, kernel_init=xavier_uniform, param_dtype=f32, use_bias=True):
         self.kernel = param(kernel_init(rngs.params(), (n_in, n_out)).astype(param_dtype), axes)
         self.axes = tuple(axes)
-        self.out_axis = axes[1] if axes[1] in _SHARDED_OUT else None
         self.bias = param(jnp.zeros((n_out,), param_dtype), axes[1:]) if use_bias else None
 
     def as_dict(self) -> dict:
@@ -382,8 +381,8 @@ class Dense(nnx.Module):
 
     def __call__(self, x, *, dtype=f32, out_dtype=None, adapter=None, lora_scale=1.0):
         y = dense(x, self.as_dict(), dtype=dtype, out_dtype=out_dtype, adapter=adapter, scale=lora_scale)
-        # [batch, (length,) features]: split by batch, and over heads / mlp where the kernel's output axis is
-        return constrain(y, ("batch",) + ("length",) * (y.ndim - 2) + (self.out_axis,)) if y.ndim >= 2 else y
+        # split by batch, and over heads / mlp where the kernel's output axis is
+        return _constrain_rows(y, self.axes[1] if self.axes[1] in _SHARDED_OUT else None)
 
 
 class LayerNorm(nnx.Module):
@@ -439,6 +438,13 @@ def constrain(x, axes):
         used.update(names)
         spec.append(names[0] if len(names) == 1 else names)
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+def _constrain_rows(x, feature_axis):
+    """`constrain` for a [batch, (length, ...) features] activation; 0-d / 1-d arrays pass through."""
+    if x.ndim < 2:
+        return x
+    return constrain(x, ("batch",) + ("length",) * (x.ndim - 2) + (feature_axis,))
 
 
 def gathered(w, axes):
