@@ -90,11 +90,14 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="out/demo", help="where everything goes (default out/demo)")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="configs/demo.py[:tiny]")
     ap.add_argument("--clips", type=int, default=2, help="held-out clips to evaluate (default 2)")
-    # The paper's scales (5, 4) are calibrated for the 14B model; they over-drive the demo's 2.7 M-parameter
-    # backbone (measured on the demo: CS-CFG 11.8 dB PSNR at 5/4 against 16.5 dB at 2/1.5, copying the source 15.5).
-    ap.add_argument("--text-scale", type=float, default=2.0, help="CS-CFG text scale (default 2.0 for the demo)")
-    ap.add_argument("--context-scale", type=float, default=1.5,
-                    help="CS-CFG context scale (default 1.5 for the demo)")
+    # The paper's scales (5, 4) are calibrated for the 14B model. On the demo's 2.7 M-parameter backbone every scale
+    # above 1 lowers PSNR to the ground truth (measured on validation clips of world seed 1, 4 toon clips: copying
+    # the source 15.3 dB; CS-CFG 1/1 16.0, 2/1.5 14.2, 5/4 10.9): its conditional prediction already is the
+    # regression target of this deterministic world, so extrapolating away from it only overshoots. The demo
+    # therefore samples at 1/1, where CS-CFG reduces to its conditional branch; pass other scales to compare.
+    ap.add_argument("--text-scale", type=float, default=1.0, help="CS-CFG text scale (default 1.0 for the demo)")
+    ap.add_argument("--context-scale", type=float, default=1.0,
+                    help="CS-CFG context scale (default 1.0 for the demo)")
     ap.add_argument("--seed", type=int, default=0, help="held-out world seed of the evaluation")
     ap.add_argument("--no-eval", action="store_true", help="stop after training")
     a = ap.parse_args(argv)

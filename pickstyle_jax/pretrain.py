@@ -6,7 +6,9 @@ small base models, then trains the LoRA on them exactly as on real weights:
 
   umT5        a tiny random encoder with the byte tokenizer, frozen: a fixed text featuriser.
   autoencoder the Wan2.1 VAE architecture at small widths, trained for reconstruction (L1 + L2, fp32, Adam) on
-              source and stylised clips of the pretraining styles. The decoder reads the latent plus N(0, 0.1^2)
+              source and stylised clips of the pretraining styles, plus an L1 term on the frame differences of
+              the reconstruction error (`vae_temporal`): the causal VAE decodes frame 0 through another path than
+              frames 1-4, and without the term that seam dominated the temporal error of every decoded clip. The decoder reads the latent plus N(0, 0.1^2)
               noise, as a VAE with a fixed posterior variance, and an L2 term keeps the encoder near unit scale
               against it; so the decoder tolerates the imperfect latents a sampler produces. After training the
               latent mean/std per channel are measured and written into the saved VaeConfig (its
@@ -47,7 +49,7 @@ from pickstyle_jax.models import tokenizer as tok_lib
 from pickstyle_jax.models import umt5, vae, wan
 
 f32 = jnp.float32
-FORMAT = 1  # bump when the recipe changes, so old checkpoints are refitted
+FORMAT = 2  # bump when the recipe changes, so old checkpoints are refitted
 RECON_PREFIX = "Reconstruct."
 
 
@@ -165,7 +167,16 @@ class _Progress:
 
 
 # ------------------------------------------------------------------------------------------------ autoencoder
-def make_vae_step(vcfg: vae.VaeConfig, optimizer, latent_noise: float, latent_l2: float):
+def temporal_l1(err_BFHWC):
+    """Mean |e[t+1] - e[t]| of a reconstruction error e = rec - clip: zero when every frame carries the same error
+    (a steady blur or colour shift), large when frame 0 (the causal VAE's separate first-frame path) differs from
+    the rest. 0 for one-frame clips."""
+    if err_BFHWC.shape[1] < 2:
+        return jnp.zeros((), f32)
+    return jnp.mean(jnp.abs(jnp.diff(err_BFHWC, axis=1)))
+
+
+def make_vae_step(vcfg: vae.VaeConfig, optimizer, latent_noise: float, latent_l2: float, temporal_weight: float = 0.0):
     """A pure jitted step (params, opt_state, video uint8 [B, F, H, W, 3], key) -> (params, opt_state, metrics)."""
 
     def loss_fn(params, video, key):
@@ -176,8 +187,9 @@ def make_vae_step(vcfg: vae.VaeConfig, optimizer, latent_noise: float, latent_l2
         d = rec - video
         l1, mse = jnp.mean(jnp.abs(d)), jnp.mean(jnp.square(d))
         reg = jnp.mean(jnp.square(mu))
-        loss = l1 + mse + latent_l2 * reg
-        return loss, {"loss": loss, "l1": l1, "mse": mse, "latent_rms": jnp.sqrt(reg)}
+        dt = temporal_l1(d)
+        loss = l1 + mse + latent_l2 * reg + temporal_weight * dt
+        return loss, {"loss": loss, "l1": l1, "mse": mse, "latent_rms": jnp.sqrt(reg), "temporal": dt}
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, video_u8, key):
@@ -203,7 +215,7 @@ def train_autoencoder(config, log=print):
     params = _random_vae(vcfg, int(p.seed))
     opt = _optimizer(float(p.vae_lr), steps, max(1, steps // 10))
     opt_state = opt.init(params)
-    step_fn = make_vae_step(vcfg, opt, float(p.latent_noise), float(p.latent_l2))
+    step_fn = make_vae_step(vcfg, opt, float(p.latent_noise), float(p.latent_l2), float(p.vae_temporal))
     it = pipeline.make_iterator(data_config(config, int(p.vae_batch)), seed=int(p.seed))
     key = jax.random.key(int(p.seed))
     progress = _Progress(log, "autoencoder", steps, int(p.log_every))

@@ -9,6 +9,7 @@ import pytest
 from pickstyle_jax import checkpoints, pretrain, train
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.models import vae, wan
+from tests.conftest import SEED  # the run's seed: printed, replayable with PICKSTYLE_TEST_SEED
 
 CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
 
@@ -108,3 +109,13 @@ def test_rerun_skips_and_changed_settings_refit(fitted):
     with c.unlocked():
         c.pretrain.dit_steps = c.pretrain.dit_steps + 1
     assert not pretrain.is_done(c)
+
+
+def test_temporal_term_sees_a_first_frame_seam_not_a_steady_error():
+    rng = np.random.default_rng(SEED)
+    steady = np.broadcast_to(rng.normal(size=(2, 1, 4, 6, 3)), (2, 5, 4, 6, 3)).astype(np.float32)
+    assert float(pretrain.temporal_l1(steady)) == 0.0
+    seam = np.zeros((2, 5, 4, 6, 3), np.float32)
+    seam[:, 0] = 0.4  # only frame 0 is off: one of the 4 frame differences sees it
+    np.testing.assert_allclose(float(pretrain.temporal_l1(seam)), 0.4 / 4, rtol=1e-5)
+    assert float(pretrain.temporal_l1(seam[:, :1])) == 0.0

@@ -11,6 +11,7 @@ import re
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -321,3 +322,13 @@ def test_config():
         cfg.replace(z_dim=4)
     with pytest.raises(NotImplementedError):
         dataclasses.replace(cfg, attn_scales=(1.0,))
+
+
+def test_encode_a_clip_closed_over_by_a_traced_function(converted, rng):
+    """The range check on a concrete clip runs eagerly even while a caller traces (jit / grad over the params)."""
+    (cfg, params), _ = converted
+    x = rng.uniform(-1, 1, (B, 1, H, W, 3)).astype(np.float32)
+    loss = lambda p: jnp.mean(vae.encode(cfg, p, x) ** 2)  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    np.testing.assert_allclose(float(jax.jit(loss)(params)), float(loss(params)), rtol=1e-5)

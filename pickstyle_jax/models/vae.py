@@ -493,7 +493,8 @@ def check_video(cfg: VaeConfig, video):
                       f"(encoding {keep}, as the official code does silently)", stacklevel=3)
         video = video[:, :keep]
     if _is_concrete(video) and video.size:
-        lo, hi = (float(v) for v in jax.device_get((jnp.min(video), jnp.max(video))))
+        with jax.ensure_compile_time_eval():  # a concrete clip closed over by a traced function: still eager
+            lo, hi = (float(v) for v in jax.device_get((jnp.min(video), jnp.max(video))))
         if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
             warnings.warn(f"video values span [{lo:.3g}, {hi:.3g}], outside [-1, 1]: pixels are expected in [-1, 1] "
                           f"(uint8 / 127.5 - 1)", stacklevel=3)
