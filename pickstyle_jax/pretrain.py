@@ -8,11 +8,12 @@ small base models, then trains the LoRA on them exactly as on real weights:
   autoencoder the Wan2.1 VAE architecture at small widths, trained for reconstruction (L1 + L2, fp32, Adam) on
               source and stylised clips of the pretraining styles, plus an L1 term on the frame differences of
               the reconstruction error (`vae_temporal`): the causal VAE decodes frame 0 through another path than
-              frames 1-4, and without the term that seam dominated the temporal error of every decoded clip. The decoder reads the latent plus N(0, 0.1^2)
-              noise, as a VAE with a fixed posterior variance, and an L2 term keeps the encoder near unit scale
-              against it; so the decoder tolerates the imperfect latents a sampler produces. After training the
-              latent mean/std per channel are measured and written into the saved VaeConfig (its
-              `latents_mean/std`, Wan's values for the real VAE), so `vae.encode` returns normalised latents.
+              frames 1-4, and without the term that seam dominated the temporal error of every decoded clip.
+              The decoder reads the latent plus N(0, 0.1^2) noise, as a VAE with a fixed posterior variance, and
+              an L2 term keeps the encoder near unit scale against it; so the decoder tolerates the imperfect
+              latents a sampler produces. After training the latent mean/std per channel are measured and
+              written into the saved VaeConfig (its `latents_mean/std`, Wan's values for the real VAE), so
+              `vae.encode` returns normalised latents.
   backbone    a small Wan-VACE DiT, all parameters trained with the flow-matching objective of the LoRA stage
               (shift-5 grid, uniform index, target eps - x0, Gaussian-bump weight; flow.py) on latent pairs with
               context [E(0) | E(source) | ones(64)]: reconstruction pairs (target = source, caption

@@ -19,17 +19,15 @@ converting uint8 frames to whatever the model wants and returning numpy, e.g. wi
 
     class Clip:
         def __init__(self, name="openai/clip-vit-base-patch32"):
-            import torch, transformers
-            self.torch, self.model = torch, transformers.CLIPModel.from_pretrained(name).eval()
+            import transformers
+            self.model = transformers.CLIPModel.from_pretrained(name).eval()
             self.proc = transformers.CLIPProcessor.from_pretrained(name)
         def __call__(self, frames):
-            with self.torch.no_grad():
-                px = self.proc(images=list(frames), return_tensors="pt")["pixel_values"]
-                return self.model.get_image_features(pixel_values=px).numpy()
+            px = self.proc(images=list(frames), return_tensors="pt")["pixel_values"]
+            return self.model.get_image_features(pixel_values=px).detach().numpy()
         def encode_text(self, prompts):
-            with self.torch.no_grad():
-                t = self.proc(text=list(prompts), return_tensors="pt", padding=True, truncation=True)
-                return self.model.get_text_features(**t).numpy()
+            t = self.proc(text=list(prompts), return_tensors="pt", padding=True, truncation=True)
+            return self.model.get_text_features(**t).detach().numpy()
 
 CSD (style) and DreamSim (content) wrap the same way: their image embedding is `__call__`; they have no text side.
 
