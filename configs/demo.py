@@ -9,8 +9,8 @@ clip, so the demo first fits its own tiny models on the synthetic world of the d
   - an autoencoder with the Wan2.1 VAE architecture (the "tiny" widths), trained for reconstruction (with a
     frame-difference term, so the first frame's separate causal path does not flicker against the rest), in place
     of the released VAE; its latent mean/std are measured after training and stored in its config. It is the
-    demo's limit: ~17.5 dB on held-out clips after its 400 steps (an 8x8-patch PCA with the same 16 numbers per
-    patch reaches 24 dB on single frames), so every sampled row is blurred;
+    demo's limit: ~17.5 dB on held-out clips after its 400 steps, so every sampled row is blurred
+    (bench/demo_vae.py: a plain conv autoencoder of the same latent shape reaches 20.5 dB and a PCA code 22.5 dB);
   - a small Wan-VACE DiT (dim 128, 6 blocks, VACE after blocks 0, 2, 4), fitted with full-parameter flow matching
     to render the VACE context: reconstruction pairs ("Reconstruct. ...") and the pairs of three synthetic styles
     with their captions, and the null text (the sampler's negative prompt) for some samples, as a base model that
