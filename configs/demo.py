@@ -6,11 +6,13 @@
 No weights are downloaded. PickStyle adapts a *pretrained* Wan2.1-VACE, and random tiny weights cannot render a
 clip, so the demo first fits its own tiny models on the synthetic world of the data pipeline
 (pickstyle_jax/pretrain.py, the `pretrain` section below):
-  - an autoencoder with the Wan2.1 VAE architecture (the "tiny" widths), trained for reconstruction (with a
-    frame-difference term, so the first frame's separate causal path does not flicker against the rest), in place
-    of the released VAE; its latent mean/std are measured after training and stored in its config. It is the
-    demo's limit: ~17.5 dB on held-out clips after its 400 steps, so every sampled row is blurred
-    (bench/demo_vae.py: a plain conv autoencoder of the same latent shape reaches 20.5 dB and a PCA code 22.5 dB);
+  - an autoencoder in place of the released VAE, with its latent geometry (16 channels, 4x time, 8x space): the
+    Wan2.1 VAE architecture at the "tiny" widths (`pretrain.autoencoder="wan"`), trained for reconstruction with a
+    frame-difference term; its latent mean/std are measured after training and stored in its config. It is the
+    demo's limit: ~17.5 dB on held-out clips after its 400 steps, so every sampled row is blurred. At these widths
+    the architecture learns slowly (bench/demo_vae.py, 300 steps: 16.9 dB; the plain conv autoencoder of
+    models/conv_ae.py 20.5; a PCA code of the same size 22.5). `pretrain.autoencoder="conv"` fits the conv model
+    instead (23.0 dB on held-out sources), but in its one measured run the sampled renders came out dark;
   - a small Wan-VACE DiT (dim 128, 6 blocks, VACE after blocks 0, 2, 4), fitted with full-parameter flow matching
     to render the VACE context: reconstruction pairs ("Reconstruct. ...") and the pairs of three synthetic styles
     with their captions, and the null text (the sampler's negative prompt) for some samples, as a base model that
@@ -60,7 +62,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         styles=PRETRAIN_STYLES,     # the styles the backbone sees; data.synthetic_styles (held out) never
         data_seed=0,                # synthetic world of the pretraining scenes (the LoRA stage uses data's)
         examples=256,               # distinct scenes (each with its own camera motion per epoch)
-        # autoencoder: VaeConfig.named(model.vae_variant) with these widths
+        # autoencoder: "wan" (VaeConfig.named(model.vae_variant) with vae_base_dim / vae_res_blocks) or "conv"
+        # (models/conv_ae.py, vae_width channels: 23.0 dB on held-out sources against ~17 for "wan", but in its one
+        # measured demo run the sampled renders came out dark, CS-CFG 14.7 dB against 16.8 with "wan"; open)
+        autoencoder="wan", vae_width=32,
         vae_base_dim=8, vae_res_blocks=1,
         vae_steps=400, vae_batch=8, vae_lr=5e-3,
         vae_temporal=1.5,           # weight of the frame-difference L1 (errors that move with the content)
@@ -82,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.total_steps = 4
         c.log_every = 1
         c.checkpoint_every = 2
-        c.pretrain.update(dict(examples=8, vae_steps=6, vae_batch=2, vae_lr=3e-3, clips=8, dit_steps=4,
+        c.pretrain.update(dict(examples=8, vae_width=8, vae_steps=6, vae_batch=2, vae_lr=3e-3, clips=8, dit_steps=4,
                                dit_batch=4, null_per_batch=1, warmup=1, log_every=1,
                                report_psnr=False))
         c.pretrain.dit.update(dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, vace_layers=(0,)))

@@ -29,6 +29,7 @@ FORMAT = 1
 _KINDS = {
     "wan": ("pickstyle_jax.models.wan", "WanConfig"),
     "vae": ("pickstyle_jax.models.vae", "VaeConfig"),
+    "conv_ae": ("pickstyle_jax.models.conv_ae", "ConvAeConfig"),  # the demo's autoencoder (models/autoencoders.py)
     "umt5": ("pickstyle_jax.models.umt5", "Umt5Config"),
     "lora": ("pickstyle_jax.lora", "LoraConfig"),
 }
@@ -220,9 +221,20 @@ def load_dit(path, *, scan_layers: bool = False, sharding=None, **kw):
     return cfg_read.replace(scan_layers=True), treedef.unflatten(leaves)
 
 
+AUTOENCODER_KINDS = ("vae", "conv_ae")
+
+
+def autoencoder_kind(path) -> str:
+    """The kind of an autoencoder checkpoint ("vae": a Wan2.1 VAE; "conv_ae": the demo's); an error for others."""
+    got = read_meta(Path(path).absolute())["kind"]
+    if got not in AUTOENCODER_KINDS:
+        raise CheckpointError(f"{path} holds a {got!r} checkpoint, expected an autoencoder ({' or '.join(AUTOENCODER_KINDS)})")
+    return got
+
+
 def load_vae(path, **kw):
-    """(VaeConfig, params) of a converted Wan2.1 VAE."""
-    return load(path, "vae", **kw)
+    """(config, params) of an autoencoder: a converted Wan2.1 VAE (VaeConfig) or the demo's (ConvAeConfig)."""
+    return load(path, autoencoder_kind(path), **kw)
 
 
 def load_umt5(path, **kw):

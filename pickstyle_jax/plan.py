@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pickstyle_jax import lora as lora_lib, sharding, train  # noqa: E402
-from pickstyle_jax.models import vae, wan  # noqa: E402
+from pickstyle_jax.models import autoencoders, wan  # noqa: E402
 
 _HOST_KERNELS = {"cudnn": "chunked", "splash": "chunked", "auto": "chunked"}
 
@@ -76,7 +76,7 @@ def plan(config, n_devices: int) -> dict:
 
     dit = _abstract(wan.param_shapes(wcfg),
                     sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, wan.param_shapes(wcfg)))
-    vshapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep), vae.param_shapes(vcfg),
+    vshapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep), autoencoders.param_shapes(vcfg),
                            is_leaf=lambda x: isinstance(x, tuple))
     d = config.data
     zshape = (1, 1 + (d.frames - 1) // vcfg.temporal_factor, d.height // vcfg.spatial_factor,

@@ -5,15 +5,17 @@ it a style. Tiny random weights do neither, so the demo (configs/demo.py, `pretr
 small base models, then trains the LoRA on them exactly as on real weights:
 
   umT5        a tiny random encoder with the byte tokenizer, frozen: a fixed text featuriser.
-  autoencoder the Wan2.1 VAE architecture at small widths, trained for reconstruction (L1 + L2, fp32, Adam) on
-              source and stylised clips of the pretraining styles, plus an L1 term on the frame differences of
-              the reconstruction error (`vae_temporal`): the causal VAE decodes frame 0 through another path than
-              frames 1-4, and without the term that seam dominated the temporal error of every decoded clip.
-              The decoder reads the latent plus N(0, 0.1^2) noise, as a VAE with a fixed posterior variance, and
-              an L2 term keeps the encoder near unit scale against it; so the decoder tolerates the imperfect
-              latents a sampler produces. After training the latent mean/std per channel are measured and
-              written into the saved VaeConfig (its `latents_mean/std`, Wan's values for the real VAE), so
-              `vae.encode` returns normalised latents.
+  autoencoder pretrain.autoencoder: "wan" (configs/demo.py), the Wan2.1 VAE architecture at small widths, or
+              "conv", the plain conv autoencoder of models/conv_ae.py with the Wan VAE's latent geometry. At the demo's sizes the
+              Wan architecture learns slowly (bench/demo_vae.py, 300 steps: 16.9 dB on held-out clips against 20.5
+              for the conv model). Either is trained for reconstruction (L1 + L2, fp32, Adam) on source and
+              stylised clips of the pretraining styles, plus an L1 term on the frame differences of the
+              reconstruction error (`vae_temporal`; for the causal Wan VAE, whose frame 0 takes another path, that
+              seam dominated the temporal error). The decoder reads the latent plus N(0, 0.1^2) noise, as a VAE
+              with a fixed posterior variance, and an L2 term keeps the encoder near unit scale against it; so the
+              decoder tolerates the imperfect latents a sampler produces. After training the latent mean/std per
+              channel are measured and written into the saved config (`latents_mean/std`, Wan's values for the
+              real VAE), so `autoencoders.encode` returns normalised latents.
   backbone    a small Wan-VACE DiT, all parameters trained with the flow-matching objective of the LoRA stage
               (shift-5 grid, uniform index, target eps - x0, Gaussian-bump weight; flow.py) on latent pairs with
               context [E(0) | E(source) | ones(64)]: reconstruction pairs (target = source, caption
@@ -47,20 +49,28 @@ import optax
 from pickstyle_jax import checkpoints, flow, text
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.models import tokenizer as tok_lib
-from pickstyle_jax.models import umt5, vae, wan
+from pickstyle_jax.models import autoencoders, conv_ae, umt5, vae, wan
 
 f32 = jnp.float32
-FORMAT = 2  # bump when the recipe changes, so old checkpoints are refitted
+FORMAT = 3  # bump when the recipe changes, so old checkpoints are refitted
 RECON_PREFIX = "Reconstruct."
 
 
 # ------------------------------------------------------------------------------------------------ configs
-def vae_config(config) -> vae.VaeConfig:
-    """The autoencoder being trained: identity normalisation (the measured statistics are set after training)."""
+AUTOENCODERS = ("conv", "wan")
+
+
+def vae_config(config):
+    """The autoencoder being trained, with identity normalisation (the measured statistics are set after training):
+    pretrain.autoencoder "conv" (models/conv_ae.py, width vae_width) or "wan" (the Wan VAE architecture,
+    VaeConfig.named(model.vae_variant) with vae_base_dim / vae_res_blocks)."""
     p = config.pretrain
-    base = vae.VaeConfig.named(config.model.vae_variant)
-    return base.replace(base_dim=int(p.vae_base_dim), num_res_blocks=int(p.vae_res_blocks),
-                        latents_mean=(0.0,) * base.z_dim, latents_std=(1.0,) * base.z_dim)
+    if p.autoencoder == "conv":
+        base = conv_ae.ConvAeConfig(width=int(p.vae_width))
+    else:
+        base = vae.VaeConfig.named(config.model.vae_variant).replace(
+            base_dim=int(p.vae_base_dim), num_res_blocks=int(p.vae_res_blocks))
+    return base.replace(latents_mean=(0.0,) * base.z_dim, latents_std=(1.0,) * base.z_dim)
 
 
 def dit_config(config, text_dim: int) -> wan.WanConfig:
@@ -90,6 +100,8 @@ def check_config(config) -> None:
     for k in ("dit", "vae", "umt5"):
         if not config.model[k]:
             raise ValueError(f"config.model.{k} is empty: pretrain writes its checkpoint there; set a directory")
+    if p.autoencoder not in AUTOENCODERS:
+        raise ValueError(f"pretrain.autoencoder must be one of {AUTOENCODERS}, got {p.autoencoder!r}")
     if config.model.tokenizer != "bytes":
         raise ValueError(f"the demo's random umT5 reads bytes: set config.model.tokenizer='bytes', got "
                          f"{config.model.tokenizer!r}")
@@ -177,14 +189,14 @@ def temporal_l1(err_BFHWC):
     return jnp.mean(jnp.abs(jnp.diff(err_BFHWC, axis=1)))
 
 
-def make_vae_step(vcfg: vae.VaeConfig, optimizer, latent_noise: float, latent_l2: float, temporal_weight: float = 0.0):
+def make_vae_step(vcfg, optimizer, latent_noise: float, latent_l2: float, temporal_weight: float = 0.0):
     """A pure jitted step (params, opt_state, video uint8 [B, F, H, W, 3], key) -> (params, opt_state, metrics)."""
 
     def loss_fn(params, video, key):
-        mu = vae.encode(vcfg, params, video, chunked=False)
+        mu = autoencoders.encode(vcfg, params, video, chunked=False)
         z = mu + latent_noise * jax.random.normal(key, mu.shape, f32)
         # Unclamped decoder output: a clamp would leave overshooting pixels without a gradient.
-        rec = vae._decode(vcfg, params, z, False, False)
+        rec = autoencoders.decode(vcfg, params, z, chunked=False, clamp=False)
         d = rec - video
         l1, mse = jnp.mean(jnp.abs(d)), jnp.mean(jnp.square(d))
         reg = jnp.mean(jnp.square(mu))
@@ -235,9 +247,9 @@ def train_autoencoder(config, log=print):
     return vcfg, params, metrics
 
 
-def normalise(vcfg: vae.VaeConfig, raw: dict) -> tuple[vae.VaeConfig, dict]:
+def normalise(vcfg, raw: dict) -> tuple[object, dict]:
     """Per-channel latent mean/std measured on the encoded clips (both sides) into the VaeConfig, and the clips
-    normalised with them: `vae.encode` of the saved model returns exactly these normalised latents."""
+    normalised with them: `autoencoders.encode` of the saved model returns exactly these normalised latents."""
     mu = np.concatenate([raw["source"], raw["target"]]).reshape(-1, vcfg.z_dim)
     mean, std = mu.mean(0), np.maximum(mu.std(0), 1e-3)
     norm = {k: ((raw[k] - mean) / std).astype(np.float32) for k in ("source", "target", "zero")}
@@ -247,7 +259,8 @@ def normalise(vcfg: vae.VaeConfig, raw: dict) -> tuple[vae.VaeConfig, dict]:
 
 def reconstruction_psnr(config, vcfg, params, styles, n: int = 16, seed_offset: int = 202) -> dict:
     """PSNR (dB) of encode -> decode on unseen clips: sources and the stylised side of each style in `styles`."""
-    roundtrip = jax.jit(lambda p, x: vae.decode(vcfg, p, vae.encode(vcfg, p, x, chunked=False), chunked=False))
+    roundtrip = jax.jit(lambda p, x: autoencoders.decode(vcfg, p, autoencoders.encode(vcfg, p, x, chunked=False),
+                                                         chunked=False))
     out = {}
     for style in styles:
         d = data_config(config, n, seed_offset=seed_offset, styles=(style,))
@@ -268,7 +281,8 @@ def _random_vae(vcfg, seed: int) -> dict:
             return jnp.asarray(rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1])), f32)
         return (jnp.ones if leaf == "scale" else jnp.zeros)(shape, f32)
 
-    return jax.tree_util.tree_map_with_path(one, vae.param_shapes(vcfg), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree_util.tree_map_with_path(one, autoencoders.param_shapes(vcfg),
+                                             is_leaf=lambda x: isinstance(x, tuple))
 
 
 # ------------------------------------------------------------------------------------------------ latent pairs
@@ -282,7 +296,7 @@ def encode_clips(config, vcfg, vparams, log=print) -> dict:
     "zero": E(zero clip) [1, f, h, w, z]}, in `vcfg`'s normalisation. One compiled shape serves every call."""
     p = config.pretrain
     n, bs = int(p.clips), 16
-    enc = jax.jit(lambda prm, video: vae.encode(vcfg, prm, video, chunked=False))
+    enc = jax.jit(lambda prm, video: autoencoders.encode(vcfg, prm, video, chunked=False))
     it = pipeline.make_iterator(data_config(config, bs, seed_offset=1), seed=int(p.seed) + 2)
     src, tgt, caps = [], [], []
     t0 = time.perf_counter()
@@ -446,7 +460,7 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
 
     # 2. autoencoder, then its latent statistics from the clips the backbone trains on
     vcfg = vae_config(config)
-    log(f"autoencoder: Wan VAE architecture, base_dim {vcfg.base_dim}, {vae.num_params(vcfg) / 1e6:.2f} M params, "
+    log(f"autoencoder: {autoencoders.describe(vcfg)}, {autoencoders.num_params(vcfg) / 1e6:.2f} M params, "
         f"{p.vae_steps} steps of batch {p.vae_batch} on {config.data.frames}x{config.data.height}x"
         f"{config.data.width} clips of {', '.join(p.styles)}")
     vcfg, vparams, vae_metrics = train_autoencoder(config, log)
@@ -470,7 +484,7 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
     summary = {"fingerprint": fp, "seconds": time.perf_counter() - t_start,
                "vae": {k: v for k, v in vae_metrics.items() if k != "curve"},
                "dit": {k: v for k, v in dit_metrics.items() if k != "curve"}}
-    checkpoints.save(config.model.vae, vcfg, vparams, kind="vae", extra={"pretrain": summary})
+    checkpoints.save(config.model.vae, vcfg, vparams, kind=autoencoders.kind(vcfg), extra={"pretrain": summary})
     checkpoints.save(config.model.dit, wcfg, dparams, kind="wan", extra={"pretrain": summary})
     report = {**summary, "vae_curve": vae_metrics["curve"], "dit_curve": dit_metrics["curve"]}
     out = Path(config.model.dit).parent / "pretrain.json"

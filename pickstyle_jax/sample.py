@@ -47,7 +47,7 @@ import numpy as np
 from pickstyle_jax import guidance, schedulers, sharding, sizing
 from pickstyle_jax import lora as lora_lib
 from pickstyle_jax import text as text_lib
-from pickstyle_jax.models import layers, vae, wan
+from pickstyle_jax.models import autoencoders, layers, wan
 
 f32 = jnp.float32
 
@@ -397,16 +397,19 @@ class CompatibilityError(ValueError):
     """Checkpoints that cannot work together (a LoRA or VAE of another variant than the DiT)."""
 
 
-def _meta_config(path, kind):
+def _meta_config(path, kind: str | tuple[str, ...]):
+    """The config in `path`'s config.json, whose kind must be `kind` (or one of them)."""
     from pickstyle_jax import checkpoints
 
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{kind} checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{kinds[0]} checkpoint {path} does not exist")
     meta = checkpoints.read_meta(path)
-    if meta["kind"] != kind:
-        raise checkpoints.CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {kind!r}")
-    return checkpoints.config_from_dict(kind, meta["config"])
+    if meta["kind"] not in kinds:
+        raise checkpoints.CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected "
+                                          f"{' or '.join(map(repr, kinds))}")
+    return checkpoints.config_from_dict(meta["kind"], meta["config"])
 
 
 def check_lora(cfg: wan.WanConfig, adapters, where="the LoRA") -> None:
@@ -444,8 +447,8 @@ def check_compatible(cfg: wan.WanConfig, vae_cfg, text_cfg=None) -> None:
 
 
 # module-level, config static: every Stylizer with the same VAE config shares the compiles
-_vae_encode = jax.jit(vae.encode, static_argnums=0)
-_vae_decode = jax.jit(vae.decode, static_argnums=0)
+_vae_encode = jax.jit(autoencoders.encode, static_argnums=0)
+_vae_decode = jax.jit(autoencoders.decode, static_argnums=0)
 
 
 def _to_pixels(frames_u8):
@@ -488,7 +491,7 @@ class Stylizer:
         from pickstyle_jax.models import tokenizer as tokenizer_lib
 
         cfg = _meta_config(dit, "wan")
-        vae_cfg, text_cfg = _meta_config(vae, "vae"), _meta_config(umt5, "umt5")
+        vae_cfg, text_cfg = _meta_config(vae, checkpoints.AUTOENCODER_KINDS), _meta_config(umt5, "umt5")
         check_compatible(cfg, vae_cfg, text_cfg)
         adapters = None
         if lora:

@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 
 from pickstyle_jax import flow, lora as lora_lib, sharding
 from pickstyle_jax.data import pipeline
-from pickstyle_jax.models import umt5, vae, wan
+from pickstyle_jax.models import autoencoders, umt5, vae, wan
 
 f32 = jnp.float32
 
@@ -151,7 +151,7 @@ def check_config(config, n_devices: int | None = None):
 class Setup:
     """What the step needs besides arrays (hashable, static)."""
     wcfg: wan.WanConfig
-    vcfg: vae.VaeConfig
+    vcfg: vae.VaeConfig  # or conv_ae.ConvAeConfig (models/autoencoders.py)
     lcfg: lora_lib.LoraConfig
     grid: flow.Grid
     accumulate: int = 1
@@ -192,7 +192,7 @@ def encode_pair(setup: Setup, vae_params, batch):
     """(x0 = E(target), E(source)) fp32 latents, without gradient; one VAE call on the stacked pair."""
     b = batch["target"].shape[0]
     video = pixels(jnp.concatenate([batch["target"], batch["source"]], axis=0))
-    z = jax.lax.stop_gradient(vae.encode(setup.vcfg, vae_params, video))
+    z = jax.lax.stop_gradient(autoencoders.encode(setup.vcfg, vae_params, video))
     return z[:b], z[b:]
 
 
@@ -434,14 +434,14 @@ def random_vae(vcfg, seed: int) -> dict:
             return (rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))).astype(np.float32)
         return (np.ones if leaf == "scale" else np.zeros)(shape, np.float32)
 
-    return jax.tree_util.tree_map_with_path(one, vae.param_shapes(vcfg), is_leaf=is_shape)
+    return jax.tree_util.tree_map_with_path(one, autoencoders.param_shapes(vcfg), is_leaf=is_shape)
 
 
 def zero_latent(config, vcfg, vparams, mesh):
     """E(zero clip) [1, f, h, w, 16]: PickStyle's inactive context, a constant (non-zero: normalised) latent."""
     d = config.data
     zeros = jnp.zeros((1, d.frames, d.height, d.width, 3), f32)
-    return jax.jit(functools.partial(vae.encode, vcfg), out_shardings=sharding.replicated(mesh))(vparams, zeros)
+    return jax.jit(functools.partial(autoencoders.encode, vcfg), out_shardings=sharding.replicated(mesh))(vparams, zeros)
 
 
 def count(tree) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 from pickstyle_jax import checkpoints, pretrain, train
 from pickstyle_jax.data import pipeline
-from pickstyle_jax.models import vae, wan
+from pickstyle_jax.models import autoencoders, vae, wan
 from tests.conftest import SEED  # the run's seed: printed, replayable with PICKSTYLE_TEST_SEED
 
 CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
@@ -36,7 +36,13 @@ def test_demo_config_loads_locked_and_holds_a_style_out(arg):
     assert wcfg.has_vace and wcfg.text_dim == 64
     vcfg = pretrain.vae_config(c)
     assert vcfg.spatial_factor == 8 and vcfg.latents_std == (1.0,) * vcfg.z_dim
+    assert isinstance(vcfg, vae.VaeConfig) and vcfg.base_dim == c.pretrain.vae_base_dim
     pretrain.check_config(c)
+    with c.unlocked():
+        c.pretrain.autoencoder = "conv"
+    vcfg = pretrain.vae_config(c)
+    assert autoencoders.kind(vcfg) == "conv_ae" and vcfg.width == c.pretrain.vae_width
+    assert vcfg.latents_mean == (0.0,) * vcfg.z_dim
 
 
 def test_config_errors_say_what_to_fix():
@@ -49,6 +55,11 @@ def test_config_errors_say_what_to_fix():
     with c.unlocked():
         c.pretrain.null_per_batch = c.pretrain.dit_batch
     with pytest.raises(ValueError, match="null_per_batch"):
+        pretrain.check_config(c)
+    c = _config("tiny")
+    with c.unlocked():
+        c.pretrain.autoencoder = "vqgan"
+    with pytest.raises(ValueError, match="pretrain.autoencoder"):
         pretrain.check_config(c)
 
 
@@ -119,3 +130,15 @@ def test_temporal_term_sees_a_first_frame_seam_not_a_steady_error():
     seam[:, 0] = 0.4  # only frame 0 is off: one of the 4 frame differences sees it
     np.testing.assert_allclose(float(pretrain.temporal_l1(seam)), 0.4 / 4, rtol=1e-5)
     assert float(pretrain.temporal_l1(seam[:, :1])) == 0.0
+
+
+def test_the_conv_autoencoder_trains_through_the_same_step():
+    c = _config("tiny")
+    with c.unlocked():
+        c.pretrain.autoencoder, c.pretrain.vae_steps, c.pretrain.vae_lr = "conv", 6, 2e-2
+        c.pretrain.examples = 1
+        c.data.move_prob = 0.0
+    vcfg, params, metrics = pretrain.train_autoencoder(c, log=lambda m: None)
+    assert autoencoders.kind(vcfg) == "conv_ae"
+    losses = np.array([row["loss"] for row in metrics["curve"]])
+    assert np.all(np.isfinite(losses)) and losses[-2:].mean() < losses[:2].mean(), losses

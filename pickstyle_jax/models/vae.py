@@ -521,18 +521,22 @@ def encode(cfg: VaeConfig, params, video, *, chunked: bool = True):
 
 
 def decode(cfg: VaeConfig, params, z, *, chunked: bool = True, tile_size: tuple[int, int] | None = None,
-           tile_stride: tuple[int, int] = (192, 192)):
+           tile_stride: tuple[int, int] = (192, 192), clamp: bool = True):
     """Normalised latents [B, T, h, w, z_dim] -> pixels [B, 1+4(T-1), 8h, 8w, 3] clamped to [-1, 1], float32.
 
     chunked: one latent frame at a time in a lax.scan (official); False decodes the clip at once.
     tile_size: (H, W) in pixels to decode in overlapping spatial tiles blended linearly (diffusers' `tiled_decode`,
       defaults 256/192 there). An approximation: seams are blended, not exact, since each tile sees only its own
       receptive field. None (default) decodes exactly.
+    clamp: False returns the raw decoder output (training: a clamp would leave overshooting pixels without a
+      gradient); untiled decoding only.
     """
     z = check_latents(cfg, z)
     chunked = bool(chunked) and z.shape[1] > 1
     if tile_size is None:
-        return _decode(cfg, params, z, chunked)
+        return _decode(cfg, params, z, chunked, bool(clamp))
+    if not clamp:
+        raise ValueError("clamp=False is for untiled decoding (training); tiled decoding always clamps")
     return _decode_tiled(cfg, params, z, chunked, tile_size, tile_stride)
 
 
