@@ -12,7 +12,7 @@ clip, so the demo first fits its own tiny models on the synthetic world of the d
     demo's limit: ~17.5 dB on held-out clips after its 400 steps, so every sampled row is blurred. At these widths
     the architecture learns slowly (bench/demo_vae.py, 300 steps: 16.9 dB; the plain conv autoencoder of
     models/conv_ae.py 20.5; a PCA code of the same size 22.5). `pretrain.autoencoder="conv"` fits the conv model
-    instead (23.0 dB on held-out sources), but in its one measured run the sampled renders came out dark;
+    instead (23.0 dB on held-out sources), but in its one measured run the sampled renders lost the objects;
   - a small Wan-VACE DiT (dim 128, 6 blocks, VACE after blocks 0, 2, 4), fitted with full-parameter flow matching
     to render the VACE context: reconstruction pairs ("Reconstruct. ...") and the pairs of three synthetic styles
     with their captions, and the null text (the sampler's negative prompt) for some samples, as a base model that
@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         examples=256,               # distinct scenes (each with its own camera motion per epoch)
         # autoencoder: "wan" (VaeConfig.named(model.vae_variant) with vae_base_dim / vae_res_blocks) or "conv"
         # (models/conv_ae.py, vae_width channels: 23.0 dB on held-out sources against ~17 for "wan", but in its one
-        # measured demo run the sampled renders came out dark, CS-CFG 14.7 dB against 16.8 with "wan"; open)
+        # measured demo run the sampled renders lost the objects, CS-CFG 14.7 dB against 16.8 with "wan"; open)
         autoencoder="wan", vae_width=32,
         vae_base_dim=8, vae_res_blocks=1,
         vae_steps=400, vae_batch=8, vae_lr=5e-3,

@@ -228,7 +228,8 @@ def autoencoder_kind(path) -> str:
     """The kind of an autoencoder checkpoint ("vae": a Wan2.1 VAE; "conv_ae": the demo's); an error for others."""
     got = read_meta(Path(path).absolute())["kind"]
     if got not in AUTOENCODER_KINDS:
-        raise CheckpointError(f"{path} holds a {got!r} checkpoint, expected an autoencoder ({' or '.join(AUTOENCODER_KINDS)})")
+        raise CheckpointError(f"{path} holds a {got!r} checkpoint, expected "
+                              f"{' or '.join(map(repr, AUTOENCODER_KINDS))} (an autoencoder)")
     return got
 
 

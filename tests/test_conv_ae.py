@@ -84,5 +84,5 @@ def test_checkpoint_round_trip_through_load_vae(params, tmp_path):
     checkpoints.save(tmp_path / "lora_like", CFG, params, kind="conv_ae")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"kind": "umt5", "format": 1, "config": {}}\n')
-    with pytest.raises(checkpoints.CheckpointError, match="expected an autoencoder"):
+    with pytest.raises(checkpoints.CheckpointError, match="expected 'vae' or 'conv_ae'"):
         checkpoints.load_vae(tmp_path / "other")
