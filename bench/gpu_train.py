@@ -10,7 +10,7 @@ time includes the fp32 VAE encode of the two clips; that encode is also timed al
 the difference. One row per remat policy ("full", then "offload" where the backend has pinned host memory).
 
 Random weights: the DiT built with bench/gpu_dit.py's one-small-jit-per-shape generator, the VAE with
-train.random_vae (numpy), the LoRA with lora.init (B = 0, as a fresh run starts).
+autoencoders.random_params (numpy), the LoRA with lora.init (B = 0, as a fresh run starts).
 
 Useful FLOPs per step (2 per multiply-add; LoRA and the VAE encode not counted; remat recompute not counted):
     forward      F = bench.gpu_dit.forward_flops  (projections, FFN, self/cross attention, embeddings, head)
@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 
 from bench.gpu_dit import _regular, forward_flops, random_params  # noqa: E402
 from pickstyle_jax import flow, lora as lora_lib, sharding, train  # noqa: E402
-from pickstyle_jax.models import vae, wan  # noqa: E402
+from pickstyle_jax.models import autoencoders, vae, wan  # noqa: E402
 
 PEAK_BF16 = 989e12
 
@@ -118,7 +118,7 @@ def main(argv=None):
     rules = sharding.normalize_rules(sharding.DEFAULT_RULES)
     t0 = time.perf_counter()
     dit = random_params(wcfg, jax.random.key(0))
-    vparams = jax.device_put(train.random_vae(vcfg, 0))
+    vparams = jax.device_put(autoencoders.random_params(vcfg, 0))
     # One VAE executable serves E(zero clip) (the constant inactive context) and the timing of the step's encode.
     encode = jax.jit(functools.partial(vae.encode, vcfg))
     zeros = jnp.zeros((2, frames, height, width, 3), jnp.float32)

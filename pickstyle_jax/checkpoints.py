@@ -143,8 +143,16 @@ def _leaf_sharding(sharding, path, sds, default):
     return node
 
 
-def load(path, kind: str, *, dtype=None, sharding: Callable[[tuple, Any], Any] | Any = None):
-    """Returns (config, params) of a checkpoint of `kind`.
+def check_kind(path, meta: dict, kind: str | tuple[str, ...]) -> str:
+    """meta["kind"] if it is `kind` (or one of them); else a CheckpointError naming what was found and expected."""
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    if meta["kind"] not in kinds:
+        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {' or '.join(map(repr, kinds))}")
+    return meta["kind"]
+
+
+def load(path, kind: str | tuple[str, ...], *, dtype=None, sharding: Callable[[tuple, Any], Any] | Any = None):
+    """Returns (config, params) of a checkpoint of `kind` (or of one of a tuple of kinds).
 
     dtype: cast floating parameters to this dtype while reading; the config's param_dtype and compute dtype follow.
     sharding: a `jax.sharding.Sharding` for every leaf, a function (path_tuple, ShapeDtypeStruct) -> Sharding, or
@@ -153,9 +161,7 @@ def load(path, kind: str, *, dtype=None, sharding: Callable[[tuple, Any], Any] |
     """
     path = Path(path).absolute()
     meta = read_meta(path)
-    if meta["kind"] != kind:
-        raise CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected {kind!r}")
-    cfg = config_from_dict(kind, meta["config"])
+    cfg = config_from_dict(check_kind(path, meta, kind), meta["config"])
     ckptr = ocp.StandardCheckpointer()
     tree_meta = ckptr.metadata(path / "params").item_metadata.tree
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -221,21 +227,12 @@ def load_dit(path, *, scan_layers: bool = False, sharding=None, **kw):
     return cfg_read.replace(scan_layers=True), treedef.unflatten(leaves)
 
 
-AUTOENCODER_KINDS = ("vae", "conv_ae")
-
-
-def autoencoder_kind(path) -> str:
-    """The kind of an autoencoder checkpoint ("vae": a Wan2.1 VAE; "conv_ae": the demo's); an error for others."""
-    got = read_meta(Path(path).absolute())["kind"]
-    if got not in AUTOENCODER_KINDS:
-        raise CheckpointError(f"{path} holds a {got!r} checkpoint, expected "
-                              f"{' or '.join(map(repr, AUTOENCODER_KINDS))} (an autoencoder)")
-    return got
+AUTOENCODER_KINDS = ("vae", "conv_ae")  # a converted Wan2.1 VAE, the demo's conv autoencoder
 
 
 def load_vae(path, **kw):
     """(config, params) of an autoencoder: a converted Wan2.1 VAE (VaeConfig) or the demo's (ConvAeConfig)."""
-    return load(path, autoencoder_kind(path), **kw)
+    return load(path, AUTOENCODER_KINDS, **kw)
 
 
 def load_umt5(path, **kw):

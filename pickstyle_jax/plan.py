@@ -76,8 +76,8 @@ def plan(config, n_devices: int) -> dict:
 
     dit = _abstract(wan.param_shapes(wcfg),
                     sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, wan.param_shapes(wcfg)))
-    vshapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep), autoencoders.param_shapes(vcfg),
-                           is_leaf=lambda x: isinstance(x, tuple))
+    vshapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep),
+                           autoencoders.param_shapes(vcfg), is_leaf=lambda x: isinstance(x, tuple))
     d = config.data
     zshape = (1, 1 + (d.frames - 1) // vcfg.temporal_factor, d.height // vcfg.spatial_factor,
               d.width // vcfg.spatial_factor, vcfg.z_dim)

@@ -6,16 +6,16 @@ small base models, then trains the LoRA on them exactly as on real weights:
 
   umT5        a tiny random encoder with the byte tokenizer, frozen: a fixed text featuriser.
   autoencoder pretrain.autoencoder: "wan" (configs/demo.py), the Wan2.1 VAE architecture at small widths, or
-              "conv", the plain conv autoencoder of models/conv_ae.py with the Wan VAE's latent geometry. At the demo's sizes the
-              Wan architecture learns slowly (bench/demo_vae.py, 300 steps: 16.9 dB on held-out clips against 20.5
-              for the conv model). Either is trained for reconstruction (L1 + L2, fp32, Adam) on source and
-              stylised clips of the pretraining styles, plus an L1 term on the frame differences of the
-              reconstruction error (`vae_temporal`; for the causal Wan VAE, whose frame 0 takes another path, that
-              seam dominated the temporal error). The decoder reads the latent plus N(0, 0.1^2) noise, as a VAE
-              with a fixed posterior variance, and an L2 term keeps the encoder near unit scale against it; so the
-              decoder tolerates the imperfect latents a sampler produces. After training the latent mean/std per
-              channel are measured and written into the saved config (`latents_mean/std`, Wan's values for the
-              real VAE), so `autoencoders.encode` returns normalised latents.
+              "conv", the plain conv autoencoder of models/conv_ae.py with the Wan VAE's latent geometry. At the
+              demo's sizes the Wan architecture learns slowly (bench/demo_vae.py, 300 steps: 16.9 dB on held-out
+              clips against 20.5 for the conv model). Either is trained for reconstruction (L1 + L2, fp32, Adam)
+              on source and stylised clips of the pretraining styles, plus an L1 term on the frame differences of
+              the reconstruction error (`vae_temporal`; for the causal Wan VAE, whose frame 0 takes another path,
+              that seam dominated the temporal error). The decoder reads the latent plus N(0, 0.1^2) noise, as a
+              VAE with a fixed posterior variance, and an L2 term keeps the encoder near unit scale against it; so
+              the decoder tolerates the imperfect latents a sampler produces. After training the latent mean/std
+              per channel are measured and written into the saved config (`latents_mean/std`, Wan's values for
+              the real VAE), so `autoencoders.encode` returns normalised latents.
   backbone    a small Wan-VACE DiT, all parameters trained with the flow-matching objective of the LoRA stage
               (shift-5 grid, uniform index, target eps - x0, Gaussian-bump weight; flow.py) on latent pairs with
               context [E(0) | E(source) | ones(64)]: reconstruction pairs (target = source, caption
@@ -225,7 +225,7 @@ def train_autoencoder(config, log=print):
     p = config.pretrain
     vcfg = vae_config(config)
     steps = int(p.vae_steps)
-    params = _random_vae(vcfg, int(p.seed))
+    params = jax.tree.map(jnp.asarray, autoencoders.random_params(vcfg, int(p.seed)))
     opt = _optimizer(float(p.vae_lr), steps, max(1, steps // 10))
     opt_state = opt.init(params)
     step_fn = make_vae_step(vcfg, opt, float(p.latent_noise), float(p.latent_l2), float(p.vae_temporal))
@@ -269,20 +269,6 @@ def reconstruction_psnr(config, vcfg, params, styles, n: int = 16, seed_offset: 
             x = _pixels(batch[side])
             out["source" if side == "source" else style] = psnr(roundtrip(params, x), x)
     return out
-
-
-def _random_vae(vcfg, seed: int) -> dict:
-    # Eager numpy draw of vae.init's distribution: jitting vae.init compiles for a long time on a small CPU.
-    rng = np.random.default_rng((seed, 5))
-
-    def one(path, shape):
-        leaf = path[-1].key
-        if leaf == "kernel":
-            return jnp.asarray(rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1])), f32)
-        return (jnp.ones if leaf == "scale" else jnp.zeros)(shape, f32)
-
-    return jax.tree_util.tree_map_with_path(one, autoencoders.param_shapes(vcfg),
-                                             is_leaf=lambda x: isinstance(x, tuple))
 
 
 # ------------------------------------------------------------------------------------------------ latent pairs

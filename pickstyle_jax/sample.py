@@ -401,15 +401,11 @@ def _meta_config(path, kind: str | tuple[str, ...]):
     """The config in `path`'s config.json, whose kind must be `kind` (or one of them)."""
     from pickstyle_jax import checkpoints
 
-    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{kinds[0]} checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{kind if isinstance(kind, str) else kind[0]} checkpoint {path} does not exist")
     meta = checkpoints.read_meta(path)
-    if meta["kind"] not in kinds:
-        raise checkpoints.CheckpointError(f"{path} holds a {meta['kind']!r} checkpoint, expected "
-                                          f"{' or '.join(map(repr, kinds))}")
-    return checkpoints.config_from_dict(meta["kind"], meta["config"])
+    return checkpoints.config_from_dict(checkpoints.check_kind(path, meta, kind), meta["config"])
 
 
 def check_lora(cfg: wan.WanConfig, adapters, where="the LoRA") -> None:

@@ -420,28 +420,15 @@ def load_vae(config, vcfg, mesh):
     if config.model.vae:
         vcfg, params = checkpoints.load_vae(config.model.vae, sharding=rep)
         return vcfg, params
-    return vcfg, jax.device_put(random_vae(vcfg, config.seed), rep)
-
-
-def random_vae(vcfg, seed: int) -> dict:
-    """vae.init's distribution drawn with numpy: jitting vae.init compiles for minutes on a small CPU."""
-    rng = np.random.default_rng((int(seed), 5))
-    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
-
-    def one(path, shape):
-        leaf = path[-1].key
-        if leaf == "kernel":
-            return (rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))).astype(np.float32)
-        return (np.ones if leaf == "scale" else np.zeros)(shape, np.float32)
-
-    return jax.tree_util.tree_map_with_path(one, autoencoders.param_shapes(vcfg), is_leaf=is_shape)
+    return vcfg, jax.device_put(autoencoders.random_params(vcfg, config.seed), rep)
 
 
 def zero_latent(config, vcfg, vparams, mesh):
     """E(zero clip) [1, f, h, w, 16]: PickStyle's inactive context, a constant (non-zero: normalised) latent."""
     d = config.data
     zeros = jnp.zeros((1, d.frames, d.height, d.width, 3), f32)
-    return jax.jit(functools.partial(autoencoders.encode, vcfg), out_shardings=sharding.replicated(mesh))(vparams, zeros)
+    encode = jax.jit(functools.partial(autoencoders.encode, vcfg), out_shardings=sharding.replicated(mesh))
+    return encode(vparams, zeros)
 
 
 def count(tree) -> int:

@@ -6,9 +6,14 @@ functions with the config it loaded, so the sampler, the trainer and the evaluat
 
     encode(cfg, params, video, chunked=...)   pixels [B, 1+4k, H, W, 3] in [-1, 1] -> latents [B, 1+k, H/8, W/8, z]
     decode(cfg, params, z, chunked=..., tile_size=..., clamp=...)
-    param_shapes(cfg), num_params(cfg), kind(cfg) (the checkpoint kind), describe(cfg) (one line for logs)
+    param_shapes(cfg), random_params(cfg, seed), num_params(cfg), kind(cfg) (the checkpoint kind), describe(cfg)
 """
 from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
 
 from pickstyle_jax.models import conv_ae, vae
 
@@ -39,6 +44,20 @@ def decode(cfg, params, z, *, chunked: bool = True, tile_size=None, tile_stride=
 
 def param_shapes(cfg) -> dict:
     return module(cfg).param_shapes(cfg)
+
+
+def random_params(cfg, seed: int) -> dict:
+    """`init`'s distribution (fan-in normal kernels, zero biases, unit norm gammas) drawn eagerly with numpy, float32:
+    jitting the VAE's init compiles for minutes on a small CPU."""
+    rng = np.random.default_rng((int(seed), 5))
+
+    def one(path, shape):
+        leaf = path[-1].key
+        if leaf == "kernel":
+            return (rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))).astype(np.float32)
+        return (np.ones if leaf == "scale" else np.zeros)(shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(one, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def num_params(cfg) -> int:
