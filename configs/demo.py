@@ -7,16 +7,16 @@ No weights are downloaded. PickStyle adapts a *pretrained* Wan2.1-VACE, and rand
 clip, so the demo first fits its own tiny models on the synthetic world of the data pipeline
 (pickstyle_jax/pretrain.py, the `pretrain` section below):
   - an autoencoder in place of the released VAE, with its latent geometry (16 channels, 4x time, 8x space): the
-    Wan2.1 VAE architecture at the "tiny" widths (`pretrain.autoencoder="wan"`), trained for reconstruction with a
-    frame-difference term; its latent mean/std are measured after training and stored in its config. It is the
-    demo's limit: ~17.5 dB on held-out clips after its 400 steps, so every sampled row is blurred. At these widths
-    the architecture learns slowly (bench/demo_vae.py, 300 steps: 16.9 dB; the plain conv autoencoder of
-    models/conv_ae.py 20.5; a PCA code of the same size 22.5). `pretrain.autoencoder="conv"` fits the conv model
-    instead (23.0 dB on held-out sources), but in its one measured run the sampled renders lost the objects;
-  - a small Wan-VACE DiT (dim 128, 6 blocks, VACE after blocks 0, 2, 4), fitted with full-parameter flow matching
-    to render the VACE context: reconstruction pairs ("Reconstruct. ...") and the pairs of three synthetic styles
-    with their captions, and the null text (the sampler's negative prompt) for some samples, as a base model that
-    was trained with text dropout;
+    plain conv autoencoder of models/conv_ae.py (`pretrain.autoencoder="conv"`; ~23 dB on held-out sources after
+    its 400 steps), trained for reconstruction with a frame-difference term; its latent mean/std are measured after
+    training and stored in its config. `autoencoder="wan"` fits the Wan2.1 VAE architecture at the "tiny" widths
+    instead, which learns slowly at these sizes (bench/demo_vae.py, 300 steps: 16.9 dB against 20.5; its latents
+    carry too little of the source for the backbone to render objects: every sampled clip came out one blur);
+  - a small Wan-VACE DiT (dim 128, 6 blocks, VACE after blocks 0, 2, 4, patch 1 x 1 x 1: at 32 x 48 the released
+    1 x 2 x 2 patch leaves 6 tokens per frame, and per second of training the finer patch fits every pair kind
+    better, bench/demo_backbone.py), fitted with full-parameter flow matching to render the VACE context:
+    reconstruction pairs ("Reconstruct. ...") and the pairs of three synthetic styles with their captions, and the
+    null text (the sampler's negative prompt) for some samples, as a base model that was trained with text dropout;
   - a tiny random umT5 with the byte tokenizer, frozen, as the text featuriser.
 The fourth style, "toon", is held out: it is never seen before the LoRA stage, which learns it from its captioned
 pairs on the VACE blocks' self-attention only (PickStyle's recipe), and the evaluation stylises held-out toon clips.
@@ -62,10 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         styles=PRETRAIN_STYLES,     # the styles the backbone sees; data.synthetic_styles (held out) never
         data_seed=0,                # synthetic world of the pretraining scenes (the LoRA stage uses data's)
         examples=256,               # distinct scenes (each with its own camera motion per epoch)
-        # autoencoder: "wan" (VaeConfig.named(model.vae_variant) with vae_base_dim / vae_res_blocks) or "conv"
-        # (models/conv_ae.py, vae_width channels: 23.0 dB on held-out sources against ~17 for "wan", but in its one
-        # measured demo run the sampled renders lost the objects, CS-CFG 14.7 dB against 16.8 with "wan"; open)
-        autoencoder="wan", vae_width=32,
+        # autoencoder: "conv" (models/conv_ae.py, vae_width channels: ~23 dB on held-out sources) or "wan"
+        # (VaeConfig.named(model.vae_variant) with vae_base_dim / vae_res_blocks: ~17 dB; bench/demo_vae.py)
+        autoencoder="conv", vae_width=32,
         vae_base_dim=8, vae_res_blocks=1,
         vae_steps=400, vae_batch=8, vae_lr=5e-3,
         vae_temporal=1.5,           # weight of the frame-difference L1 (errors that move with the content)
@@ -73,10 +72,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         latent_l2=1e-3,             # keeps the encoder near unit scale against that noise
         # backbone: WanConfig.named(model.variant) with these fields; text_dim = the umT5 width
         dit=ml_collections.ConfigDict(dict(dim=128, ffn_dim=512, num_heads=4, num_layers=6,
-                                           vace_layers=(0, 2, 4))),
-        dit_steps=800, dit_batch=16, dit_lr=1e-3, warmup=50,
+                                           vace_layers=(0, 2, 4), patch_size=(1, 1, 1))),
+        dit_steps=800, dit_batch=16, dit_lr=2e-3, warmup=50,
         clips=384,                  # clips encoded once into a latent cache for the backbone fit
-        recon_prob=0.35,            # share of reconstruction pairs (target = source)
+        recon_prob=0.2,             # share of reconstruction pairs (target = source); learnt first and best
         null_per_batch=2,           # samples per batch with the null text (text dropout 2/16)
         log_every=25,
         report_psnr=True,           # measure the autoencoder's reconstruction PSNR on unseen clips (one compile)

@@ -5,10 +5,10 @@ it a style. Tiny random weights do neither, so the demo (configs/demo.py, `pretr
 small base models, then trains the LoRA on them exactly as on real weights:
 
   umT5        a tiny random encoder with the byte tokenizer, frozen: a fixed text featuriser.
-  autoencoder pretrain.autoencoder: "wan" (configs/demo.py), the Wan2.1 VAE architecture at small widths, or
-              "conv", the plain conv autoencoder of models/conv_ae.py with the Wan VAE's latent geometry. At the
-              demo's sizes the Wan architecture learns slowly (bench/demo_vae.py, 300 steps: 16.9 dB on held-out
-              clips against 20.5 for the conv model). Either is trained for reconstruction (L1 + L2, fp32, Adam)
+  autoencoder pretrain.autoencoder: "conv" (configs/demo.py), the plain conv autoencoder of models/conv_ae.py with
+              the Wan VAE's latent geometry, or "wan", the Wan2.1 VAE architecture at small widths, which learns
+              slowly at the demo's sizes (bench/demo_vae.py, 300 steps: 16.9 dB on held-out clips against 20.5 for
+              the conv model). Either is trained for reconstruction (L1 + L2, fp32, Adam)
               on source and stylised clips of the pretraining styles, plus an L1 term on the frame differences of
               the reconstruction error (`vae_temporal`; for the causal Wan VAE, whose frame 0 takes another path,
               that seam dominated the temporal error). The decoder reads the latent plus N(0, 0.1^2) noise, as a

@@ -34,14 +34,16 @@ def test_demo_config_loads_locked_and_holds_a_style_out(arg):
     assert c.model.tokenizer == "bytes"
     wcfg = pretrain.dit_config(c, text_dim=64)
     assert wcfg.has_vace and wcfg.text_dim == 64
+    assert wcfg.patch_size == tuple(c.pretrain.dit.patch_size)
     vcfg = pretrain.vae_config(c)
     assert vcfg.spatial_factor == 8 and vcfg.latents_std == (1.0,) * vcfg.z_dim
-    assert isinstance(vcfg, vae.VaeConfig) and vcfg.base_dim == c.pretrain.vae_base_dim
+    assert autoencoders.kind(vcfg) == "conv_ae" and vcfg.width == c.pretrain.vae_width
+    assert vcfg.latents_mean == (0.0,) * vcfg.z_dim
     pretrain.check_config(c)
     with c.unlocked():
-        c.pretrain.autoencoder = "conv"
+        c.pretrain.autoencoder = "wan"
     vcfg = pretrain.vae_config(c)
-    assert autoencoders.kind(vcfg) == "conv_ae" and vcfg.width == c.pretrain.vae_width
+    assert isinstance(vcfg, vae.VaeConfig) and vcfg.base_dim == c.pretrain.vae_base_dim
     assert vcfg.latents_mean == (0.0,) * vcfg.z_dim
 
 
@@ -132,13 +134,13 @@ def test_temporal_term_sees_a_first_frame_seam_not_a_steady_error():
     assert float(pretrain.temporal_l1(seam[:, :1])) == 0.0
 
 
-def test_the_conv_autoencoder_trains_through_the_same_step():
+def test_the_wan_autoencoder_trains_through_the_same_step():
     c = _config("tiny")
     with c.unlocked():
-        c.pretrain.autoencoder, c.pretrain.vae_steps, c.pretrain.vae_lr = "conv", 6, 2e-2
+        c.pretrain.autoencoder, c.pretrain.vae_steps, c.pretrain.vae_lr = "wan", 6, 3e-3
         c.pretrain.examples = 1
         c.data.move_prob = 0.0
     vcfg, params, metrics = pretrain.train_autoencoder(c, log=lambda m: None)
-    assert autoencoders.kind(vcfg) == "conv_ae"
+    assert autoencoders.kind(vcfg) == "vae"
     losses = np.array([row["loss"] for row in metrics["curve"]])
     assert np.all(np.isfinite(losses)) and losses[-2:].mean() < losses[:2].mean(), losses
