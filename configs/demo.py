@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.total_steps = 4
         c.log_every = 1
         c.checkpoint_every = 2
-        c.pretrain.update(dict(examples=8, vae_width=8, vae_steps=6, vae_batch=2, vae_lr=3e-3, clips=8, dit_steps=4,
+        c.pretrain.update(dict(examples=8, vae_width=8, vae_steps=6, vae_batch=2, vae_lr=1e-2, clips=8, dit_steps=4,
                                dit_batch=4, null_per_batch=1, warmup=1, log_every=1,
                                report_psnr=False))
         c.pretrain.dit.update(dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, vace_layers=(0,)))
