@@ -161,8 +161,8 @@ def main(argv=None) -> int:
     print(f"autoencoder: {autoencoders.describe(vcfg)} ({time.perf_counter() - t0:.0f} s)", flush=True)
     hold = held_out(config, vcfg, vparams, a.held_out)
     tcfg = umt5.Umt5Config.named(config.model.umt5_variant)
-    checkpoints.save(config.model.umt5, tcfg, umt5.init(tcfg, jax.random.key(int(p.seed) + 3)), kind="umt5")
-    tparams = checkpoints.load_umt5(config.model.umt5)[1]
+    tparams = umt5.init(tcfg, jax.random.key(int(p.seed) + 3))  # as pretrain.run; saved for the text cache's key
+    checkpoints.save(config.model.umt5, tcfg, tparams, kind="umt5")
     caps = pretrain.pair_captions(pairs) + [c for h in hold.values() for c in h["caps"]]
     rows = pretrain._TextRows(config, tcfg, tparams, tok_lib.load_tokenizer("bytes"), tmp / "text_cache", caps,
                               pretrain.null_text())
@@ -184,7 +184,6 @@ def main(argv=None) -> int:
         vpairs = pairs
         if (vconf.pretrain.clips, vconf.pretrain.examples) != (p.clips, p.examples):
             vpairs = pretrain.encode_clips(vconf, vcfg, vparams, log=lambda m: None)
-            vpairs = {**vpairs, "caption": list(vpairs["caption"])}
             rows = pretrain._TextRows(vconf, tcfg, tparams, tok_lib.load_tokenizer("bytes"), tmp / "text_cache",
                                       caps + pretrain.pair_captions(vpairs), pretrain.null_text())
         t = time.perf_counter()
