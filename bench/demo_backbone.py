@@ -6,8 +6,9 @@
 
 The path measured is `make demo`'s pretraining (pretrain.train_autoencoder unless --vae names a fitted one,
 pretrain.encode_clips, pretrain.fit_backbone with configs/demo.py's recipe); a variant overrides `pretrain` settings
-(`key=python_value`, dotted below pretrain; clips/examples re-encode the pairs). On held-out scenes of the pretraining world, for each kind of pair (reconstruction, and each
-pretraining style with its caption), the table gives
+(`key=python_value`, dotted below pretrain; clips/examples re-encode the pairs). On held-out scenes of the
+pretraining world, for each kind of pair (reconstruction, and each pretraining style with its caption), the table
+gives
 
     rel_err(sigma) = mean |x_sigma - sigma v(x_sigma) - x0|^2 / var(x0)
 
@@ -46,18 +47,23 @@ from pickstyle_jax.models import tokenizer as tok_lib  # noqa: E402
 SIGMAS = (0.98, 0.9, 0.7, 0.4)
 
 
-def held_out(config, vcfg, vparams, n: int, seed_offset: int = 202) -> dict:
-    """{kind: {"src", "tgt" latents, "caps"}} on scenes the backbone never sees; every style shares the scenes."""
+def encoder(vcfg, vparams):
+    """batch of pixel pairs (uint8) -> (source latents, target latents), normalised; one jitted encode."""
     enc = jax.jit(lambda p, x: autoencoders.encode(vcfg, p, x, chunked=False))
+    return lambda b: tuple(np.asarray(enc(vparams, pretrain._pixels(b[k]))) for k in ("source", "target"))
+
+
+def held_out(config, encode, n: int, seed_offset: int = 202) -> dict:
+    """{kind: {"src", "tgt" latents, "caps"}} on scenes the backbone never sees; every style shares the scenes."""
     out = {}
     for style in config.pretrain.styles:
         b = next(pipeline.make_iterator(pretrain.data_config(config, n, seed_offset, (style,)), seed=seed_offset))
-        src = np.asarray(enc(vparams, pretrain._pixels(b["source"])))
+        src, tgt = encode(b)
         caps = [str(c) for c in b["caption"]]
         if not out:
             out["recon"] = {"src": src, "tgt": src, "caps": [f"{pretrain.RECON_PREFIX} {pretrain._scene(c)}"
                                                               for c in caps]}
-        out[style] = {"src": src, "tgt": np.asarray(enc(vparams, pretrain._pixels(b["target"]))), "caps": caps}
+        out[style] = {"src": src, "tgt": tgt, "caps": caps}
     return out
 
 
@@ -87,19 +93,14 @@ def _neighbourhood(z):
     return jnp.concatenate([p[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)
 
 
-def probe_pairs(config, vcfg, vparams, style: str, n: int = 768, seed_offset: int = 5):
+def probe_pairs(config, encode, style: str, n: int = 768, seed_offset: int = 5):
     """n fresh (source, target) latent pairs of one style from a 2048-scene world: with the backbone's 128 pairs per
     style the probe only memorises them (held-out rel_err above 1)."""
-    enc = jax.jit(lambda p, x: autoencoders.encode(vcfg, p, x, chunked=False))
     d = pretrain.data_config(config, 32, seed_offset, (style,))
     with d.unlocked():
         d.synthetic_examples = 2048
     it = pipeline.make_iterator(d, seed=seed_offset)
-    src, tgt = [], []
-    for _ in range(-(-n // 32)):
-        b = next(it)
-        src.append(np.asarray(enc(vparams, pretrain._pixels(b["source"]))))
-        tgt.append(np.asarray(enc(vparams, pretrain._pixels(b["target"]))))
+    src, tgt = zip(*(encode(next(it)) for _ in range(-(-n // 32))))
     return np.concatenate(src)[:n], np.concatenate(tgt)[:n]
 
 
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
         vcfg, vparams, _ = pretrain.train_autoencoder(config, log=lambda m: None)
         vcfg, pairs = pretrain.normalise(vcfg, pretrain.encode_clips(config, vcfg, vparams, log=lambda m: None))
     print(f"autoencoder: {autoencoders.describe(vcfg)} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    hold = held_out(config, vcfg, vparams, a.held_out)
+    encode = encoder(vcfg, vparams)
+    hold = held_out(config, encode, a.held_out)
     tcfg = umt5.Umt5Config.named(config.model.umt5_variant)
     tparams = umt5.init(tcfg, jax.random.key(int(p.seed) + 3))  # as pretrain.run; saved for the text cache's key
     checkpoints.save(config.model.umt5, tcfg, tparams, kind="umt5")
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
     rows = pretrain._TextRows(config, tcfg, tparams, tok_lib.load_tokenizer("bytes"), tmp / "text_cache", caps,
                               pretrain.null_text())
 
-    results["probe"] = {s: mlp_probe(probe_pairs(config, vcfg, vparams, s), hold, s) for s in p.styles}
+    results["probe"] = {s: mlp_probe(probe_pairs(config, encode, s), hold, s) for s in p.styles}
     print("MLP probe rel_err: " + ", ".join(f"{s} {v:.3f}" for s, v in results["probe"].items()), flush=True)
     results["variants"] = {}
     for spec in a.variant or ["dit.patch_size=(1,2,2)", "dit.patch_size=(1,1,1)"]:
