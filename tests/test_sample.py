@@ -122,7 +122,9 @@ def test_call_time_scales_equal_make_time_scales(world):
     print("call-time vs make-time scales, max rel difference", _rel(got, want))
     assert _rel(got, want) <= 1e-6
     default = _run(w, key=4)
-    assert _rel(got, default) > 1e-3  # the call-time scales took effect ...
+    # the same program and key give bit-equal outputs, so any difference above float noise means the scales
+    # differ; APG's norm clamp can keep it small for some random worlds (9.9e-4 was seen at seed 1838398583)
+    assert _rel(got, default) > 1e-5  # the call-time scales took effect ...
     back = _run(w, made, key=4, text_scale=5.0, context_scale=4.0)
     assert _rel(back, default) <= 1e-6  # ... and override make-time ones the same way
 
@@ -142,7 +144,7 @@ def test_scales_share_one_compile(world, monkeypatch):
     assert s._cache_size() == 1, "new scale values recompiled the sampler"
     for i in range(len(outs)):
         for j in range(i):
-            assert _rel(outs[i], outs[j]) > 1e-3, (i, j)  # every pair really ran with its own scales
+            assert _rel(outs[i], outs[j]) > 1e-5, (i, j)  # every pair really ran with its own scales
     # the same for a sampler made with other default scales from it, e.g. the Stylizer's per-call ones
     _run(world, s.with_scales(text_scale=2.0), key=5)
     assert len(traces) == n_traces and s._cache_size() == 1
