@@ -16,7 +16,8 @@ straight into their shardings, every caption encoded once into the embedding cac
 leaves device memory), Orbax checkpoints of state + PRNG key + Grain iterator every `checkpoint_every` steps and on
 SIGTERM/SIGINT, automatic resume, metrics.jsonl, and the LoRA exported at the end (checkpoint dir, PickStyle .pth
 and PEFT safetensors).
-Config schema: `default_config()`.
+Config schema: `default_config()`. Beside this file, importable from here: train_base.py (the frozen base models),
+train_text.py (the caption table), train_checkpoints.py (checkpoints, signals, the LoRA export).
 """
 from __future__ import annotations
 
@@ -33,13 +34,23 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
 from pickstyle_jax import flow, lora as lora_lib, sharding
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.models import autoencoders, umt5, vae, wan
+from pickstyle_jax.train_base import _has_field, count, load_dit, load_vae, random_dit, wan_unstacked, zero_latent
+from pickstyle_jax.train_checkpoints import (_checkpoint_manager, _save, _Signals, _trim_metrics, export_lora,
+                                             restore_state)
+from pickstyle_jax.train_text import TextTable, build_text_table, dataset_captions
+
+__all__ = ["ConfigError", "default_config", "model_configs", "check_config", "Setup", "make_optimizer",
+           "setup_from_config", "init_state", "pixels", "vace_context", "encode_pair", "loss_fn", "train_step",
+           "lora_axes", "wan_unstacked", "state_shardings", "batch_shapes", "jit_train_step", "init_distributed",
+           "dataset_captions", "TextTable", "build_text_table", "load_dit", "random_dit", "load_vae", "zero_latent",
+           "count", "tokens_per_sample", "total_steps", "restore_state", "export_lora", "prepare", "device_batch",
+           "run", "main"]
 
 f32 = jnp.float32
 
@@ -73,10 +84,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0, auto=False))
     c.text = ml_collections.ConfigDict(dict(cache_dir="", text_len=512))
     return c
-
-
-def _has_field(cls, name) -> bool:
-    return name in {f.name for f in dataclasses.fields(cls)}
 
 
 def model_configs(config):
@@ -251,10 +258,6 @@ def lora_axes(lcfg, wcfg, lora_shapes):
     return walk(lora_shapes, axes)
 
 
-def wan_unstacked(wcfg):
-    return wcfg.replace(scan_layers=False) if _has_field(wan.WanConfig, "scan_layers") else wcfg
-
-
 def state_shardings(state_shapes, lora_sh, mesh):
     """Optimizer moments follow the LoRA leaf they belong to (matched by their dict path); the rest replicated."""
     by_path = {tuple(str(k.key) for k in kp): s
@@ -305,136 +308,6 @@ def init_distributed(d) -> None:
                           f"(or auto=True on a TPU pod / SLURM / OMPI / Kubernetes)")
 
 
-def dataset_captions(source) -> list[str]:
-    """Every caption of a data source, without decoding images where the source keeps records."""
-    if hasattr(source, "sources"):
-        return [c for s in source.sources for c in dataset_captions(s)]
-    if hasattr(source, "records"):
-        return [r.caption for r in source.records()]
-    return [str(source[i]["caption"]) for i in range(len(source))]
-
-
-class TextTable:
-    """Caption -> embedding rows, all encoded before training; `rows` (static) is the padded row count."""
-
-    def __init__(self, emb_NLD: np.ndarray, lens_N: np.ndarray, captions: list[str], text_len: int):
-        from pickstyle_jax import text
-
-        self.index = {c: i for i, c in enumerate(captions)}
-        self.rows = text.bucket_length(int(lens_N.max(initial=1)), text_len)
-        self.emb, self.lens = emb_NLD[:, :self.rows], lens_N
-
-    def __call__(self, captions) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            ids = [self.index[str(c)] for c in captions]
-        except KeyError as e:
-            raise RuntimeError(f"caption {e} was not encoded before training") from None
-        return self.emb[ids], self.lens[ids]
-
-
-def build_text_table(config, workdir, tokenizer, captions) -> TextTable:
-    """Encodes every distinct caption once (through the embedding cache), then drops umT5 from device memory."""
-    from pickstyle_jax import checkpoints, text
-
-    m, text_len = config.model, int(config.text.text_len)
-    distinct = list(dict.fromkeys(captions))
-    if m.umt5:
-        tcfg, tparams = checkpoints.load_umt5(m.umt5)
-        encoder_id = text.checkpoint_identity(m.umt5, tcfg)
-    else:
-        tcfg = umt5.Umt5Config.named(m.umt5_variant)
-        tparams = umt5.init(tcfg, jax.random.fold_in(jax.random.key(config.seed), 4))
-        encoder_id = f"random:{m.umt5_variant}:seed{config.seed}"
-    cache = text.EmbeddingCache(config.text.cache_dir or Path(workdir) / "text_cache", encoder_id,
-                                tokenizer_id=getattr(tokenizer, "identity", repr(tokenizer)), text_len=text_len)
-    encode = functools.partial(text.encode_text, tcfg, tparams, tokenizer, text_len=text_len)
-    embs, lens = [], []
-    for i in range(0, len(distinct), 32):  # bounded encoder batches
-        e, n = cache.get_or_compute(distinct[i:i + 32], encode)
-        embs.append(e)
-        lens.append(n)
-    del tparams, encode
-    return TextTable(np.concatenate(embs), np.concatenate(lens), distinct, text_len)
-
-
-def _axes_by_path(axes_tree) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=sharding._is_axes)[0]
-    return {tuple(str(k.key) for k in kp): ax for kp, ax in flat}
-
-
-def load_dit(config, wcfg, mesh, rules):
-    """Frozen DiT params placed in their shardings: from the checkpoint dir, or a random init of the variant."""
-    from pickstyle_jax import checkpoints
-
-    m = config.model
-    flat_cfg = wan_unstacked(wcfg)
-    if m.dit:
-        meta = checkpoints.read_meta(m.dit)
-        runtime = {k: getattr(wcfg, k) for k in ("param_dtype", "dtype", "attention", "remat_policy")}
-        flat_cfg = checkpoints.config_from_dict("wan", meta["config"]).replace(**runtime)
-        axes = _axes_by_path(wan.param_axes(flat_cfg))
-
-        def place(path, sds):
-            return jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
-                axes[path], rules, mesh, sds.shape, name=".".join(path)))
-
-        _, params = checkpoints.load_dit(m.dit, dtype=jnp.dtype(wcfg.param_dtype), sharding=place)
-        wcfg = flat_cfg.replace(**({"scan_layers": wcfg.scan_layers} if _has_field(wan.WanConfig, "scan_layers")
-                                   else {}))
-    else:
-        sh = sharding.tree_shardings(wan.param_axes(flat_cfg), mesh, rules, wan.param_shapes(flat_cfg))
-        rng = jax.random.fold_in(jax.random.key(config.seed), 3)
-        if count(wan.param_shapes(flat_cfg)) < 50_000_000:  # small: eager, no minute-long compile of the init
-            params = jax.device_put(random_dit(flat_cfg, rng), sh)
-        else:
-            params = jax.jit(functools.partial(random_dit, flat_cfg), out_shardings=sh)(rng)
-    if getattr(wcfg, "scan_layers", False):
-        stacked_sh = sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, wan.param_shapes(wcfg))
-        params = jax.jit(functools.partial(wan.stack_layers, wcfg), out_shardings=stacked_sh,
-                         donate_argnums=0)(params)
-    return wcfg, params
-
-
-def random_dit(wcfg, rng, noise: float = 0.02):
-    """wan.init with live paths: the official init zeroes the head and the VACE before/after projections, which
-    leaves every LoRA gradient exactly zero. Here those kernels are drawn N(0, 1/fan_in) and every other leaf gets
-    N(0, noise^2) added. For random-weight runs only (tests, plans, smoke runs)."""
-    params = wan.init(wcfg, rng)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(jax.random.fold_in(rng, 1), len(flat))
-    out = []
-    for (kp, a), k in zip(flat, keys):
-        names = [str(getattr(p, "key", p)) for p in kp]
-        if names[-1] == "kernel" and {"head", "before_proj", "after_proj"} & set(names):
-            std = a.shape[-2] ** -0.5
-        else:
-            std = noise
-        out.append((a.astype(f32) + std * jax.random.normal(k, a.shape, f32)).astype(a.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def load_vae(config, vcfg, mesh):
-    from pickstyle_jax import checkpoints
-
-    rep = sharding.replicated(mesh)
-    if config.model.vae:
-        vcfg, params = checkpoints.load_vae(config.model.vae, sharding=rep)
-        return vcfg, params
-    return vcfg, jax.device_put(autoencoders.random_params(vcfg, config.seed), rep)
-
-
-def zero_latent(config, vcfg, vparams, mesh):
-    """E(zero clip) [1, f, h, w, 16]: PickStyle's inactive context, a constant (non-zero: normalised) latent."""
-    d = config.data
-    zeros = jnp.zeros((1, d.frames, d.height, d.width, 3), f32)
-    encode = jax.jit(functools.partial(autoencoders.encode, vcfg), out_shardings=sharding.replicated(mesh))
-    return encode(vparams, zeros)
-
-
-def count(tree) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
-
-
 def tokens_per_sample(config, wcfg, vcfg) -> int:
     d = config.data
     f = 1 + (int(d.frames) - 1) // vcfg.temporal_factor
@@ -449,85 +322,6 @@ def total_steps(config, source) -> int:
     _, n_proc = pipeline.shard_options(config.data)
     per_host = len(source) // n_proc
     return per_host * int(config.data.num_epochs) // (int(config.data.batch_size) // n_proc)
-
-
-class _Signals:
-    """SIGTERM/SIGINT set a flag the loop reads between steps (save, then exit)."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-    def agreed(self) -> int:
-        """The signal any process got (all processes must stop at the same step)."""
-        if jax.process_count() == 1:
-            return self.signum
-        return int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
-
-
-def _checkpoint_manager(workdir, keep):
-    import grain
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        Path(workdir).absolute() / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True, enable_async_checkpointing=False),
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
-
-
-def _save(mgr, step, state, key_data, it):
-    import grain
-    import orbax.checkpoint as ocp
-
-    mgr.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"train": state, "key": key_data}),
-        data=grain.checkpoint.CheckpointSave(it)), force=True)
-    mgr.wait_until_finished()
-
-
-def restore_state(mgr, step, abstract, it=None):
-    """{"train": state, "key": key data} of a checkpoint step, placed as `abstract` says; the data iterator too
-    when given."""
-    import grain
-    import orbax.checkpoint as ocp
-
-    items = {"state": ocp.args.StandardRestore(abstract)}
-    if it is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(it)
-    return mgr.restore(int(step), args=ocp.args.Composite(**items))["state"]
-
-
-def _trim_metrics(path: Path, last_step: int):
-    """A resumed run re-logs the steps after its checkpoint: drop what a killed run logged beyond it."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= last_step))
-
-
-def export_lora(workdir, adapters: lora_lib.Lora):
-    """DIR/lora (our checkpoint), DIR/pickstyle_lora.pth (PickStyle's layout) and DIR/lora.safetensors (PEFT/diffusers
-    layout with alpha/rank metadata, as `convert.lora --export` writes), the last two without torch (lora_export)."""
-    from pickstyle_jax import checkpoints, lora_export
-
-    workdir = Path(workdir)
-    adapters = lora_lib.Lora(jax.tree.map(lambda x: np.asarray(x, np.float32), adapters.params), adapters.config)
-    checkpoints.save_lora(workdir / "lora", adapters)  # collective: every process calls export_lora
-    if jax.process_index() == 0:
-        lora_export.write_pickstyle_pth(workdir / "pickstyle_lora.pth", adapters)
-        lora_export.write_peft_safetensors(workdir / "lora.safetensors", adapters)
-    return workdir / "lora"
 
 
 def prepare(config, workdir, say=lambda msg: None) -> types.SimpleNamespace:

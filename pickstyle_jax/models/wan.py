@@ -30,6 +30,9 @@ vace_layers[j], VACE block j and its hint, then the main blocks up to vace_layer
 needs vace_layers = (0, P, 2P, ...) with num_layers = J * P (true of every real variant); T2V is one scan over
 the blocks. Checkpoints stay flat on disk (`checkpoints.load_dit(path, scan_layers=True)` stacks on load), and
 `init` always returns the flat tree (the converters' and LoRA's layout); stack it for a scanned config.
+
+The plain tree and array code lives beside this file and is importable from here: models/wan_stacking.py (the
+flat <-> stacked conversions, `scan_period`) and models/wan_inputs.py (patch tokens, `fold_text`, input checks).
 """
 from __future__ import annotations
 
@@ -40,11 +43,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from pickstyle_jax.models import layers
+from pickstyle_jax.models.wan_inputs import _check_inputs, _patchify, _unpatchify, fold_text
+from pickstyle_jax.models.wan_stacking import (STACKED_AXIS, _STACKED_KEYS, _check_layout, _leaf_paths, _stack,
+                                               scan_period, stack_layers, stack_lora, unstack_layers)
+
+__all__ = ["REMAT_POLICIES", "STACKED_AXIS", "WanConfig", "scan_period", "Attention", "WanBlock", "VaceBlock", "Head",
+           "WanModel", "init", "param_axes", "param_shapes", "stack_layers", "unstack_layers", "stack_lora",
+           "fold_text", "forward"]
 
 f32 = jnp.float32
 
@@ -62,8 +71,6 @@ REMAT_POLICIES = {
     "offload": "offload",
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-STACKED_AXIS = "layers"  # logical name of the leading axis of stacked (scanned) parameters
-_STACKED_KEYS = ("blocks", "vace_blocks", "vace_before_proj")
 _RESIDUAL_AXES = ("batch", "length", "embed")  # sharding of the [B, S, D] streams at block boundaries
 
 
@@ -141,20 +148,6 @@ class WanConfig:
     @property
     def has_vace(self) -> bool:
         return bool(self.vace_layers)
-
-
-def scan_period(cfg: WanConfig) -> int:
-    """P, the main blocks per VACE super-block of a scanned VACE model (num_layers for T2V); raises if the VACE
-    layers are not (0, P, 2P, ...) with num_layers = J * P."""
-    if not cfg.has_vace:
-        return cfg.num_layers
-    j = len(cfg.vace_layers)
-    period = cfg.num_layers // j
-    if cfg.num_layers % j or cfg.vace_layers != tuple(range(0, cfg.num_layers, period)):
-        raise ValueError(f"scan_layers=True needs regularly spaced vace_layers (0, P, 2P, ...) with num_layers = "
-                         f"J * P; got vace_layers {cfg.vace_layers} over {cfg.num_layers} layers. Set "
-                         f"scan_layers=False for this config (the blocks then run unrolled)")
-    return period
 
 
 # ------------------------------------------------------------------------------------------------- modules
@@ -382,186 +375,11 @@ def param_shapes(cfg: WanConfig):
     return shapes
 
 
-def _leaf_paths(tree, prefix=()):
-    """{path tuple: leaf} of a nested dict (anything that is not a dict is a leaf)."""
-    out = {}
-    for key, sub in tree.items():
-        if isinstance(sub, dict):
-            out.update(_leaf_paths(sub, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = sub
-    return out
-
-
-def _nest(paths):
-    out: dict = {}
-    for path, leaf in paths.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return out
-
-
-def _groups(cfg):
-    return (("blocks", cfg.num_layers),) + ((("vace_blocks", len(cfg.vace_layers)),) if cfg.has_vace else ())
-
-
-def _stack(cfg: WanConfig, tree, stack, *, fill=None):
-    """Flat -> stacked layout; stack(list of n per-layer leaves) -> leaf. With `fill(like)`, a path missing from
-    some layers (a partial LoRA tree) is filled from fill(a present leaf); otherwise it is an error."""
-    scan_period(cfg)
-    out = {k: v for k, v in tree.items() if k not in ("blocks", "vace_blocks")}
-    for name, n in _groups(cfg):
-        sub = tree.get(name)
-        if sub is None:
-            continue
-        want = {str(i) for i in range(n)}
-        if not set(sub) <= want or (fill is None and set(sub) != want):
-            raise ValueError(f"params[{name!r}] has keys {sorted(sub)[:8]}..., expected the flat layout with keys "
-                             f"'0'..'{n - 1}' (is it already stacked?)")
-        per_layer = [_leaf_paths(sub.get(str(i), {})) for i in range(n)]
-        if name == "vace_blocks" and any(p[0] == "before_proj" for p in per_layer[0]):
-            out["vace_before_proj"] = sub["0"]["before_proj"]
-            per_layer[0] = {p: v for p, v in per_layer[0].items() if p[0] != "before_proj"}
-        stacked = {}
-        for path in sorted(set().union(*per_layer)):
-            leaves = [layer.get(path) for layer in per_layer]
-            present = next(leaf for leaf in leaves if leaf is not None)
-            if fill is None and any(leaf is None for leaf in leaves):
-                raise ValueError(f"{name}.*.{'.'.join(path)} is missing from some layers")
-            stacked[path] = stack([fill(present) if leaf is None else leaf for leaf in leaves])
-        out[name] = _nest(stacked)
-    return out
-
-
-def _unstack(cfg: WanConfig, tree, index):
-    """Stacked -> flat layout; index(leaf, i) -> the i-th layer's leaf."""
-    scan_period(cfg)
-    out = {k: v for k, v in tree.items() if k not in _STACKED_KEYS}
-    for name, n in _groups(cfg):
-        if name not in tree:
-            continue
-        if "0" in tree[name]:
-            raise ValueError(f"params[{name!r}] is already in the flat layout (keys '0', '1', ...)")
-        paths = _leaf_paths(tree[name])
-        out[name] = {str(i): _nest({p: index(leaf, i) for p, leaf in paths.items()}) for i in range(n)}
-    if "vace_before_proj" in tree:
-        out.setdefault("vace_blocks", {}).setdefault("0", {})["before_proj"] = tree["vace_before_proj"]
-    return out
-
-
-def _np_or_jnp(leaves):
-    return np if all(isinstance(leaf, np.ndarray) for leaf in leaves) else jnp
-
-
-def stack_layers(cfg: WanConfig, params, *, stack=None):
-    """The flat tree (official paths) -> the stacked tree `forward` takes with scan_layers=True (module docstring).
-    Exact; numpy leaves stay numpy (on the host), others become jax arrays; works on ShapeDtypeStruct trees.
-    stack: optional function (list of the n per-layer leaves) -> stacked leaf, replacing the default."""
-    def default(leaves):
-        if isinstance(leaves[0], jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype)
-        return _np_or_jnp(leaves).stack(leaves)
-
-    return _stack(cfg, params, stack or default)
-
-
-def unstack_layers(cfg: WanConfig, params):
-    """Exact inverse of `stack_layers` (also on ShapeDtypeStruct trees and trees of per-layer Shardings)."""
-    def index(leaf, i):
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
-        if isinstance(leaf, jax.sharding.Sharding):  # a tree of per-layer shardings: every layer gets the leaf
-            return leaf
-        return leaf[i]
-
-    return _unstack(cfg, params, index)
-
-
-def stack_lora(cfg: WanConfig, adapter_params):
-    """A flat LoRA tree (official paths, {"A", "B"} leaves) in the stacked layout; layers that carry no adapter
-    get zeros, which add exactly nothing to the output and receive no gradient that matters."""
-    return _stack(cfg, adapter_params, lambda leaves: jnp.stack(leaves), fill=jnp.zeros_like)
-
-
 @functools.lru_cache(maxsize=16)
 def _dense_paths(cfg: WanConfig) -> frozenset:
     """Dotted paths of every Dense layer of the flat model (LoRA adapter targets)."""
     return frozenset(".".join(p[:-1]) for p in _leaf_paths(layers.abstract_params(WanModel, _flat(cfg)))
                      if p[-1] == "kernel")
-
-
-# ------------------------------------------------------------------------------------------------- inputs
-
-
-def _patchify(x_BFHWC, patch_size):
-    """[B, F, H, W, C] -> [B, S, p_t*p_h*p_w*C], tokens frame-major, patch features ordered (p_t, p_h, p_w, c)."""
-    b, f, h, w, c = x_BFHWC.shape
-    pt, ph, pw = patch_size
-    x = x_BFHWC.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c)
-    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
-    return x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
-
-
-def _unpatchify(y_BSP, grid, patch_size):
-    b = y_BSP.shape[0]
-    (gf, gh, gw), (pt, ph, pw) = grid, patch_size
-    y = y_BSP.reshape(b, gf, gh, gw, pt, ph, pw, -1).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-    return y.reshape(b, gf * pt, gh * ph, gw * pw, -1)
-
-
-def fold_text(cfg: WanConfig, text_BLC, text_lens=None):
-    """The text rows the model embeds and their logit bias: (rows [B, L', text_dim], bias [B, L'] fp32 or None).
-
-    The reference zero-pads every prompt to text_len rows and attends to all of them. Zero rows all embed to one
-    constant key/value, so attending to m of them equals attending to one with logit bias log(m). With
-    fold_text_padding the rows kept are the given L plus one zero row;
-    sample b's rows at or beyond text_lens[b] are masked (-inf) and its zero row carries log(text_len -
-    text_lens[b]) (-inf when nothing is padded). Without it, the text is zero-padded to text_len rows.
-    """
-    b, n, _ = text_BLC.shape
-    if text_lens is not None:
-        lens_B = jnp.asarray(text_lens, jnp.int32).reshape(b)
-        text_BLC = jnp.where((jnp.arange(n)[None, :] < lens_B[:, None])[..., None], text_BLC, 0)
-    elif cfg.text_len - n <= 1:
-        return jnp.pad(text_BLC, ((0, 0), (0, cfg.text_len - n), (0, 0))), None
-    if not cfg.fold_text_padding:
-        return jnp.pad(text_BLC, ((0, 0), (0, cfg.text_len - n), (0, 0))), None
-    if text_lens is None:
-        lens_B = jnp.full((b,), n, jnp.int32)
-    valid_BL = jnp.arange(n)[None, :] < lens_B[:, None]
-    n_pad_B = (cfg.text_len - lens_B).astype(f32)
-    pad_bias_B1 = jnp.where(n_pad_B > 0, jnp.log(jnp.maximum(n_pad_B, 1.0)), -jnp.inf)[:, None]
-    bias_BL = jnp.concatenate([jnp.where(valid_BL, 0.0, -jnp.inf).astype(f32), pad_bias_B1], axis=1)
-    return jnp.pad(text_BLC, ((0, 0), (0, 1), (0, 0))), bias_BL
-
-
-def _check_inputs(cfg: WanConfig, x, t, text, vace_context, context_scale, text_lens=None):
-    if x.ndim != 5 or x.shape[-1] != cfg.in_dim:
-        raise ValueError(f"x must be [B, F, H, W, {cfg.in_dim}] channels-last latents, got shape {x.shape}")
-    b, f, h, w, _ = x.shape
-    if any(n % p for n, p in zip((f, h, w), cfg.patch_size)):
-        raise ValueError(f"latent (F, H, W) = {(f, h, w)} must be divisible by the patch size {cfg.patch_size}")
-    if np.shape(t) not in ((b,), ()):
-        raise ValueError(f"t must have shape [B] = [{b}] (or be a scalar), got {np.shape(t)}")
-    if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
-        raise ValueError(f"text must be [B={b}, L, {cfg.text_dim}], got shape {text.shape}")
-    if text.shape[1] > cfg.text_len:
-        raise ValueError(f"text length {text.shape[1]} exceeds text_len {cfg.text_len}")
-    if text_lens is not None and np.shape(text_lens) != (b,):
-        raise ValueError(f"text_lens must have shape [B] = [{b}], got {np.shape(text_lens)}")
-    if cfg.has_vace:
-        want = (b, f, h, w, cfg.vace_in_dim)
-        if vace_context is None:
-            raise ValueError(f"this VACE model needs vace_context of shape {want}")
-        if tuple(vace_context.shape) != want:
-            raise ValueError(f"vace_context must have shape {want} (x's B, F, H, W), got {vace_context.shape}")
-        if np.ndim(context_scale) > 1 or np.size(context_scale) not in (1, len(cfg.vace_layers)):
-            raise ValueError(f"context_scale must be a scalar or have {len(cfg.vace_layers)} entries, "
-                             f"got shape {np.shape(context_scale)}")
-    elif vace_context is not None:
-        raise ValueError("vace_context given but this config has no VACE layers (vace_layers=())")
 
 
 # ------------------------------------------------------------------------------------------------- forward
@@ -653,18 +471,6 @@ def _run_scanned(ctx: _Ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J):
 
     xs = (by_super(params["blocks"]), by_super(lp_main), params["vace_blocks"], lp_vace, scales_J)
     return jax.lax.scan(super_block, (x0_BSD, c_BSD), xs)[0][0]
-
-
-def _check_layout(cfg: WanConfig, params):
-    stacked = isinstance(params, dict) and "blocks" in params and "0" not in params["blocks"]
-    if cfg.scan_layers and not stacked:
-        scan_period(cfg)
-        raise ValueError("this config has scan_layers=True but params are the flat tree (blocks '0', '1', ...): "
-                         "pass wan.stack_layers(cfg, params), load with checkpoints.load_dit(path, "
-                         "scan_layers=True), or use cfg.replace(scan_layers=False)")
-    if stacked and not cfg.scan_layers:
-        raise ValueError("params are the stacked tree but this config has scan_layers=False: pass "
-                         "wan.unstack_layers(cfg, params) or use cfg.replace(scan_layers=True)")
 
 
 def forward(cfg: WanConfig, params, x, t, text, vace_context=None, *, lora=None, context_scale=1.0,
