@@ -31,10 +31,11 @@ Writes OUT (default DIR/eval): results.json ({"rows": [...], "reference", "ablat
 plot.png (a bar chart per metric), and for the first clip stylised.mp4 (cs_cfg) and side_by_side.mp4
 (source | cs_cfg | ground truth).
 
-`--ablations` adds, on the first `--ablation-clips` clips: the text x context scale grid, skip, APG on/off, the
-3-branch CS-CFG against the 2-branch "text" and "text_context" modes, and TeaCache against uncached sampling;
-every row with its wall time per step. The 9 scale pairs run the main cs_cfg row's compiled sampler (no compile of
-their own); the other tables compile once per new static setting (skip 0, 2, 6; APG off; text_context; TeaCache).
+`--ablations` adds, on the first `--ablation-clips` clips: the text x context scale grid, skip, APG (on: PickStyle's
+absolute norm threshold; scaled: the same threshold per latent element; off), the 3-branch CS-CFG against the
+2-branch "text" and "text_context" modes, and TeaCache against uncached sampling; every row with its wall time per
+step. The 9 scale pairs run the main cs_cfg row's compiled sampler (no compile of their own); the other tables
+compile once per new static setting (skip 0, 2, 6; the other APG settings; text_context; TeaCache).
 results.json's `sampler_compiles` counts the compiled samplers (static setting x clip shape) the run used.
 
 Base models: a `model.*` path is loaded; an empty one is rebuilt as the training run built it (a random init of
@@ -257,7 +258,7 @@ def _ablations(runner, clips, refs, seed, steps: int) -> dict:
     grids = {
         "scales": [{"text_scale": ts, "context_scale": cs} for ts in (1.0, 3.0, 5.0) for cs in (1.0, 2.5, 4.0)],
         "skip": [{"skip": s} for s in sorted({0, 2, 4, 6}) if s < steps],
-        "apg": [{"apg": True}, {"apg": False}],
+        "apg": [{"apg": True}, {"apg": "scaled"}, {"apg": False}],
         "modes": [{"mode": "cs_cfg"}, {"mode": "text"}, {"mode": "text_context"}],
         "cache": [{"cache": None}, {"cache": "teacache", "cache_threshold": float(base["cache_threshold"])}],
     }
@@ -498,14 +499,18 @@ def main(argv=None) -> int:
     p.add_argument("--skip", type=int, default=None)
     p.add_argument("--text-scale", type=float, default=None)
     p.add_argument("--context-scale", type=float, default=None)
-    p.add_argument("--no-apg", action="store_true")
+    p.add_argument("--apg", choices=("on", "scaled", "off"), default=None,
+                   help="APG: on (norm threshold 55 at any size, as PickStyle), scaled (the threshold per latent "
+                        "element: 55 at 81 x 480 x 832), off (default: on)")
+    p.add_argument("--no-apg", action="store_true", help="the same as --apg off")
     p.add_argument("--no-videos", action="store_true", help="skip the mp4 files")
     a = p.parse_args(argv)
     result = evaluate(a.workdir, clips=a.clips, seed=a.seed, ablations=a.ablations, ablation_clips=a.ablation_clips,
                       out=a.out, lora=a.lora, styles=a.styles.split(",") if a.styles else None, frames=a.frames,
                       height=a.height, width=a.width, timing=a.timing, write_videos=not a.no_videos,
                       solver=a.solver, steps=a.steps, shift=a.shift, skip=a.skip, text_scale=a.text_scale,
-                      context_scale=a.context_scale, apg=False if a.no_apg else None)
+                      context_scale=a.context_scale,
+                      apg=False if a.no_apg else {"on": True, "off": False}.get(a.apg, a.apg))
     print(markdown_table(result["rows"], ["method"]))
     return 0
 

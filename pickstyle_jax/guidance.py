@@ -17,11 +17,19 @@ we do not copy that.)
 APG (adaptive projected guidance; on by default, as PickStyle ships). Each direction Δ keeps its own momentum
 buffer r, threaded through the caller as explicit state:
     r  ← Δ + momentum·r                 the buffer keeps the unclipped running sum
-    g  ← r·min(1, threshold / ‖r‖)      norm clipping
+    g  ← r·min(1, threshold / ‖r‖)      norm clipping (threshold: see below)
     û  = v_cond / max(‖v_cond‖, 1e-12)
     g′ = (g − ⟨g, û⟩û) + eta·⟨g, û⟩û    the part parallel to v_cond is dropped (eta = 0)
     v̂  = v_cond + (s_t − 1)·g′_t + (s_c − 1)·g′_c
 Norms and dot products are per sample, over all non-batch axes, summed in fp32.
+The clipping threshold is a norm over the whole latent of one sample, so what it allows depends on the latent's
+size: PickStyle's 55 was set for its [16, 21, 60, 104] latent (81 frames at 480 x 832), a per-element RMS of
+55 / sqrt(2,096,640) = 0.038. `apg=True` (and `Apg()`) uses 55 at every size, as the official code does;
+`apg="scaled"` (`Apg.scaled()`) keeps that per-element meaning at any size: threshold = 55·sqrt(n / 2,096,640) for
+a latent of n elements per sample, exactly 55 at the official geometry. On a small latent the absolute 55 never
+clips (the demo's [2, 4, 6, 16] latent would need an RMS of 2.0), and the momentum buffer (up to 4x Δ) then drives
+the guided velocity far off: measured on the CPU demo at scales 5/4 (4 held-out clips), 12.9 dB to the ground
+truth with the absolute threshold, 13.1 dB without APG, 20.0 dB scaled (README, "What `make demo` does").
 
 Modes, each selected by name through `combine(mode, vs, ...)`; `MODES[mode]` is the number of branches, and `vs`
 lists them in this order (either a sequence of [B, ...] arrays or one [n·B, ...] array stacked branch-major, as a
@@ -47,19 +55,38 @@ import jax.numpy as jnp
 import numpy as np
 
 MODES = {"cs_cfg": 3, "text": 2, "text_context": 2, "none": 1}
+# elements per sample of the latent PickStyle's APG threshold was set for: [16 channels, 21, 60, 104]
+REFERENCE_NUMEL = 16 * 21 * 60 * 104
 
 
 @dataclasses.dataclass(frozen=True)
 class Apg:
-    """APG constants; PickStyle's are momentum 0.75, norm threshold 55, eta 0. threshold=inf disables clipping."""
+    """APG constants; PickStyle's are momentum 0.75, norm threshold 55, eta 0. threshold=inf disables clipping.
+    reference_numel: None = the threshold is absolute (the official behaviour); n = it was set for a latent of n
+    elements per sample and scales by sqrt(size / n) on others (`Apg.scaled()`: PickStyle's 55 at its geometry)."""
 
     momentum: float = 0.75
     norm_threshold: float = 55.0
     eta: float = 0.0
+    reference_numel: int | None = None
 
     def __post_init__(self):
         if not self.norm_threshold > 0:
             raise ValueError(f"APG norm_threshold must be > 0 (inf disables clipping), got {self.norm_threshold}")
+        if self.reference_numel is not None and not self.reference_numel > 0:
+            raise ValueError(f"APG reference_numel must be a positive element count or None, got "
+                             f"{self.reference_numel}")
+
+    @classmethod
+    def scaled(cls, **kw) -> "Apg":
+        """PickStyle's constants with the threshold's per-element meaning kept at every latent size."""
+        return cls(reference_numel=REFERENCE_NUMEL, **kw)
+
+    def threshold(self, shape) -> float:
+        """The clipping norm for per-sample latents of this [B, ...] shape (static: shapes are known at trace)."""
+        if self.reference_numel is None or math.isinf(self.norm_threshold):
+            return self.norm_threshold
+        return self.norm_threshold * math.sqrt(math.prod(shape[1:]) / self.reference_numel)
 
 
 def _apg_config(apg) -> Apg | None:
@@ -69,7 +96,23 @@ def _apg_config(apg) -> Apg | None:
         return None
     if isinstance(apg, (bool, np.bool_)):
         return Apg() if apg else None
-    raise TypeError(f"apg must be True, False or a guidance.Apg, got {apg!r}")
+    if isinstance(apg, str) and apg == "scaled":
+        return Apg.scaled()
+    raise TypeError(f"apg must be True (PickStyle's absolute threshold), 'scaled' (its per-element threshold), "
+                    f"False (off) or a guidance.Apg, got {apg!r}")
+
+
+def apg_setting(apg):
+    """A named APG setting checked and made canonical: True (PickStyle's absolute threshold), "scaled" or False
+    (numpy bools and "on"/"off" too); an `Apg` passes through. A clear error names the accepted forms."""
+    if isinstance(apg, Apg):
+        return apg
+    if isinstance(apg, (bool, np.bool_)):
+        return bool(apg)
+    if isinstance(apg, str) and apg.lower() in ("on", "off", "scaled"):
+        return {"on": True, "off": False, "scaled": "scaled"}[apg.lower()]
+    raise ValueError(f"apg must be True/'on' (PickStyle's absolute norm threshold), 'scaled' (the threshold kept "
+                     f"per element at every latent size) or False/'off', got {apg!r}")
 
 
 def init_state(v_cond) -> dict[str, Any]:
@@ -102,12 +145,13 @@ def _project(g, u_hat, eta: float):
 def _apg_direction(delta, buffer, u_hat, cfg: Apg):
     """One APG direction: (guidance term g′, new unclipped buffer)."""
     r = delta + cfg.momentum * buffer
-    if math.isinf(cfg.norm_threshold):
+    tau = cfg.threshold(jnp.shape(r))
+    if math.isinf(tau):
         g = r
     else:
         # min(1, τ/‖r‖) written as τ / max(‖r‖, τ): the same value, and finite (also in gradients) at r = 0.
         norm = jnp.sqrt(_sum(r * r))
-        g = r * (cfg.norm_threshold / jnp.maximum(norm, cfg.norm_threshold))
+        g = r * (tau / jnp.maximum(norm, tau))
     return _project(g, u_hat, cfg.eta), r
 
 
@@ -115,8 +159,8 @@ def _unit(v):
     return v / jnp.maximum(jnp.sqrt(_sum(v * v)), 1e-12)
 
 
-def cs_cfg(v_cond, v_null_text, v_null, text_scale: float = 5.0, context_scale: float = 4.0, apg: bool | Apg = True,
-           state=None):
+def cs_cfg(v_cond, v_null_text, v_null, text_scale: float = 5.0, context_scale: float = 4.0,
+           apg: bool | str | Apg = True, state=None):
     """Context-style CFG over three branches: returns (guided velocity fp32, new state). state=None = fresh.
 
     v_cond, v_null_text, v_null: [B, ...]; text_scale, context_scale: scalars, static or traced; apg: static."""
@@ -133,7 +177,7 @@ def cs_cfg(v_cond, v_null_text, v_null, text_scale: float = 5.0, context_scale: 
     return v, {"text": r_text, "context": r_ctx}
 
 
-def text_cfg(v_cond, v_null, scale: float = 5.0, apg: bool | Apg = True, state=None):
+def text_cfg(v_cond, v_null, scale: float = 5.0, apg: bool | str | Apg = True, state=None):
     """Two-branch CFG v̂ = v_null + s·(v_cond − v_null) (APG: v_cond + (s − 1)·g′): returns (v fp32, state).
 
     Uses and updates only state["text"]; state["context"] passes through. scale: a scalar, static or traced.
@@ -148,7 +192,7 @@ def text_cfg(v_cond, v_null, scale: float = 5.0, apg: bool | Apg = True, state=N
     return v_c + (scale - 1.0) * g, {"text": r, "context": state["context"]}
 
 
-def text_context(v_cond, v_null, scale: float = 5.0, apg: bool | Apg = True, state=None):
+def text_context(v_cond, v_null, scale: float = 5.0, apg: bool | str | Apg = True, state=None):
     """The "text_context" mode: `text_cfg`'s math, where the caller's v_null is the branch with the null text AND
     the context of an all-zero video (so the guidance pushes away from both conditions at once)."""
     return text_cfg(v_cond, v_null, scale=scale, apg=apg, state=state)
@@ -169,7 +213,7 @@ def _branches(mode: str, vs) -> list:
 
 
 def combine(mode: str, vs: Sequence | Any, *, text_scale: float = 5.0, context_scale: float = 4.0,
-            apg: bool | Apg = True, state=None):
+            apg: bool | str | Apg = True, state=None):
     """Guided velocity of `mode` (see the module docstring): returns (v fp32 [B, ...], new state).
 
     mode, apg: static; text_scale, context_scale: scalars, static or traced (mode "none" ignores them)."""

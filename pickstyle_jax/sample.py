@@ -251,7 +251,7 @@ def _teacache_decide(tc, e0, i, n_exec, threshold, poly):
 
 # -------------------------------------------------------------------------------------------------- the sampler
 def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shift: float = 16.0, skip: int = 4,
-                 text_scale: float = 5.0, context_scale: float = 4.0, apg: bool = True, mesh=None,
+                 text_scale: float = 5.0, context_scale: float = 4.0, apg: bool | str = True, mesh=None,
                  mode: str = "cs_cfg", cache: str | None = None, cache_threshold: float = 0.2, rules=None,
                  progress: Callable[[np.ndarray], None] | None = None, teacache_poly=TEACACHE_POLY_14B):
     """The compiled sampler (a `Sampler`) `sampler(params, adapters, source_latents, context, text, null_text, key,
@@ -262,7 +262,10 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
     apg, mode, cache, cache_threshold, mesh, rules, progress, teacache_poly. Traced (call-time inputs):
     text_scale and context_scale, real scalars passed as f32[]; the values given here are only their defaults,
     so any scales, called in any order, share one compile. The number of guidance branches depends on `mode`
-    only, never on the scale values (a scale of 1 or 0 still runs every branch of the mode).
+    only, never on the scale values (a scale of 1 or 0 still runs every branch of the mode). apg: True
+    (PickStyle's APG, norm threshold 55 whatever the latent size), "scaled" (the same threshold per element, so
+    exactly 55 at 81 x 480 x 832 and proportionally less on smaller latents; `guidance` explains), False (plain
+    CS-CFG), or a `guidance.Apg`.
 
     source_latents: normalised VAE latents of the source [B, f, h, w, 16] (the reactive latent E(src));
     context: [B, f, h, w, 96] = [E(0) | E(src) | mask]; text: [B, L, text_dim] and null_text: [B or 1, L', text_dim]
@@ -282,6 +285,7 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    apg = guidance.apg_setting(apg)
     if cache not in (None, "teacache"):
         raise ValueError(f"cache must be None or 'teacache', got {cache!r}")
     if not 0 <= skip < steps:

@@ -29,7 +29,7 @@ import numpy as np
 __all__ = ["stylize", "build_parser", "main"]
 
 DEFAULTS = dict(steps=20, shift=16.0, skip=4, text_scale=5.0, context_scale=4.0, seed=2025, solver="dpm++",
-                size="480p", max_frames=81, long=None, cache=None, cache_threshold=0.2, mode="cs_cfg")
+                size="480p", max_frames=81, long=None, cache=None, cache_threshold=0.2, mode="cs_cfg", apg="on")
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -43,12 +43,13 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def _check_settings(s: dict) -> None:
-    from pickstyle_jax import sample, schedulers, sizing
+    from pickstyle_jax import guidance, sample, schedulers, sizing
 
     if s["solver"] not in schedulers.SOLVERS:
         raise ValueError(f"--solver must be one of {schedulers.SOLVERS}, got {s['solver']!r}")
     if s["mode"] not in sample.MODES:
         raise ValueError(f"--mode must be one of {sample.MODES}, got {s['mode']!r}")
+    guidance.apg_setting(s["apg"])
     if not 0 <= s["skip"] < s["steps"]:
         raise ValueError(f"--skip must be in [0, --steps) = [0, {s['steps']}), got {s['skip']}")
     if s["long"] not in (None, "chunked"):
@@ -63,7 +64,7 @@ def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, si
     """Reads `video`, stylises it and writes `out` (+ `out`.json); returns the JSON record.
 
     settings: the Stylizer's keywords (steps, shift, skip, text_scale, context_scale, seed, solver, size,
-    max_frames, long, cache, cache_threshold, mode); missing ones take the defaults. `stylizer`: an already
+    max_frames, long, cache, cache_threshold, mode, apg); missing ones take the defaults. `stylizer`: an already
     loaded `sample.Stylizer` to reuse (then dit/vae/umt5/tokenizer/lora are only recorded).
     """
     from pickstyle_jax import sample, sizing
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", choices=("dpm++", "unipc", "euler"), default=DEFAULTS["solver"])
     p.add_argument("--mode", choices=("cs_cfg", "text", "text_context", "none"), default=DEFAULTS["mode"],
                    help="guidance: cs_cfg (3 branches), text / text_context (2), none (1)")
+    p.add_argument("--apg", choices=("on", "scaled", "off"), default=DEFAULTS["apg"],
+                   help="adaptive projected guidance: on (PickStyle's, norm threshold 55 at any size), scaled "
+                        "(threshold kept per latent element: 55 at 81 x 480 x 832, less on smaller clips), off")
     p.add_argument("--size", default=DEFAULTS["size"], help="480p | 720p (area rules, aspect kept) | HxW")
     p.add_argument("--max-frames", type=int, default=DEFAULTS["max_frames"],
                    help="frames per clip (4k+1); with --long chunked, the window length")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pickstyle_jax import sharding, sizing
+from pickstyle_jax import guidance, sharding, sizing
 from pickstyle_jax import lora as lora_lib
 from pickstyle_jax import text as text_lib
 from pickstyle_jax.models import autoencoders, wan
@@ -203,7 +203,8 @@ class Stylizer:
     def run(self, frames, prompt: str, steps: int = 20, shift: float = 16.0, skip: int = 4,
             text_scale: float = 5.0, context_scale: float = 4.0, seed: int = 2025, solver: str = "dpm++",
             size="480p", max_frames: int = 81, long: str | None = None, cache: str | None = None,
-            cache_threshold: float = 0.2, mode: str = "cs_cfg", apg: bool = True, progress: bool | None = None):
+            cache_threshold: float = 0.2, mode: str = "cs_cfg", apg: bool | str = True,
+            progress: bool | None = None):
         """(frames uint8 [F', H', W', 3], info dict). See the module docstring and `sizing` for the rules."""
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -215,7 +216,8 @@ class Stylizer:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         settings = dict(solver=solver, steps=int(steps), shift=float(shift), skip=int(skip),
-                        text_scale=float(text_scale), context_scale=float(context_scale), apg=bool(apg), mode=mode,
+                        text_scale=float(text_scale), context_scale=float(context_scale),
+                        apg=guidance.apg_setting(apg), mode=mode,
                         cache=cache, cache_threshold=float(cache_threshold), progress=bool(progress))
         sampler = self.sampler(**settings)  # validates the settings; compiles once per static setting
         n_in, h_in, w_in, _ = frames.shape

@@ -77,16 +77,16 @@ def test_end_to_end_tiny_run(run_dir, capsys, monkeypatch):
     assert ours.shape == (F, H, W, 3) and sbs.shape == (F, H, 3 * W, 3)
     # ablations (steps 2: the skip table is skip 0 only), every row measured
     ab = result["ablations"]
-    assert [len(ab[k]) for k in ("scales", "skip", "apg", "modes", "cache")] == [9, 1, 2, 3, 2]
+    assert [len(ab[k]) for k in ("scales", "skip", "apg", "modes", "cache")] == [9, 1, 3, 3, 2]
     for r in (r for rows_ in ab.values() for r in rows_):
         assert np.isfinite(r["psnr"]) and r["s_per_step"] > 0 and r["steps"] == 2
     assert len({r["psnr"] for r in ab["scales"]}) == 9  # the call-time scales really differ
-    # compiles: one sampler per static setting (cs_cfg, text, none, apg off, text_context, teacache), one program
-    # per clip shape (cs_cfg also runs one-frame clips for per_frame); the 9 scale pairs reuse cs_cfg's program
-    # (with make-time scales they were 8 more)
+    # compiles: one sampler per static setting (cs_cfg, text, none, apg scaled, apg off, text_context, teacache),
+    # one program per clip shape (cs_cfg also runs one-frame clips for per_frame); the 9 scale pairs reuse cs_cfg's
+    # program (with make-time scales they were 8 more)
     (stylizer,) = built
     programs = sum(s._cache_size() for s in stylizer._samplers.values())
-    assert len(stylizer._samplers) == 6 and programs == 7 == result["sampler_compiles"], (
+    assert len(stylizer._samplers) == 7 and programs == 8 == result["sampler_compiles"], (
         len(stylizer._samplers), programs, result["sampler_compiles"])
     assert result["settings"]["s_per_step_excludes_compile"] is False  # --timing cold
     assert "All scale pairs run one compiled sampler" in md
@@ -135,6 +135,7 @@ def test_ablations_and_reports_with_a_stand_in(tmp_path):
     assert calls(**default) == 2
     assert calls(**{**default, "text_scale": 1.0, "context_scale": 1.0}) == 1
     assert calls(**{**default, "apg": False}) == 2 and calls(**{**default, "skip": 2}) == 2
+    assert calls(**{**default, "apg": "scaled"}) == 2
     # warm timing: the first, compiling call of a compiled sampler (here the fake's 0.02 s first call) is never
     # timed, so every row reads the fake's 0.01 s per call
     for r in [*res["rows"], *(r for rows_ in ab.values() for r in rows_)]:
@@ -142,9 +143,9 @@ def test_ablations_and_reports_with_a_stand_in(tmp_path):
             per_call = 0.01 * (F if r.get("method") == "per_frame" else 1)
             assert r["s_per_step"] == pytest.approx(per_call / r["steps"]), r
     assert res["settings"]["s_per_step_excludes_compile"] is True
-    # compiled samplers: (cs_cfg, text, none) x clip + cs_cfg x one frame; skip 0, 2, 6, APG off, text_context,
-    # TeaCache; none for the 8 new scale pairs
-    assert res["sampler_compiles"] == 4 + 6
+    # compiled samplers: (cs_cfg, text, none) x clip + cs_cfg x one frame; skip 0, 2, 6, APG scaled, APG off,
+    # text_context, TeaCache; none for the 8 new scale pairs
+    assert res["sampler_compiles"] == 4 + 7
     from pickstyle_jax import sample
 
     assert evaluate.CALL_TIME == sample.CALL_TIME_SETTINGS  # what the evaluator counts as one compile

@@ -68,6 +68,39 @@ def test_cs_cfg_apg_matches_numpy_over_steps(seed):
     assert np.all(all_norms[:, 0] < 55) and np.all(all_norms[:, 1] > 55), all_norms  # both regimes exercised
 
 
+def test_scaled_threshold(seed):
+    # "scaled" keeps PickStyle's 55 per element: exactly 55 on its [16, 21, 60, 104] latent, 55 sqrt(n / 2096640)
+    # on n elements; here 960 elements give 1.18, so both samples clip (the absolute 55 clips only sample 1)
+    apg = guidance.Apg.scaled()
+    assert apg.threshold((1, 21, 60, 104, 16)) == 55.0 == guidance.Apg().threshold(SHAPE)
+    tau = 55.0 * math.sqrt(math.prod(SHAPE[1:]) / (16 * 21 * 60 * 104))
+    assert apg.threshold(SHAPE) == pytest.approx(tau, rel=1e-12)
+    r = np.random.default_rng(seed)
+    ref_state = {"text": np.zeros(SHAPE), "context": np.zeros(SHAPE)}
+    state = None
+    for _ in range(3):
+        v_c, v_nt, v_n = branches(r)
+        prev = state
+        v, state = guidance.cs_cfg(v_c, v_nt, v_n, text_scale=5.0, context_scale=4.0, apg="scaled", state=prev)
+        want = np.empty(SHAPE)
+        for b in range(SHAPE[0]):
+            c, nt, n = (a[b].astype(np.float64).ravel() for a in (v_c, v_nt, v_n))
+            g_t, bt, nrm_t = np_apg_direction(c - nt, ref_state["text"][b].ravel(), c, threshold=tau)
+            g_c, bc, nrm_c = np_apg_direction(nt - n, ref_state["context"][b].ravel(), c, threshold=tau)
+            assert min(nrm_t, nrm_c) > tau  # the clip is active in every sample
+            want[b] = (c + 4 * g_t + 3 * g_c).reshape(SHAPE[1:])
+            ref_state["text"][b], ref_state["context"][b] = bt.reshape(SHAPE[1:]), bc.reshape(SHAPE[1:])
+        np.testing.assert_allclose(v, want, rtol=1e-5, atol=2e-6 * np.abs(want).max())
+        absolute, _ = guidance.cs_cfg(v_c, v_nt, v_n, text_scale=5.0, context_scale=4.0, apg=True, state=prev)
+        assert np.abs(np.asarray(absolute) - want).max() > 1e-2  # a different rule on these inputs
+    assert [guidance.apg_setting(a) for a in (True, "on", np.bool_(False), "off", "scaled")] == [
+        True, True, False, False, "scaled"]
+    with pytest.raises(ValueError, match="scaled"):
+        guidance.apg_setting("maybe")
+    with pytest.raises(ValueError, match="reference_numel"):
+        guidance.Apg(reference_numel=0)
+
+
 def test_infinite_threshold_zero_momentum_is_projected_cfg(seed):
     r = np.random.default_rng(seed)
     v_c, v_nt, v_n = branches(r)

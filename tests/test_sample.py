@@ -46,9 +46,12 @@ def _run(w, sampler=None, key=0, **kw):
                         **{**w["lens"], **kw}))
 
 
-def test_batched_branches_equal_separate_forwards(world):
+@pytest.mark.parametrize("apg", [True, "scaled"])
+def test_batched_branches_equal_separate_forwards(world, apg):
+    # "scaled" checks that the sampler's APG sees per-sample latents [f, h, w, 16] (its threshold depends on their
+    # size: 55 sqrt(1152 / 2096640) = 1.29 here, which clips, while 55 does not)
     w = world
-    got = _run(w, key=w["seed"])
+    got = _run(w, sample.make_sampler(CFG, steps=3, skip=1, apg=apg) if apg == "scaled" else None, key=w["seed"])
     # the reference loop: three separate batch-1 forwards per step, then guidance, then the solver
     k_noise, k_perm = jax.random.split(jax.random.key(w["seed"]))
     sch = schedulers.make("dpm++", steps=3, shift=16.0)
@@ -64,13 +67,15 @@ def test_batched_branches_equal_separate_forwards(world):
         v_c = fwd(x, t, pad(w["text"]), w["ctx"], w["lens"]["text_lens"])
         v_nt = fwd(x, t, pad(w["null"]), w["ctx"], w["lens"]["null_text_lens"])
         v_n = fwd(x, t, pad(w["null"]), ctx_null, w["lens"]["null_text_lens"])
-        v, g = guidance.cs_cfg(v_c, v_nt, v_n, text_scale=5.0, context_scale=4.0, apg=True, state=g)
+        v, g = guidance.cs_cfg(v_c, v_nt, v_n, text_scale=5.0, context_scale=4.0, apg=apg, state=g)
         x, state = sch.step(state, x, v, k)
     want = np.asarray(x)
     err = np.abs(got - want).max() / np.abs(want).max()
     print("batched vs separate, max rel error", err)
     assert err < 1e-5, err
     assert np.abs(got - w["src"]).max() > 1e-2  # the model did something
+    if apg == "scaled":
+        assert _rel(got, _run(w, key=w["seed"])) > 1e-5  # not the absolute threshold's result
 
 
 def test_seeds(world):

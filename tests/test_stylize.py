@@ -51,7 +51,7 @@ def test_cli_end_to_end(models, tmp_path):
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["prompt_truncated"] and record["prompt_tokens"] == 512
     for key, want in dict(steps=3, skip=1, shift=16.0, text_scale=5.0, context_scale=4.0, seed=2025,
-                          solver="dpm++", mode="cs_cfg", size="480p", max_frames=9, frames_out=9, height=32,
+                          solver="dpm++", mode="cs_cfg", apg=True, size="480p", max_frames=9, frames_out=9, height=32,
                           width=48).items():
         assert record[key] == want, (key, record[key])
     assert {"text_s", "sample_s", "load_s", "total_s"} <= set(record["timing"])
