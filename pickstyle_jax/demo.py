@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     evaluate = _import("pickstyle_jax.evaluate", "the evaluator")
     evaluate.evaluate(workdir, clips=a.clips, seed=a.seed, text_scale=a.text_scale, context_scale=a.context_scale,
-                      apg={"on": True, "off": False}.get(a.apg, a.apg))
+                      apg=a.apg)
     t_eval = time.perf_counter() - t
     results = workdir / "eval" / "results.md"
     print()

@@ -401,6 +401,9 @@ def evaluate(workdir, *, clips: int = 2, seed: int = 0, ablations: bool = False,
         raise TypeError(f"unknown sampler settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     base = {**DEFAULTS, **{k: v for k, v in sampler.items() if v is not None}}
     base["mode"] = "cs_cfg"
+    from pickstyle_jax.guidance import apg_setting  # "on"/"off" -> True/False: one compile per APG setting
+
+    base["apg"] = apg_setting(base["apg"])
     f = int(frames or _get(run, "data.frames", 0))
     h, w = int(height or _get(run, "data.height", 0)), int(width or _get(run, "data.width", 0))
     if f < 1 or (f - 1) % 4:
@@ -510,7 +513,7 @@ def main(argv=None) -> int:
                       height=a.height, width=a.width, timing=a.timing, write_videos=not a.no_videos,
                       solver=a.solver, steps=a.steps, shift=a.shift, skip=a.skip, text_scale=a.text_scale,
                       context_scale=a.context_scale,
-                      apg=False if a.no_apg else {"on": True, "off": False}.get(a.apg, a.apg))
+                      apg="off" if a.no_apg else a.apg)
     print(markdown_table(result["rows"], ["method"]))
     return 0
 
