@@ -89,17 +89,11 @@ class Apg:
         return self.norm_threshold * math.sqrt(math.prod(shape[1:]) / self.reference_numel)
 
 
-def _apg_config(apg) -> Apg | None:
-    if isinstance(apg, Apg):
-        return apg
-    if apg is None:
-        return None
-    if isinstance(apg, (bool, np.bool_)):
-        return Apg() if apg else None
-    if isinstance(apg, str) and apg == "scaled":
-        return Apg.scaled()
-    raise TypeError(f"apg must be True (PickStyle's absolute threshold), 'scaled' (its per-element threshold), "
-                    f"False (off) or a guidance.Apg, got {apg!r}")
+class ApgSettingError(TypeError, ValueError):
+    """An `apg` value that names no setting (a TypeError for the guidance functions, a ValueError for the CLIs)."""
+
+
+_NAMED = {"on": True, "off": False, "scaled": "scaled"}
 
 
 def apg_setting(apg):
@@ -109,10 +103,20 @@ def apg_setting(apg):
         return apg
     if isinstance(apg, (bool, np.bool_)):
         return bool(apg)
-    if isinstance(apg, str) and apg.lower() in ("on", "off", "scaled"):
-        return {"on": True, "off": False, "scaled": "scaled"}[apg.lower()]
-    raise ValueError(f"apg must be True/'on' (PickStyle's absolute norm threshold), 'scaled' (the threshold kept "
-                     f"per element at every latent size) or False/'off', got {apg!r}")
+    if isinstance(apg, str) and apg.lower() in _NAMED:
+        return _NAMED[apg.lower()]
+    raise ApgSettingError(f"apg must be True/'on' (PickStyle's absolute norm threshold), 'scaled' (the threshold "
+                          f"kept per element at every latent size), False/'off' or a guidance.Apg, got {apg!r}")
+
+
+def _apg_config(apg) -> Apg | None:
+    """The Apg constants of a setting (None: APG off)."""
+    if apg is None:
+        return None
+    apg = apg_setting(apg)
+    if isinstance(apg, Apg):
+        return apg
+    return Apg.scaled() if apg == "scaled" else Apg() if apg else None
 
 
 def init_state(v_cond) -> dict[str, Any]:
