@@ -3,22 +3,41 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The versions we tested (jax, flax, grain, orbax, torch, ...): every install here is constrained by this file.
+LOCK := constraints.txt
 # CI runs on 2 cores; pytest-xdist splits the suite over them.
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv test test-fast demo demo-convert bench clean
+.PHONY: venv test test-fast test-latest lock demo demo-convert bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned (test/convert only): an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --durations=15 tests
+
+# The suite against the newest releases pyproject.toml allows (no lock), in its own .venv-latest; if it passes,
+# `make lock` records those versions as the new tested set.
+test-latest:
+	test -x .venv-latest/bin/python || $(PY) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q --upgrade -e '.[test]'
+	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -E '^(jax|jaxlib|flax|optax|orbax-checkpoint|grain|numpy|torch)=='
+	HF_HUB_OFFLINE=1 .venv-latest/bin/python -m pytest -q -n $(PYTEST_WORKERS) tests
+
+# Rewrite constraints.txt from .venv-latest (after a green `make test-latest`), else from .venv.
+lock:
+	@v=.venv-latest; test -x $$v/bin/python || v=$(VENV); \
+	{ echo "# Tested versions: \`make test\` and \`make demo\` install from this file (pip -c), so a fresh machine gets"; \
+	  echo "# what CI last passed with. Regenerate with \`make lock\` after a green \`make test-latest\`."; \
+	  echo "# Python $$($$v/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -m), $$(date -u +%Y-%m-%d)."; \
+	  $$v/bin/python -m pip freeze --exclude-editable | sed -E 's/^torch==([0-9.]+)\+cpu/torch==\1/'; } > $(LOCK)
 
 # The main job on the embedded default: fit the demo's tiny base models, train the PickStyle LoRA on a held-out
 # style, stylise held-out clips and print the results table (out/demo/).
@@ -36,4 +55,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/data.py
 
 clean:
-	rm -rf $(VENV) demo_out out .pytest_cache
+	rm -rf $(VENV) .venv-latest demo_out out .pytest_cache
