@@ -46,7 +46,7 @@ from pickstyle_jax.train_checkpoints import (_checkpoint_manager, _save, _Signal
                                              restore_state)
 from pickstyle_jax.train_text import TextTable, build_text_table, dataset_captions
 
-__all__ = ["ConfigError", "default_config", "model_configs", "check_config", "Setup", "make_optimizer",
+__all__ = ["ConfigError", "LossNotFinite", "default_config", "model_configs", "check_config", "Setup", "make_optimizer",
            "setup_from_config", "init_state", "pixels", "vace_context", "encode_pair", "loss_fn", "train_step",
            "lora_axes", "wan_unstacked", "state_shardings", "batch_shapes", "jit_train_step", "init_distributed",
            "dataset_captions", "TextTable", "build_text_table", "load_dit", "random_dit", "load_vae", "zero_latent",
@@ -58,6 +58,11 @@ f32 = jnp.float32
 
 class ConfigError(ValueError):
     """A training config that cannot run; the message says what to change."""
+
+
+class LossNotFinite(FloatingPointError):
+    """The loss became NaN or inf: the message names the step and the last good checkpoint (a user error: the
+    learning rate or the data, not the code)."""
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -445,7 +450,7 @@ def run(config, workdir) -> int:
             m = jax.device_get(metrics)
             loss = float(m["loss"])
             if not math.isfinite(loss):
-                raise FloatingPointError(
+                raise LossNotFinite(
                     f"loss is {loss} at step {step}; stopping without saving it. The last good checkpoint is step "
                     f"{mgr.latest_step()} in {mgr.directory} (a rerun resumes there; consider a lower optim.lr)")
             if step % int(config.log_every) == 0 or step == total:

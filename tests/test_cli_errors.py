@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pickstyle_jax import checkpoints, errors, evaluate, lora, sample, stylize, video
+from pickstyle_jax import checkpoints, evaluate, lora, sample, stylize, video
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.models import wan
 from tests import tiny_models
@@ -26,6 +26,7 @@ from tests.conftest import SEED  # printed, replayable with PICKSTYLE_TEST_SEED
 from tests.test_evaluate import _run_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRACEBACK_ENV = "PICKSTYLE_TRACEBACK"  # TRACEBACK_ENV, spelled out: users type it
 CFG = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0,), text_dim=64)  # umT5 tiny is 64 wide
 
 
@@ -45,7 +46,7 @@ def cache(tmp_path_factory):
 
 
 def _cli(module, *args, cache, env=None, timeout=600):
-    e = {k: v for k, v in os.environ.items() if k != errors.TRACEBACK_ENV}
+    e = {k: v for k, v in os.environ.items() if k != TRACEBACK_ENV}
     e.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **(env or {}))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=e, capture_output=True, text=True,
                           timeout=timeout)
@@ -77,6 +78,8 @@ def models(tmp_path_factory):
 def test_user_errors_are_named_in_one_place():
     import importlib
 
+    from pickstyle_jax import errors
+
     for name in errors.USER_ERRORS:
         module, cls = name.rsplit(".", 1)
         assert isinstance(getattr(importlib.import_module(module), cls), type), name
@@ -99,7 +102,8 @@ def _folder_v2(root, rng):
         (root / "Origami" / sub).mkdir(parents=True)
     for i in range(8):
         for sub in ("src", "tar"):
-            Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "Origami" / sub / f"{i:03d}.png")
+            pixels = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "Origami" / sub / f"{i:03d}.png")
         (root / "Origami" / "caption" / f"{i:03d}.txt").write_text(f"Origami style. A paper crane, number {i}.")
 
 
@@ -142,7 +146,7 @@ def test_train_data_error_mid_run(tmp_path, cache, seed):
     assert "step 3/6" in r.stdout and "step 4/6" not in r.stdout and _steps(run) == [2]
 
     # the traceback on request: the rerun resumes at step 2, fails at step 4 again and still keeps step 2
-    r = _cli("pickstyle_jax.train", *_train_args(run, data), cache=cache, env={errors.TRACEBACK_ENV: "1"})
+    r = _cli("pickstyle_jax.train", *_train_args(run, data), cache=cache, env={TRACEBACK_ENV: "1"})
     assert r.returncode != 0 and "Traceback (most recent call last)" in r.stderr and "DataError" in r.stderr
     assert "resumed from" in r.stdout and _steps(run) == [2], r.stdout[-2000:]
 
@@ -197,7 +201,7 @@ def _evaluate(argv, capsys):
 
 
 def test_evaluate_bad_input(tmp_path, models, capsys, monkeypatch):
-    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
     nowhere = tmp_path / "nowhere"
     print(_one_line(*_evaluate(["--workdir", str(nowhere)], capsys), nowhere / "config.json", "not found"))
     garbled = tmp_path / "garbled"
@@ -211,7 +215,7 @@ def test_evaluate_bad_input(tmp_path, models, capsys, monkeypatch):
     # a traceback on request
     with pytest.raises(sample.CompatibilityError, match="another variant"):
         evaluate.main(["--workdir", str(other), "--verbose"])
-    monkeypatch.setenv(errors.TRACEBACK_ENV, "1")
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(FileNotFoundError):
         evaluate.main(["--workdir", str(nowhere)])
 
@@ -226,7 +230,7 @@ def _stylize_argv(m, video_path, out, **repl):
 
 
 def test_stylize_bad_input_and_bugs(tmp_path, models, capsys, monkeypatch):
-    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
     src = video.write(tmp_path / "in.mp4", np.full((5, 32, 48, 3), 128, np.uint8), fps=8)
     out = tmp_path / "out.mp4"
 
