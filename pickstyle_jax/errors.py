@@ -97,6 +97,15 @@ def absl_run(main, argv=None) -> None:
             else:
                 print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_CODE)
+        except (AttributeError, KeyError) as e:
+            # ml_collections' answer to an override of a field the locked config lacks: the bare field name
+            key = str(e).strip("'\" ")
+            culprit = [a.split("=", 1)[0] for a in args[1:] if a.startswith("--") and "." in a
+                       and key in a.split("=", 1)[0].split(".")]
+            if not culprit or traceback_requested("--verbose" in args):
+                raise
+            print(f"error: {culprit[0]}: the config has no field {key!r} (a typo?)", file=sys.stderr, flush=True)
+            sys.exit(EXIT_CODE)
 
     def guarded(args):
         try:
