@@ -114,7 +114,13 @@ def read_meta(path) -> dict:
         if path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.pth")):
             hint = " It looks like a PyTorch checkpoint: convert it first with `python -m convert.<model> --src ... --dst ...`."
         raise CheckpointError(f"{path} is not a pickstyle_jax checkpoint (no config.json).{hint}")
-    meta = json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: cannot read it as JSON ({e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("kind"), str):
+        raise CheckpointError(f"{cfg_file}: not a pickstyle_jax checkpoint description (needs \"kind\", \"format\" "
+                              f"and a \"config\" object)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: format {meta.get('format')!r}, this version reads format {FORMAT}")
     return meta
@@ -163,7 +169,14 @@ def load(path, kind: str | tuple[str, ...], *, dtype=None, sharding: Callable[[t
     meta = read_meta(path)
     cfg = config_from_dict(check_kind(path, meta, kind), meta["config"])
     ckptr = ocp.StandardCheckpointer()
-    tree_meta = ckptr.metadata(path / "params").item_metadata.tree
+    try:
+        tree_meta = ckptr.metadata(path / "params").item_metadata
+    except (OSError, ValueError):
+        tree_meta = None
+    if tree_meta is None:  # Orbax gives no metadata for a missing, truncated or foreign params/ folder
+        raise CheckpointError(f"{path / 'params'}: missing or unreadable parameters (an interrupted copy or "
+                              f"conversion?); convert or copy the checkpoint again")
+    tree_meta = tree_meta.tree
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def abstract(kp, m):

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pickstyle_jax import errors
+from pickstyle_jax.errors import InputError
 from pickstyle_jax.eval import metrics, world
 
 __all__ = ["ROWS", "METRICS", "evaluate", "load_stylizer", "read_run_config", "main"]
@@ -79,9 +81,12 @@ def read_run_config(workdir) -> dict:
         raise FileNotFoundError(f"{path} not found: --workdir must be a training run directory (train.py writes "
                                 f"config.json there when it starts)")
     try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        run = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"{path}: cannot read it as JSON ({e})") from e
+    if not isinstance(run, dict):
+        raise InputError(f"{path}: not a training run's config (a JSON object)")
+    return run
 
 
 def _get(cfg: dict, dotted: str, default=None):
@@ -143,7 +148,12 @@ def load_stylizer(workdir, run: dict | None = None, lora=None):
         tcfg = umt5.Umt5Config.named(m("umt5_variant"))
         tparams = jax.jit(lambda k: umt5.init(tcfg, k))(jax.random.fold_in(key, 4))
     tok = tok_lib.load_tokenizer(m("tokenizer") or ("bytes" if not umt5_dir else ""))
-    return sample.Stylizer(cfg, params, adapters, vcfg, vparams, tcfg, tparams, tok)
+    try:
+        return sample.Stylizer(cfg, params, adapters, vcfg, vparams, tcfg, tparams, tok)
+    except sample.CompatibilityError as e:
+        used = ", ".join(f"{k} {v or 'random'}" for k, v in (("lora", lora_dir), ("dit", dit), ("vae", vae_dir),
+                                                              ("umt5", umt5_dir)))
+        raise sample.CompatibilityError(f"{workdir / 'config.json'} ({used}): {e}") from e
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -395,7 +405,7 @@ def evaluate(workdir, *, clips: int = 2, seed: int = 0, ablations: bool = False,
     workdir = Path(workdir)
     run = read_run_config(workdir)
     if timing not in ("warm", "cold"):
-        raise ValueError(f"timing must be 'warm' or 'cold', got {timing!r}")
+        raise InputError(f"timing must be 'warm' or 'cold', got {timing!r}")
     unknown = set(sampler) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown sampler settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
@@ -407,17 +417,20 @@ def evaluate(workdir, *, clips: int = 2, seed: int = 0, ablations: bool = False,
     f = int(frames or _get(run, "data.frames", 0))
     h, w = int(height or _get(run, "data.height", 0)), int(width or _get(run, "data.width", 0))
     if f < 1 or (f - 1) % 4:
-        raise ValueError(f"clips need 4k + 1 frames (the VAE's rule), got {f}; set --frames")
+        raise InputError(f"clips need 4k + 1 frames (the VAE's rule), got {f}; set --frames")
     if h < 16 or w < 16 or h % 16 or w % 16:
-        raise ValueError(f"clips need height and width that are multiples of 16, got {h}x{w}; set --height/--width")
+        raise InputError(f"clips need height and width that are multiples of 16, got {h}x{w}; set --height/--width")
     if styles is None:
         if _get(run, "data.source", "synthetic") != "synthetic":
-            raise ValueError(f"the run trained on data.source={_get(run, 'data.source')!r}, which has no synthetic "
+            raise InputError(f"the run trained on data.source={_get(run, 'data.source')!r}, which has no synthetic "
                              f"ground truth; pass --styles with synthetic styles {world.SYNTHETIC_STYLES}")
         styles = _get(run, "data.synthetic_styles") or world.SYNTHETIC_STYLES
     styles = (styles,) if isinstance(styles, str) else tuple(styles)
+    unknown_styles = [x for x in styles if x not in world.SYNTHETIC_STYLES]
+    if unknown_styles or not styles:
+        raise InputError(f"--styles {','.join(styles)}: need synthetic styles from {world.SYNTHETIC_STYLES}")
     if clips < 1:
-        raise ValueError(f"--clips must be >= 1, got {clips}")
+        raise InputError(f"--clips must be >= 1, got {clips}")
     out_dir = Path(out) if out else workdir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -507,13 +520,16 @@ def main(argv=None) -> int:
                         "element: 55 at 81 x 480 x 832), off (default: on)")
     p.add_argument("--no-apg", action="store_true", help="the same as --apg off")
     p.add_argument("--no-videos", action="store_true", help="skip the mp4 files")
+    errors.add_verbose_argument(p)
     a = p.parse_args(argv)
-    result = evaluate(a.workdir, clips=a.clips, seed=a.seed, ablations=a.ablations, ablation_clips=a.ablation_clips,
-                      out=a.out, lora=a.lora, styles=a.styles.split(",") if a.styles else None, frames=a.frames,
-                      height=a.height, width=a.width, timing=a.timing, write_videos=not a.no_videos,
-                      solver=a.solver, steps=a.steps, shift=a.shift, skip=a.skip, text_scale=a.text_scale,
-                      context_scale=a.context_scale,
-                      apg="off" if a.no_apg else a.apg)
+    try:
+        result = evaluate(a.workdir, clips=a.clips, seed=a.seed, ablations=a.ablations, ablation_clips=a.ablation_clips,
+                          out=a.out, lora=a.lora, styles=a.styles.split(",") if a.styles else None,
+                          frames=a.frames, height=a.height, width=a.width, timing=a.timing,
+                          write_videos=not a.no_videos, solver=a.solver, steps=a.steps, shift=a.shift, skip=a.skip,
+                          text_scale=a.text_scale, context_scale=a.context_scale, apg="off" if a.no_apg else a.apg)
+    except Exception as e:  # noqa: BLE001 -- report() re-raises all but user errors
+        return errors.report(e, a.verbose)
     print(markdown_table(result["rows"], ["method"]))
     return 0
 

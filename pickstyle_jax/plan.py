@@ -125,8 +125,12 @@ def plan(config, n_devices: int) -> dict:
 
 
 def main(argv=None):
+    """The command line (module docstring). Bad input ends in one line `error: ...` and exit status 2 (errors.py);
+    --verbose or PICKSTYLE_TRACEBACK=1 shows the traceback."""
     from absl import app, flags
     from ml_collections import config_flags
+
+    from pickstyle_jax import errors
 
     config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:variant])", lock_config=True)
     flags.DEFINE_integer("devices", 8, "number of simulated devices")
@@ -135,17 +139,15 @@ def main(argv=None):
     def _main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        config = errors.config_flag()
         n = flags.FLAGS.devices
         if jax.device_count() < n:
-            sys.exit(f"only {jax.device_count()} devices: run as `python -m pickstyle_jax.plan --devices={n}` "
-                     f"so it can simulate them (XLA_FLAGS is set before JAX starts)")
-        try:
-            out = plan(flags.FLAGS.config, n)
-        except (train.ConfigError, sharding.ShardingError) as e:
-            sys.exit(f"config error: {e}")
-        print(json.dumps(out), flush=True)
+            raise errors.InputError(
+                f"--devices={n}: only {jax.device_count()} devices; run as `python -m pickstyle_jax.plan "
+                f"--devices={n}` so it can simulate them (XLA_FLAGS is set before JAX starts)")
+        print(json.dumps(plan(config, n)), flush=True)
 
-    app.run(_main, argv)
+    errors.absl_run(_main, argv)
 
 
 if __name__ == "__main__":

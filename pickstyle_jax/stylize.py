@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pickstyle_jax import errors
+from pickstyle_jax.errors import InputError
+
 __all__ = ["stylize", "build_parser", "main"]
 
 DEFAULTS = dict(steps=20, shift=16.0, skip=4, text_scale=5.0, context_scale=4.0, seed=2025, solver="dpm++",
@@ -46,17 +49,20 @@ def _check_settings(s: dict) -> None:
     from pickstyle_jax import guidance, sample, schedulers, sizing
 
     if s["solver"] not in schedulers.SOLVERS:
-        raise ValueError(f"--solver must be one of {schedulers.SOLVERS}, got {s['solver']!r}")
+        raise InputError(f"--solver must be one of {schedulers.SOLVERS}, got {s['solver']!r}")
     if s["mode"] not in sample.MODES:
-        raise ValueError(f"--mode must be one of {sample.MODES}, got {s['mode']!r}")
+        raise InputError(f"--mode must be one of {sample.MODES}, got {s['mode']!r}")
     guidance.apg_setting(s["apg"])
     if not 0 <= s["skip"] < s["steps"]:
-        raise ValueError(f"--skip must be in [0, --steps) = [0, {s['steps']}), got {s['skip']}")
+        raise InputError(f"--skip must be in [0, --steps) = [0, {s['steps']}), got {s['skip']}")
     if s["long"] not in (None, "chunked"):
-        raise ValueError(f"--long must be 'chunked', got {s['long']!r}")
+        raise InputError(f"--long must be 'chunked', got {s['long']!r}")
     if s["cache"] not in (None, "teacache"):
-        raise ValueError(f"--cache must be 'teacache', got {s['cache']!r}")
-    sizing.plan(1, 16, 16, size=s["size"], max_frames=s["max_frames"])  # validates --size and --max-frames
+        raise InputError(f"--cache must be 'teacache', got {s['cache']!r}")
+    try:
+        sizing.plan(1, 16, 16, size=s["size"], max_frames=s["max_frames"])  # validates --size and --max-frames
+    except ValueError as e:
+        raise InputError(f"--size {s['size']} / --max-frames {s['max_frames']}: {e}") from e
 
 
 def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, side_by_side: bool = False,
@@ -78,14 +84,17 @@ def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, si
     _check_settings(s)
     out = Path(out).absolute()
     if out.suffix.lower() not in video_lib.VIDEO_SUFFIXES + (".gif",):
-        raise ValueError(f"--out {out} must end in .mp4 (or another video suffix)")
+        raise InputError(f"--out {out} must end in .mp4 (or another video suffix)")
     if out.is_dir():
-        raise ValueError(f"--out {out} is a directory")
+        raise InputError(f"--out {out} is a directory")
     t_start = time.perf_counter()
     frames, src_fps = video_lib.read(video)
     n_in, h_in, w_in, _ = frames.shape
-    plan = sizing.plan(n_in, h_in, w_in, size=s["size"], max_frames=s["max_frames"],
-                       keep_frames=s["long"] == "chunked")
+    try:
+        plan = sizing.plan(n_in, h_in, w_in, size=s["size"], max_frames=s["max_frames"],
+                           keep_frames=s["long"] == "chunked")
+    except ValueError as e:  # a clip sizing cannot use (too small)
+        raise InputError(f"{video}: {e}") from e
 
     t0 = time.perf_counter()
     if stylizer is None:
@@ -155,23 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: see the module doc)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="DiT weights dtype")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    errors.add_verbose_argument(p)
     return p
 
 
 def main(argv=None) -> int:
-    from pickstyle_jax import checkpoints, sample
-    from pickstyle_jax import video as video_lib
-
+    """The command line; returns the exit status: 0, or 2 after one line `error: ...` on stderr for bad input
+    (errors.py; --verbose or PICKSTYLE_TRACEBACK=1 shows the traceback)."""
     args = build_parser().parse_args(argv)
     settings = {k: getattr(args, k) for k in DEFAULTS}
     try:
         record = stylize(args.video, args.prompt, dit=args.dit, vae=args.vae, umt5=args.umt5,
                          tokenizer=args.tokenizer, out=args.out, lora=args.lora, side_by_side=args.side_by_side,
                          fps=args.fps, dtype=args.dtype, progress=args.progress, **settings)
-    except (ValueError, FileNotFoundError, video_lib.VideoError, checkpoints.CheckpointError,
-            sample.CompatibilityError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 -- report() re-raises all but user errors
+        return errors.report(e, args.verbose)
     t = record["timing"]
     print(f"wrote {record['out']} ({record['frames_out']} frames, {record['height']}x{record['width']}, "
           f"{record['fps']:g} fps) in {t['total_s']:.1f} s; settings in {Path(record['out']).with_suffix('.json')}")

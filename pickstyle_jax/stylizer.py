@@ -128,7 +128,10 @@ class Stylizer:
 
         cfg = _meta_config(dit, "wan")
         vae_cfg, text_cfg = _meta_config(vae, checkpoints.AUTOENCODER_KINDS), _meta_config(umt5, "umt5")
-        check_compatible(cfg, vae_cfg, text_cfg)
+        try:
+            check_compatible(cfg, vae_cfg, text_cfg)
+        except CompatibilityError as e:
+            raise CompatibilityError(f"dit {dit}, vae {vae}, umt5 {umt5}: {e}") from e
         adapters = None
         if lora:
             _meta_config(lora, "lora")

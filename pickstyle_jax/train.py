@@ -39,13 +39,14 @@ from jax.experimental import multihost_utils
 
 from pickstyle_jax import flow, lora as lora_lib, sharding
 from pickstyle_jax.data import pipeline
+from pickstyle_jax.data.sources import DataError
 from pickstyle_jax.models import autoencoders, umt5, vae, wan
 from pickstyle_jax.train_base import _has_field, count, load_dit, load_vae, random_dit, wan_unstacked, zero_latent
 from pickstyle_jax.train_checkpoints import (_checkpoint_manager, _save, _Signals, _trim_metrics, export_lora,
                                              restore_state)
 from pickstyle_jax.train_text import TextTable, build_text_table, dataset_captions
 
-__all__ = ["ConfigError", "default_config", "model_configs", "check_config", "Setup", "make_optimizer",
+__all__ = ["ConfigError", "LossNotFinite", "default_config", "model_configs", "check_config", "Setup", "make_optimizer",
            "setup_from_config", "init_state", "pixels", "vace_context", "encode_pair", "loss_fn", "train_step",
            "lora_axes", "wan_unstacked", "state_shardings", "batch_shapes", "jit_train_step", "init_distributed",
            "dataset_captions", "TextTable", "build_text_table", "load_dit", "random_dit", "load_vae", "zero_latent",
@@ -57,6 +58,11 @@ f32 = jnp.float32
 
 class ConfigError(ValueError):
     """A training config that cannot run; the message says what to change."""
+
+
+class LossNotFinite(FloatingPointError):
+    """The loss became NaN or inf: the message names the step and the last good checkpoint (a user error: the
+    learning rate or the data, not the code)."""
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -110,8 +116,7 @@ def model_configs(config):
 
 def check_config(config, n_devices: int | None = None):
     """Everything that can be wrong before anything is built: paths, mesh, batch split, optimiser values."""
-    for key in ("dit", "vae", "umt5"):
-        _check_path(config, key)
+    _check_checkpoints(config)
     if config.model.umt5 and not config.model.tokenizer:
         raise ConfigError("config.model.tokenizer is empty: set it to the umT5 spiece.model path")
     n = jax.device_count() if n_devices is None else n_devices
@@ -435,6 +440,9 @@ def run(config, workdir) -> int:
             except StopIteration:
                 say(f"data exhausted after step {step}")
                 break
+            except DataError as e:  # raised where an example is read: in this process or a Grain worker
+                it.close()
+                raise DataError(f"{e} (training stopped after step {step}; {_kept(mgr)})") from e
             batch = device_batch(tr, host)
             state, metrics = step_fn(base, state, batch, step_key)
             step += 1
@@ -442,7 +450,7 @@ def run(config, workdir) -> int:
             m = jax.device_get(metrics)
             loss = float(m["loss"])
             if not math.isfinite(loss):
-                raise FloatingPointError(
+                raise LossNotFinite(
                     f"loss is {loss} at step {step}; stopping without saving it. The last good checkpoint is step "
                     f"{mgr.latest_step()} in {mgr.directory} (a rerun resumes there; consider a lower optim.lr)")
             if step % int(config.log_every) == 0 or step == total:
@@ -488,17 +496,55 @@ def run(config, workdir) -> int:
 
 
 def _check_path(config, key):
+    """config.model.<key> is empty (random weights) or a converted checkpoint of the right kind (reads only its
+    config.json)."""
+    from pickstyle_jax import checkpoints
+
     path = config.model[key]
     if path and not (Path(path) / "config.json").is_file():
         tool = {"dit": "wan_dit", "vae": "wan_vae"}.get(key, key)
         raise ConfigError(f"config.model.{key}={path!r} is not a converted checkpoint directory (no config.json); "
                           f"convert it with `python -m convert.{tool} --src ... --dst {path}`, or set "
                           f"--config.model.{key}='' for random weights")
+    if path:
+        kinds = {"dit": "wan", "vae": checkpoints.AUTOENCODER_KINDS, "umt5": "umt5"}[key]
+        meta = checkpoints.read_meta(path)
+        cfg = checkpoints.config_from_dict(checkpoints.check_kind(path, meta, kinds), meta["config"])
+        return cfg
+    return None
+
+
+def _check_checkpoints(config):
+    """The DiT, VAE and text encoder the run would use (checkpoints or the named random variants) fit together;
+    from config.json files only, before any weight is read."""
+    from pickstyle_jax.stylizer import CompatibilityError, check_compatible
+
+    found = {key: _check_path(config, key) for key in ("dit", "vae", "umt5")}
+    wcfg, vcfg, tcfg, _ = model_configs(config)
+    try:
+        check_compatible(found["dit"] or wcfg, found["vae"] or vcfg, found["umt5"] or tcfg)
+    except CompatibilityError as e:
+        variant = {"dit": "variant", "vae": "vae_variant", "umt5": "umt5_variant"}
+        used = ", ".join(f"config.model.{k}={config.model[k]!r}" if config.model[k] else
+                         f"config.model.{k}='' (random {config.model[variant[k]]!r})" for k in variant)
+        raise CompatibilityError(f"{used}: {e}") from e
+
+
+def _kept(mgr) -> str:
+    last = mgr.latest_step()
+    if last is None:
+        return "no checkpoint was saved yet"
+    return (f"checkpoint step {last} in {mgr.directory} is kept: fix the file and run the same command again to "
+            f"resume from it")
 
 
 def main(argv=None):
+    """The command line (module docstring). Bad input ends in one line `error: ...` and exit status 2 (errors.py);
+    --verbose or PICKSTYLE_TRACEBACK=1 shows the traceback."""
     from absl import app, flags
     from ml_collections import config_flags
+
+    from pickstyle_jax import errors
 
     config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:variant])", lock_config=True)
     flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, exports")
@@ -510,14 +556,14 @@ def main(argv=None):
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        try:
-            code = run(flags.FLAGS.config, flags.FLAGS.workdir)
-        except (ConfigError, sharding.ShardingError) as e:
-            sys.exit(f"config error: {e}")
-        sys.exit(code)
+        return run(errors.config_flag(), flags.FLAGS.workdir)
 
-    app.run(_main, argv)
+    errors.absl_run(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module, not this `__main__` copy of it, so that ConfigError is the one class the rest of
+    # the package (errors.USER_ERRORS, plan.py) knows.
+    from pickstyle_jax import train as _train
+
+    _train.main()

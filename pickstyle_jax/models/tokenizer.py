@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pickstyle_jax.errors import InputError
+
 __all__ = ["Tokenizer", "ByteTokenizer", "load_tokenizer", "clean_text"]
 
 _WS = re.compile(r"\s+")
@@ -55,7 +57,10 @@ class Tokenizer:
             raise FileNotFoundError(f"sentencepiece model {path} not found")
         self.path = path
         data = path.read_bytes()
-        self._sp = spm.SentencePieceProcessor(model_proto=data)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=data)
+        except RuntimeError as e:  # sentencepiece's only error type for a file it cannot parse
+            raise InputError(f"{path}: not a sentencepiece model ({' '.join(str(e).split())})") from e
         tok_cfg = self._read_config(path.parent)
         if extra_ids is None:
             extra_ids = int(tok_cfg.get("extra_ids", 100))
@@ -63,7 +68,7 @@ class Tokenizer:
         n = self._sp.get_piece_size()
         # transformers' T5 layout: pad 0, eos 1, unk 2 come from the model file; sentinels follow in reverse order.
         if (self._sp.pad_id(), self._sp.eos_id()) != (self.pad_id, self.eos_id):
-            raise ValueError(f"{path}: expected pad id 0 and eos id 1 (T5 layout), found "
+            raise InputError(f"{path}: expected pad id 0 and eos id 1 (T5 layout), found "
                              f"{self._sp.pad_id()} and {self._sp.eos_id()}")
         self._special = {self._sp.id_to_piece(i): i for i in range(n)
                          if self._sp.is_control(i) or self._sp.is_unknown(i)}
@@ -143,5 +148,5 @@ def load_tokenizer(spec: str):
     if spec == "bytes":
         return ByteTokenizer()
     if not spec:
-        raise ValueError('no tokenizer given: set it to a spiece.model path (or "bytes" for tiny random models)')
+        raise InputError('no tokenizer given: set it to a spiece.model path (or "bytes" for tiny random models)')
     return Tokenizer(spec)
