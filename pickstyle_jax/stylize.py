@@ -73,8 +73,9 @@ def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, si
     """Reads `video`, stylises it and writes `out` (+ `out`.json); returns the JSON record.
 
     settings: the Stylizer's keywords (steps, shift, skip, text_scale, context_scale, seed, solver, size,
-    max_frames, long, cache, cache_threshold, mode, apg, frame_rule); missing ones take the defaults. `stylizer`: an already
-    loaded `sample.Stylizer` to reuse (then dit/vae/umt5/tokenizer/lora are only recorded).
+    max_frames, long, cache, cache_threshold, mode, apg, frame_rule); missing ones take the defaults. `stylizer`: an
+    already loaded `sample.Stylizer` to reuse (then dit/vae/umt5/tokenizer/lora are only recorded). fps: the rate
+    to write at (None: the one that keeps the source's duration, `Stylizer.run`'s fps_out).
     """
     from pickstyle_jax import sample, sizing
     from pickstyle_jax import video as video_lib
