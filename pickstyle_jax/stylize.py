@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long", choices=("chunked",), default=None,
                    help="chunked: keep every source frame and the source's fps, in overlapping windows")
     p.add_argument("--cache", choices=("teacache",), default=None, help="step caching (approximate)")
-    p.add_argument("--cache-threshold", type=float, default=DEFAULTS["cache_threshold"])
+    p.add_argument("--cache-threshold", type=float, default=DEFAULTS["cache_threshold"],
+                   help="TeaCache: skip steps until the accumulated change reaches it; <= 0 never skips")
     p.add_argument("--side-by-side", action="store_true", help="also write OUT_side_by_side.mp4 (source | output)")
     p.add_argument("--fps", type=float, default=None,
                    help="output frame rate (default: the one that keeps the input's duration)")
