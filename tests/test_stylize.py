@@ -113,8 +113,8 @@ def test_duration_in_every_frame_rule(case, models, stylizer, tmp_path):
           f"({len(frames) / fps:.3f} s), windows {record['window_starts']} of {record['window']}")
     assert len(frames) == n_out and fps == pytest.approx(fps_out, abs=0.01)
     assert abs(len(frames) / fps - n / fps_in) <= 1 / fps  # lasts as long as the input, within one output frame
-    assert record["frames_out"] == n_out and record["fps_out"] == pytest.approx(fps_out)
     assert record["window_starts"][-1] + record["window"] == n_out  # the windows end at the clip's end
+    assert record["frames_out"] == n_out and record["fps_out"] == pytest.approx(fps_out)
 
 
 def test_last_window_is_the_clips_end(stylizer, monkeypatch):
