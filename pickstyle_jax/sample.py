@@ -28,9 +28,12 @@ TeaCache (cache="teacache") is the *output-level* variant: `wan.forward` is one 
 hook, so instead of the reference's block residual (x_out - x_in across all blocks, re-added to the new patch
 embedding) the cache holds every branch's last velocity and returns it when skipping. The decision is the
 reference's: the relative L1 change of the timestep modulation e0 (computed here from the time-embedding weights),
-rescaled by the 14B polynomial and accumulated until it reaches the threshold. Unlike the reference it counts
-executed steps (not calls), keys the cache by branch, always computes the first 5 and the last executed step, and
-starts fresh in every sampler call. It is an approximation; leave it off for parity.
+rescaled by the 14B polynomial and accumulated until it reaches the threshold; a skipped step reuses every branch's
+cached velocity exactly (the guidance, APG's momentum included, and the solver step still run). Unlike the reference
+it counts executed steps (not calls), keys the cache by branch, always computes the first 5 and the last executed
+step, and starts fresh in every sampler call. cache_threshold <= 0 never skips (it equals the uncached sampler
+exactly): the polynomial's constant term is negative (-0.042), so a plain `acc >= threshold` test would skip
+nearly-equal steps even at threshold 0. It is an approximation; leave it off for parity.
 """
 from __future__ import annotations
 
@@ -241,11 +244,12 @@ class _Compiled:
 
 
 def _teacache_decide(tc, e0, i, n_exec, threshold, poly):
-    """(compute?, new accumulator): reference rule on the relative L1 change of e0, warm-up and last step forced."""
+    """(compute?, new accumulator): reference rule on the relative L1 change of e0, warm-up and last step forced;
+    a threshold <= 0 computes every step (the polynomial can be negative, so `acc >= 0` alone would not)."""
     prev, acc = tc["e0"], tc["acc"]
     rel = jnp.mean(jnp.abs(e0 - prev)) / jnp.maximum(jnp.mean(jnp.abs(prev)), 1e-12)
     acc = acc + jnp.polyval(jnp.asarray(poly, f32), jnp.where(i > 0, rel, 0.0))
-    compute = (i < TEACACHE_WARMUP) | (i == n_exec - 1) | (acc >= threshold)
+    compute = (i < TEACACHE_WARMUP) | (i == n_exec - 1) | (acc >= threshold) | (threshold <= 0)
     return compute, jnp.where(compute, 0.0, acc)
 
 

@@ -9,9 +9,14 @@ has frames, the checkpoints exist and fit together, the settings are valid, the 
 ones are truncated with a warning) is checked first, and the outputs are written through temporary files, so a
 failed run leaves nothing at --out.
 
-Frame rate: the output keeps the source's frame rate when it keeps its frame count (--long chunked, or a source
-of exactly the planned 4k + 1 frames); otherwise the frames were resampled to the model's frame count and, like
-the official pipeline, it is written at 16 fps. --fps overrides both.
+Duration: the output lasts as long as the input and plays at its speed, by default and with --long chunked. By default (--frame-rule
+keep) the clip is resampled to the model's 16 fps: one window of the nearest 4k + 1 frames when that fits
+--max-frames, else overlapping windows of --max-frames covering the whole clip (a 10 s clip gives 160 frames, never
+5 s); it is written at the rate that keeps the duration exact (33 frames at 30 fps -> 17 frames at 15.45 fps).
+--long chunked keeps every source frame and the source's rate, in windows. --frame-rule official is the paper's
+rule and the one that changes the duration: every clip resampled to --max-frames (81) frames at 16 fps. A source
+without a frame rate (a folder of frames) is taken as 16 fps. --fps overrides the written rate (then the
+duration changes).
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from pickstyle_jax.errors import InputError
 __all__ = ["stylize", "build_parser", "main"]
 
 DEFAULTS = dict(steps=20, shift=16.0, skip=4, text_scale=5.0, context_scale=4.0, seed=2025, solver="dpm++",
-                size="480p", max_frames=81, long=None, cache=None, cache_threshold=0.2, mode="cs_cfg", apg="on")
+                size="480p", max_frames=81, long=None, cache=None, cache_threshold=0.2, mode="cs_cfg", apg="on",
+                frame_rule="keep")
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -57,12 +63,16 @@ def _check_settings(s: dict) -> None:
         raise InputError(f"--skip must be in [0, --steps) = [0, {s['steps']}), got {s['skip']}")
     if s["long"] not in (None, "chunked"):
         raise InputError(f"--long must be 'chunked', got {s['long']!r}")
+    if s["frame_rule"] not in sizing.FRAME_RULES:
+        raise InputError(f"--frame-rule must be one of {sizing.FRAME_RULES}, got {s['frame_rule']!r}")
     if s["cache"] not in (None, "teacache"):
         raise InputError(f"--cache must be 'teacache', got {s['cache']!r}")
-    try:
-        sizing.plan(1, 16, 16, size=s["size"], max_frames=s["max_frames"])  # validates --size and --max-frames
+    try:  # validates --size, --max-frames and their combination with --long
+        sizing.plan(1, 16, 16, size=s["size"], max_frames=s["max_frames"], frame_rule=s["frame_rule"],
+                    long=s["long"])
     except ValueError as e:
-        raise InputError(f"--size {s['size']} / --max-frames {s['max_frames']}: {e}") from e
+        raise InputError(f"--size {s['size']} / --max-frames {s['max_frames']} / --frame-rule {s['frame_rule']} / "
+                         f"--long {s['long']}: {e}") from e
 
 
 def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, side_by_side: bool = False,
@@ -70,8 +80,9 @@ def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, si
     """Reads `video`, stylises it and writes `out` (+ `out`.json); returns the JSON record.
 
     settings: the Stylizer's keywords (steps, shift, skip, text_scale, context_scale, seed, solver, size,
-    max_frames, long, cache, cache_threshold, mode, apg); missing ones take the defaults. `stylizer`: an already
-    loaded `sample.Stylizer` to reuse (then dit/vae/umt5/tokenizer/lora are only recorded).
+    max_frames, long, cache, cache_threshold, mode, apg, frame_rule); missing ones take the defaults. `stylizer`: an
+    already loaded `sample.Stylizer` to reuse (then dit/vae/umt5/tokenizer/lora are only recorded). fps: the rate
+    to write at (None: the one that keeps the source's duration, `Stylizer.run`'s fps_out).
     """
     from pickstyle_jax import sample, sizing
     from pickstyle_jax import video as video_lib
@@ -91,8 +102,8 @@ def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, si
     frames, src_fps = video_lib.read(video)
     n_in, h_in, w_in, _ = frames.shape
     try:
-        plan = sizing.plan(n_in, h_in, w_in, size=s["size"], max_frames=s["max_frames"],
-                           keep_frames=s["long"] == "chunked")
+        plan = sizing.plan(n_in, h_in, w_in, size=s["size"], max_frames=s["max_frames"], fps=src_fps,
+                           frame_rule=s["frame_rule"], long=s["long"])
     except ValueError as e:  # a clip sizing cannot use (too small)
         raise InputError(f"{video}: {e}") from e
 
@@ -107,9 +118,9 @@ def stylize(video, prompt: str, *, dit, vae, umt5, tokenizer, out, lora=None, si
         warnings.warn(f"the prompt has {n_tokens} tokens, more than the {text_len} the model reads: it is truncated "
                       f"to {text_len}", stacklevel=2)
 
-    styled, info = stylizer.run(frames, prompt, progress=progress, **s)
+    styled, info = stylizer.run(frames, prompt, progress=progress, fps=src_fps, **s)
     if fps is None:
-        fps = (src_fps or 16.0) if len(styled) == n_in else 16.0
+        fps = info["fps_out"]  # keeps the source's duration (16 under the official rule)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     video_lib.write(out, styled, fps=fps)
@@ -155,13 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(threshold kept per latent element: 55 at 81 x 480 x 832, less on smaller clips), off")
     p.add_argument("--size", default=DEFAULTS["size"], help="480p | 720p (area rules, aspect kept) | HxW")
     p.add_argument("--max-frames", type=int, default=DEFAULTS["max_frames"],
-                   help="frames per clip (4k+1); with --long chunked, the window length")
+                   help="frames per window (4k+1); longer clips are covered by overlapping windows")
+    p.add_argument("--frame-rule", choices=("keep", "official"), default=DEFAULTS["frame_rule"],
+                   help="keep: resample to the model's 16 fps, keeping the duration; official: the paper's rule, "
+                        "every clip resampled to --max-frames frames, written at 16 fps (changes the duration)")
     p.add_argument("--long", choices=("chunked",), default=None,
-                   help="chunked: overlapping windows over the whole video, output keeps its frame count and fps")
+                   help="chunked: keep every source frame and the source's fps, in overlapping windows")
     p.add_argument("--cache", choices=("teacache",), default=None, help="step caching (approximate)")
-    p.add_argument("--cache-threshold", type=float, default=DEFAULTS["cache_threshold"])
+    p.add_argument("--cache-threshold", type=float, default=DEFAULTS["cache_threshold"],
+                   help="TeaCache: skip steps until the accumulated change reaches it; <= 0 never skips")
     p.add_argument("--side-by-side", action="store_true", help="also write OUT_side_by_side.mp4 (source | output)")
-    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: see the module doc)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="output frame rate (default: the one that keeps the input's duration)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="DiT weights dtype")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     errors.add_verbose_argument(p)

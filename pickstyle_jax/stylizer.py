@@ -5,10 +5,11 @@ run on config.json and the small LoRA before the big weights are read.
 
 One clip: frames picked and resized as `sizing.plan` says, VAE-encoded to E(src); context [E(0) | E(src) | ones]
 with E(0) the latents of an all-zero video (cached per shape); null text the umT5 rows of Wan's negative prompt
-(cached); the sampler's latents decoded and rounded to uint8. long="chunked" covers a video of any length with
-overlapping windows (`sizing.windows`): window i samples with fold_in(key, i), its first latent frames pinned to
-the previous window's last frames (`keep_latents`), the shared frames cross-faded linearly; the output keeps the
-video's frame count.
+(cached); the sampler's latents decoded and rounded to uint8. The output lasts as long as the source: `sizing.plan`
+picks its frames (resampled to 16 fps by default) and the rate to write them at. A clip longer than one window is
+covered by overlapping windows (`sizing.windows`, the last one ending at the clip's end): window i samples with
+fold_in(key, i), its first latent frames pinned to the result so far on the frames it shares (`keep_latents`), the
+pinned frames cross-faded linearly.
 
 This module imports sample.py; sample.py re-exports its public names lazily, so `sample.Stylizer` still works.
 """
@@ -207,35 +208,40 @@ class Stylizer:
             text_scale: float = 5.0, context_scale: float = 4.0, seed: int = 2025, solver: str = "dpm++",
             size="480p", max_frames: int = 81, long: str | None = None, cache: str | None = None,
             cache_threshold: float = 0.2, mode: str = "cs_cfg", apg: bool | str = True,
-            progress: bool | None = None):
-        """(frames uint8 [F', H', W', 3], info dict). See the module docstring and `sizing` for the rules."""
+            progress: bool | None = None, fps: float | None = None, frame_rule: str = "keep"):
+        """(frames uint8 [F', H', W', 3], info dict): the clip stylised, as long as the source (official rule: 5.06 s).
+
+        fps: the source's frame rate (None: unknown, taken as the model's 16). frame_rule "keep" (default):
+        resampled to the model's 16 fps, one window of the nearest 4k + 1 frames when that fits `max_frames`, else
+        overlapping windows of `max_frames` over the whole clip; long="chunked": every source frame kept, in
+        overlapping windows; frame_rule "official": the paper's rule, `max_frames` (81) frames picked uniformly
+        over the whole clip, at 16 fps. info["fps_out"] is the rate that keeps the source's duration (F' / fps_out =
+        F / fps), 16 under the official rule; `sizing` has the rules and a table. Windows after the first are pinned to the result so far on
+        the frames they share (`keep_latents`) and cross-faded into it there; the last window ends at the clip's
+        last frame. info also holds the sizes, windows, settings and timings.
+        """
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
         if frames.shape[0] == 0:
             raise ValueError("the video has zero frames")
-        if long not in (None, "chunked"):
-            raise ValueError(f"long must be None or 'chunked', got {long!r}")
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        n_in, h_in, w_in, _ = frames.shape
+        plan = sizing.plan(n_in, h_in, w_in, size=size, max_frames=max_frames, fps=fps, frame_rule=frame_rule,
+                           long=long)  # checks long, frame_rule and fps before anything compiles
         settings = dict(solver=solver, steps=int(steps), shift=float(shift), skip=int(skip),
                         text_scale=float(text_scale), context_scale=float(context_scale),
                         apg=guidance.apg_setting(apg), mode=mode,
                         cache=cache, cache_threshold=float(cache_threshold), progress=bool(progress))
         sampler = self.sampler(**settings)  # validates the settings; compiles once per static setting
-        n_in, h_in, w_in, _ = frames.shape
-        plan = sizing.plan(n_in, h_in, w_in, size=size, max_frames=max_frames, keep_frames=long == "chunked")
-        if long == "chunked":
-            win = sizing.windows(n_in, max_frames)
-        else:
-            win = sizing.Windows(plan.frames, plan.frames, 0, (0,))
+        win = plan.windows
         timing = {}
         t0 = time.perf_counter()
         text, null = self.encode_prompt(prompt), self.null_text()
         timing["text_s"] = time.perf_counter() - t0
 
         src = sizing.resize_crop(frames[np.asarray(plan.indices)], plan.height, plan.width)
-        src = sizing.mirror_pad(src, win.padded)
         key = jax.random.key(int(seed))
         n_exec = settings["steps"] - settings["skip"]
         self._bar = None
@@ -245,30 +251,35 @@ class Stylizer:
             self._bar = tqdm(total=n_exec * len(win.starts), unit="step", desc="stylize")
         t0 = time.perf_counter()
         try:
-            out, tail = None, None
-            for i, s in enumerate(win.starts):
-                keep = None if tail is None else self._encode(self.vae_params, tail[None])
-                video = np.asarray(self._sample_clip(src[s: s + win.length], text, null,
-                                                     key if i == 0 else jax.random.fold_in(key, i), sampler, mode,
-                                                     keep))
-                if out is None:
-                    out = np.zeros((win.padded, *video.shape[1:]), np.float32)
-                    out[: win.length] = video
-                else:  # cross-fade the shared frames linearly from the earlier window into this one
-                    o = win.overlap
-                    r = (np.arange(1, o + 1, dtype=np.float32) / (o + 1))[:, None, None, None]
-                    out[s: s + o] = (1 - r) * out[s: s + o] + r * video[:o]
-                    out[s + o: s + win.length] = video[o:]
-                tail = video[win.length - win.overlap:] if win.overlap else None
+            out = self._windows(src, win, text, null, key, sampler, mode)
             jax.effects_barrier()
         finally:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
         timing["sample_s"] = time.perf_counter() - t0
-        result = _to_uint8(out[: win.n] if long == "chunked" else out[: plan.frames])
+        result = _to_uint8(out)
         info = {**{k: v for k, v in settings.items() if k != "progress"}, "seed": int(seed), "size": str(size),
-                "max_frames": int(max_frames), "long": long, "frames_in": int(n_in), "frames_out": int(len(result)),
-                "height": int(plan.height), "width": int(plan.width), "window": int(win.length),
-                "window_starts": list(win.starts), "overlap": int(win.overlap), "timing": timing}
+                "max_frames": int(max_frames), "long": long, "frame_rule": frame_rule, "frames_in": int(n_in),
+                "fps_in": None if fps is None else float(fps), "frames_out": int(len(result)),
+                "fps_out": float(plan.fps), "height": int(plan.height), "width": int(plan.width),
+                "window": int(win.length), "window_starts": list(win.starts), "overlap": int(win.overlap),
+                "window_keep_latents": [win.keep(i) for i in range(len(win.starts))], "timing": timing}
         return result, info
+
+    def _windows(self, src, win, text, null, key, sampler, mode) -> np.ndarray:
+        """src uint8 [F, H, W, 3] -> [F, H, W, 3] in [-1, 1], window by window (`sizing.Windows`). Window i samples
+        with fold_in(key, i) (the first with `key`), its first keep(i) latent frames pinned to E(the result so far
+        on them), and is cross-faded linearly into that result over the pinned frames."""
+        out = None
+        for i, s in enumerate(win.starts):
+            p = win.pinned(i)
+            keep = self._encode(self.vae_params, jnp.asarray(out[s: s + p])[None]) if p else None
+            video = np.asarray(self._sample_clip(src[s: s + win.length], text, null,
+                                                 key if i == 0 else jax.random.fold_in(key, i), sampler, mode, keep))
+            if out is None:
+                out = np.zeros((win.n, *video.shape[1:]), np.float32)
+            r = (np.arange(1, p + 1, dtype=np.float32) / (p + 1))[:, None, None, None]
+            out[s: s + p] = (1 - r) * out[s: s + p] + r * video[:p]
+            out[s + p: s + win.length] = video[p:]
+        return out
