@@ -9,8 +9,8 @@ has frames, the checkpoints exist and fit together, the settings are valid, the 
 ones are truncated with a warning) is checked first, and the outputs are written through temporary files, so a
 failed run leaves nothing at --out.
 
-Duration: the output lasts as long as the input and plays at its speed, by default and with --long chunked. By default (--frame-rule
-keep) the clip is resampled to the model's 16 fps: one window of the nearest 4k + 1 frames when that fits
+Duration: the output lasts as long as the input and plays at its speed, by default and with --long chunked.
+By default (--frame-rule keep) the clip is resampled to the model's 16 fps: one window of the nearest 4k + 1 frames when that fits
 --max-frames, else overlapping windows of --max-frames covering the whole clip (a 10 s clip gives 160 frames, never
 5 s); it is written at the rate that keeps the duration exact (33 frames at 30 fps -> 17 frames at 15.45 fps).
 --long chunked keeps every source frame and the source's rate, in windows. --frame-rule official is the paper's

@@ -215,10 +215,10 @@ class Stylizer:
         resampled to the model's 16 fps, one window of the nearest 4k + 1 frames when that fits `max_frames`, else
         overlapping windows of `max_frames` over the whole clip; long="chunked": every source frame kept, in
         overlapping windows; frame_rule "official": the paper's rule, `max_frames` (81) frames picked uniformly
-        over the whole clip, at 16 fps. info["fps_out"] is the rate that keeps the source's duration (F' / fps_out =
-        F / fps), 16 under the official rule; `sizing` has the rules and a table. Windows after the first are pinned to the result so far on
-        the frames they share (`keep_latents`) and cross-faded into it there; the last window ends at the clip's
-        last frame. info also holds the sizes, windows, settings and timings.
+        over the whole clip, at 16 fps. info["fps_out"] is the rate that keeps the source's duration
+        (F' / fps_out = F / fps), 16 under the official rule; `sizing` has the rules and a table. Windows after the
+        first are pinned to the result so far on the frames they share (`keep_latents`) and cross-faded into it
+        there; the last window ends at the clip's last frame. info also holds the sizes, windows, settings and timings.
         """
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
