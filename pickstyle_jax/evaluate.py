@@ -121,7 +121,7 @@ def load_stylizer(workdir, run: dict | None = None, lora=None):
     runtime = {k: m(k) for k in ("dtype", "attention") if m(k)}
     key = jax.random.key(seed)
     if dit:
-        cfg, params = checkpoints.load_dit(dit, dtype=m("param_dtype") or None)
+        cfg, params = checkpoints.load_dit(dit, scan_layers=None, dtype=m("param_dtype") or None)  # as saved
     else:  # as train.py: the named variant, text width from the encoder, init key fold_in(seed, 3)
         cfg = wan.WanConfig.named(m("variant"), param_dtype=m("param_dtype") or "float32")
         if not umt5_dir:

@@ -92,6 +92,23 @@ def test_end_to_end_tiny_run(run_dir, capsys, monkeypatch):
     assert "All scale pairs run one compiled sampler" in md
 
 
+def test_cli_on_the_released_layout(tmp_path, monkeypatch):
+    """A run whose DiT checkpoint names the stacked layout (scan_layers=True, as every converted release does)
+    evaluates in that layout, with its LoRA."""
+    models = tiny_models.save_models(tmp_path / "models", tmp_path / "lora", CFG.replace(scan_layers=True), SEED)
+    (tmp_path / "config.json").write_text(json.dumps(_run_config(models)))
+    built = []
+    load = evaluate.load_stylizer
+    monkeypatch.setattr(evaluate, "load_stylizer", lambda *a, **k: built.append(load(*a, **k)) or built[-1])
+    assert evaluate.main(["--workdir", str(tmp_path), "--clips", "1", "--steps", "2", "--skip", "0",
+                          "--timing", "cold", "--no-videos"]) == 0
+    (stylizer,) = built
+    assert stylizer.cfg.scan_layers and "0" not in stylizer.params["blocks"]  # stacked, as config.json says
+    assert stylizer.adapters is not None
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert all(np.isfinite(r["psnr"]) for r in rows) and len({r["psnr"] for r in rows}) == len(rows)
+
+
 class _Fake:
     """A stand-in Stylizer: the ground truth blended with the source, a little seeded noise (so per-frame seeds
     matter) and a fixed delay; records its calls."""
