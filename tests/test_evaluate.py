@@ -109,6 +109,32 @@ def test_cli_on_the_released_layout(tmp_path, monkeypatch):
     assert all(np.isfinite(r["psnr"]) for r in rows) and len({r["psnr"] for r in rows}) == len(rows)
 
 
+def test_reinitialised_dit_is_the_trained_base(tmp_path):
+    """A run trained without model.dit is evaluated on the base train.py drew (random_dit from fold_in(seed, 3)),
+    not on another init of the variant."""
+    import importlib.util
+    import pathlib
+
+    import jax
+
+    from pickstyle_jax import checkpoints, lora, sharding, train
+
+    spec = importlib.util.spec_from_file_location(
+        "pickstyle_cfg", pathlib.Path(__file__).resolve().parents[1] / "configs" / "pickstyle.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("tiny")
+    wcfg = train.model_configs(c)[0]
+    _, trained = train.load_dit(c, wcfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]), c.rules)
+    checkpoints.save_lora(tmp_path / "lora", lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(wcfg),
+                                                       jax.random.key(0)))
+    saved = tiny_models.save_models(tmp_path / "models", tmp_path / "unused", CFG, SEED)  # cheap VAE and umT5
+    run = _run_config({"vae": saved["vae"], "umt5": saved["umt5"]})
+    assert (run["seed"], run["model"]["variant"]) == (c.seed, c.model.variant)
+    st = evaluate.load_stylizer(tmp_path, run)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), st.params, trained)
+
+
 class _Fake:
     """A stand-in Stylizer: the ground truth blended with the source, a little seeded noise (so per-frame seeds
     matter) and a fixed delay; records its calls."""
