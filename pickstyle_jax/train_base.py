@@ -48,16 +48,22 @@ def load_dit(config, wcfg, mesh, rules):
         return wcfg, params
     flat_cfg = wan_unstacked(wcfg)
     sh = sharding.tree_shardings(wan.param_axes(flat_cfg), mesh, rules, wan.param_shapes(flat_cfg))
-    rng = jax.random.fold_in(jax.random.key(config.seed), 3)
-    if count(wan.param_shapes(flat_cfg)) < 50_000_000:  # small: eager, no minute-long compile of the init
-        params = jax.device_put(random_dit(flat_cfg, rng), sh)
-    else:
-        params = jax.jit(functools.partial(random_dit, flat_cfg), out_shardings=sh)(rng)
+    params = reinit_dit(flat_cfg, config.seed, sh)
     if getattr(wcfg, "scan_layers", False):
         stacked_sh = sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, wan.param_shapes(wcfg))
         params = jax.jit(functools.partial(wan.stack_layers, wcfg), out_shardings=stacked_sh,
                          donate_argnums=0)(params)
     return wcfg, params
+
+
+def reinit_dit(flat_cfg, seed: int, shardings=None):
+    """The DiT of a run without model.dit, the flat tree: random_dit from fold_in(key(seed), 3), so evaluate.py
+    redraws exactly the base a run trained on."""
+    rng = jax.random.fold_in(jax.random.key(seed), 3)
+    if count(wan.param_shapes(flat_cfg)) < 50_000_000:  # small: eager, no minute-long compile of the init
+        params = random_dit(flat_cfg, rng)
+        return params if shardings is None else jax.device_put(params, shardings)
+    return jax.jit(functools.partial(random_dit, flat_cfg), out_shardings=shardings)(rng)
 
 
 def random_dit(wcfg, rng, noise: float = 0.02):
