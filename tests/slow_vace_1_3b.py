@@ -200,7 +200,8 @@ def test_vace_1_3b_release_through_the_clis(tmp_path):
         "--config.model.tokenizer=bytes", "--config.model.attention=xla", "--config.mesh.fsdp=1",
         "--config.data.batch_size=1", "--config.data.frames=5", "--config.data.height=64",
         "--config.data.width=112", "--config.data.shift_range=(13,27)", "--config.data.synthetic_examples=2",
-        "--config.data.prefetch=0", "--config.total_steps=2", "--config.log_every=1", "--config.checkpoint_every=2"], log)
+        "--config.data.prefetch=0", "--config.total_steps=2", "--config.log_every=1",
+        "--config.checkpoint_every=2"], log)
     losses = [json.loads(ln)["loss"] for ln in (work / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     assert len(losses) == 2 and all(np.isfinite(losses)), losses
     assert checkpoints.read_meta(work / "lora")["config"]["rank"] == RANK
