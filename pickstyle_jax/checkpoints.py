@@ -203,15 +203,18 @@ def _unstacked_sharding(sh):
     return sh
 
 
-def load_dit(path, *, scan_layers: bool = False, sharding=None, **kw):
+def load_dit(path, *, scan_layers: bool | None = False, sharding=None, **kw):
     """(WanConfig, params) of a converted Wan DiT (T2V or VACE).
 
     Checkpoints hold the flat tree. scan_layers=True returns the stacked tree (`wan.stack_layers`) and a config
-    with scan_layers=True; otherwise the flat tree and scan_layers=False, so the config always describes the tree.
+    with scan_layers=True; False the flat tree and scan_layers=False, so the config always describes the tree.
+    scan_layers=None takes the layout config.json names (the converter writes True for the released variants).
     With scan_layers, `sharding` describes the stacked tree (a tree from `sharding.tree_shardings(
     wan.param_axes(cfg), ...)`, one Sharding, or a callable on stacked paths): each layer is read with that
     sharding minus its leading axis, then stacked one leaf at a time, freeing the layers as it goes.
     """
+    if scan_layers is None:
+        scan_layers = config_from_dict("wan", read_meta(path)["config"]).scan_layers
     if not scan_layers:
         cfg, params = load(path, "wan", sharding=sharding, **kw)
         return cfg.replace(scan_layers=False), params

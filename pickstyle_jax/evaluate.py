@@ -126,12 +126,14 @@ def load_stylizer(workdir, run: dict | None = None, lora=None):
     runtime = {k: m(k) for k in ("dtype", "attention") if m(k)}
     key = jax.random.key(seed)
     if dit:
-        cfg, params = checkpoints.load_dit(dit, dtype=m("param_dtype") or None)
-    else:  # as train.py: the named variant, text width from the encoder, init key fold_in(seed, 3)
-        cfg = wan.WanConfig.named(m("variant"), param_dtype=m("param_dtype") or "float32")
-        if not umt5_dir:
-            cfg = cfg.replace(text_dim=umt5.Umt5Config.named(m("umt5_variant")).d_model)
-        params = jax.jit(lambda k: wan.init(cfg, k))(jax.random.fold_in(key, 3))
+        cfg, params = checkpoints.load_dit(dit, scan_layers=None, dtype=m("param_dtype") or None)  # as saved
+    else:  # as train.py: the named variant, text width from the encoder, the same random draw
+        from pickstyle_jax import train_base
+
+        cfg = wan.WanConfig.named(m("variant"), param_dtype=m("param_dtype") or "float32",
+                                  text_dim=umt5.Umt5Config.named(m("umt5_variant")).d_model)
+        params = train_base.reinit_dit(cfg.replace(scan_layers=False), seed)  # flat; stacked if the variant scans
+        params = wan.stack_layers(cfg, params) if cfg.scan_layers else params
         _log(f"model.dit is empty: re-initialised {m('variant')!r} from seed {seed} as the training run did")
     try:
         cfg = cfg.replace(**runtime)

@@ -50,8 +50,11 @@ def _meta_config(path, kind: str | tuple[str, ...]):
 
 
 def check_lora(cfg: wan.WanConfig, adapters, where="the LoRA") -> None:
-    """Raises CompatibilityError unless every adapter sits on a Dense layer of `cfg` with matching shapes."""
-    shapes = wan.param_shapes(cfg)
+    """Raises CompatibilityError unless every adapter sits on a Dense layer of `cfg` with matching shapes.
+
+    Adapters always carry the official (flat) paths, whatever layout `cfg` runs in (`forward` stacks them for
+    scanned layers), so they are looked up in the flat tree."""
+    shapes = wan.param_shapes(cfg.replace(scan_layers=False))
     bad = []
     for path in lora_lib.adapter_paths(adapters):
         node = shapes
@@ -133,23 +136,25 @@ class Stylizer:
             check_compatible(cfg, vae_cfg, text_cfg)
         except CompatibilityError as e:
             raise CompatibilityError(f"dit {dit}, vae {vae}, umt5 {umt5}: {e}") from e
+        # on a mesh every array the sampler meets must live on it: the small models and the LoRA replicated
+        rep = None if mesh is None else sharding.replicated(mesh)
         adapters = None
         if lora:
             _meta_config(lora, "lora")
-            adapters = checkpoints.load_lora(lora)
+            adapters = checkpoints.load_lora(lora, sharding=rep)
             check_lora(cfg, adapters, where=f"the LoRA {lora}")
         tok = tokenizer_lib.load_tokenizer(str(tokenizer))
         if tok.vocab_size > text_cfg.vocab_size:
             raise CompatibilityError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids, the text encoder only "
                                      f"{text_cfg.vocab_size}")
-        shard_fn = None
+        # the layout config.json names (stacked for the released variants): shardings and tree both follow `cfg`
+        shardings = None
         if mesh is not None:
             rules_ = sharding.DEFAULT_RULES if rules is None else rules
-            tree = sharding.tree_shardings(wan.param_axes(cfg), mesh, rules_, wan.param_shapes(cfg))
-            shard_fn = lambda path, _: functools.reduce(lambda t, p: t[p], path, tree)  # noqa: E731
-        cfg, params = checkpoints.load_dit(dit, dtype=dtype, sharding=shard_fn)
-        vae_cfg, vae_params = checkpoints.load_vae(vae)
-        text_cfg, text_params = checkpoints.load_umt5(umt5)
+            shardings = sharding.tree_shardings(wan.param_axes(cfg), mesh, rules_, wan.param_shapes(cfg))
+        cfg, params = checkpoints.load_dit(dit, scan_layers=cfg.scan_layers, dtype=dtype, sharding=shardings)
+        vae_cfg, vae_params = checkpoints.load_vae(vae, sharding=rep)
+        text_cfg, text_params = checkpoints.load_umt5(umt5, sharding=rep)
         return cls(cfg, params, adapters, vae_cfg, vae_params, text_cfg, text_params, tok, mesh=mesh, rules=rules)
 
     # ---------------------------------------------------------------------------------------------- pieces

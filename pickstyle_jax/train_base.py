@@ -29,42 +29,41 @@ def count(tree) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
-def _axes_by_path(axes_tree) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=sharding._is_axes)[0]
-    return {tuple(str(k.key) for k in kp): ax for kp, ax in flat}
-
-
 def load_dit(config, wcfg, mesh, rules):
-    """Frozen DiT params placed in their shardings: from the checkpoint dir, or a random init of the variant."""
+    """Frozen DiT params placed in their shardings: from the checkpoint dir, or a random init of the variant.
+
+    A checkpoint brings its architecture; the layout (config.model.scan_layers) and the other run-time settings
+    are the run's. Checkpoints hold the flat tree whatever layout their config.json names, and `load_dit` stacks
+    on load, so the shardings are those of the layout the run uses."""
     from pickstyle_jax import checkpoints
 
     m = config.model
-    flat_cfg = wan_unstacked(wcfg)
     if m.dit:
         meta = checkpoints.read_meta(m.dit)
-        runtime = {k: getattr(wcfg, k) for k in ("param_dtype", "dtype", "attention", "remat_policy")}
-        flat_cfg = checkpoints.config_from_dict("wan", meta["config"]).replace(**runtime)
-        axes = _axes_by_path(wan.param_axes(flat_cfg))
-
-        def place(path, sds):
-            return jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
-                axes[path], rules, mesh, sds.shape, name=".".join(path)))
-
-        _, params = checkpoints.load_dit(m.dit, dtype=jnp.dtype(wcfg.param_dtype), sharding=place)
-        wcfg = flat_cfg.replace(**({"scan_layers": wcfg.scan_layers} if _has_field(wan.WanConfig, "scan_layers")
-                                   else {}))
-    else:
-        sh = sharding.tree_shardings(wan.param_axes(flat_cfg), mesh, rules, wan.param_shapes(flat_cfg))
-        rng = jax.random.fold_in(jax.random.key(config.seed), 3)
-        if count(wan.param_shapes(flat_cfg)) < 50_000_000:  # small: eager, no minute-long compile of the init
-            params = jax.device_put(random_dit(flat_cfg, rng), sh)
-        else:
-            params = jax.jit(functools.partial(random_dit, flat_cfg), out_shardings=sh)(rng)
+        runtime = {k: getattr(wcfg, k) for k in ("param_dtype", "dtype", "attention", "remat_policy", "scan_layers")}
+        wcfg = checkpoints.config_from_dict("wan", meta["config"]).replace(**runtime)
+        sh = sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, wan.param_shapes(wcfg))
+        _, params = checkpoints.load_dit(m.dit, scan_layers=wcfg.scan_layers, dtype=jnp.dtype(wcfg.param_dtype),
+                                         sharding=sh)
+        return wcfg, params
+    flat_cfg = wan_unstacked(wcfg)
+    sh = sharding.tree_shardings(wan.param_axes(flat_cfg), mesh, rules, wan.param_shapes(flat_cfg))
+    params = reinit_dit(flat_cfg, config.seed, sh)
     if getattr(wcfg, "scan_layers", False):
         stacked_sh = sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, wan.param_shapes(wcfg))
         params = jax.jit(functools.partial(wan.stack_layers, wcfg), out_shardings=stacked_sh,
                          donate_argnums=0)(params)
     return wcfg, params
+
+
+def reinit_dit(flat_cfg, seed: int, shardings=None):
+    """The DiT of a run without model.dit, the flat tree: random_dit from fold_in(key(seed), 3), so evaluate.py
+    redraws exactly the base a run trained on."""
+    rng = jax.random.fold_in(jax.random.key(seed), 3)
+    if count(wan.param_shapes(flat_cfg)) < 50_000_000:  # small: eager, no minute-long compile of the init
+        params = random_dit(flat_cfg, rng)
+        return params if shardings is None else jax.device_put(params, shardings)
+    return jax.jit(functools.partial(random_dit, flat_cfg), out_shardings=shardings)(rng)
 
 
 def random_dit(wcfg, rng, noise: float = 0.02):

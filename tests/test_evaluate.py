@@ -92,6 +92,49 @@ def test_end_to_end_tiny_run(run_dir, capsys, monkeypatch):
     assert "All scale pairs run one compiled sampler" in md
 
 
+def test_cli_on_the_released_layout(tmp_path, monkeypatch):
+    """A run whose DiT checkpoint names the stacked layout (scan_layers=True, as every converted release does)
+    evaluates in that layout, with its LoRA."""
+    models = tiny_models.save_models(tmp_path / "models", tmp_path / "lora", CFG.replace(scan_layers=True), SEED)
+    (tmp_path / "config.json").write_text(json.dumps(_run_config(models)))
+    built = []
+    load = evaluate.load_stylizer
+    monkeypatch.setattr(evaluate, "load_stylizer", lambda *a, **k: built.append(load(*a, **k)) or built[-1])
+    assert evaluate.main(["--workdir", str(tmp_path), "--clips", "1", "--steps", "2", "--skip", "0",
+                          "--timing", "cold", "--no-videos"]) == 0
+    (stylizer,) = built
+    assert stylizer.cfg.scan_layers and "0" not in stylizer.params["blocks"]  # stacked, as config.json says
+    assert stylizer.adapters is not None
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert all(np.isfinite(r["psnr"]) for r in rows) and len({r["psnr"] for r in rows}) == len(rows)
+
+
+def test_reinitialised_dit_is_the_trained_base(tmp_path):
+    """A run trained without model.dit is evaluated on the base train.py drew (random_dit from fold_in(seed, 3)),
+    not on another init of the variant."""
+    import importlib.util
+    import pathlib
+
+    import jax
+
+    from pickstyle_jax import checkpoints, lora, sharding, train
+
+    spec = importlib.util.spec_from_file_location(
+        "pickstyle_cfg", pathlib.Path(__file__).resolve().parents[1] / "configs" / "pickstyle.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("tiny")
+    wcfg = train.model_configs(c)[0]
+    _, trained = train.load_dit(c, wcfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]), c.rules)
+    checkpoints.save_lora(tmp_path / "lora", lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(wcfg),
+                                                       jax.random.key(0)))
+    saved = tiny_models.save_models(tmp_path / "models", tmp_path / "unused", CFG, SEED)  # cheap VAE and umT5
+    run = _run_config({"vae": saved["vae"], "umt5": saved["umt5"]})
+    assert (run["seed"], run["model"]["variant"]) == (c.seed, c.model.variant)
+    st = evaluate.load_stylizer(tmp_path, run)
+    jax.tree.map(np.testing.assert_array_equal, st.params, trained)
+
+
 class _Fake:
     """A stand-in Stylizer: the ground truth blended with the source, a little seeded noise (so per-frame seeds
     matter) and a fixed delay; records its calls."""

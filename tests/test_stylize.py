@@ -26,13 +26,31 @@ def _clip(f, h=32, w=48, seed=0):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    paths = tiny_models.save_models(root, root / "lora", CFG, SEED)
-    other = CFG.replace(dim=64, ffn_dim=96)  # "another variant": same layer names, other widths
-    checkpoints.save_lora(root / "lora_other", lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(other),
-                                                         jax.random.key(0)))
-    return {**paths, "tokenizer": "bytes", "root": root}
+def saved(tmp_path_factory):
+    """layout -> the tiny models saved with config.json naming that layout: "flat" or "scanned" (scan_layers=True,
+    what `convert.wan_dit` writes for every released variant); built on first use."""
+    built = {}
+
+    def get(layout="flat"):
+        if layout not in built:
+            root = tmp_path_factory.mktemp(f"models_{layout}")
+            cfg = CFG.replace(scan_layers=layout == "scanned")
+            paths = tiny_models.save_models(root, root / "lora", cfg, SEED)
+            other = CFG.replace(dim=64, ffn_dim=96)  # "another variant": same layer names, other widths
+            checkpoints.save_lora(root / "lora_other", lora.init(lora.LoraConfig(rank=4, alpha=4),
+                                                                 wan.param_shapes(other), jax.random.key(0)))
+            built[layout] = {**paths, "tokenizer": "bytes", "root": root}
+        return built[layout]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def models(saved):
+    return saved("flat")
+
+
+LAYOUTS = pytest.mark.parametrize("layout", ["flat", "scanned"])
 
 
 def _argv(m, video_path, out, *extra):
@@ -46,7 +64,9 @@ def stylizer(models):
     return sample.Stylizer.load(**{k: models[k] for k in ("dit", "vae", "umt5", "tokenizer", "lora")})
 
 
-def test_cli_end_to_end(models, tmp_path):
+@LAYOUTS
+def test_cli_end_to_end(saved, layout, tmp_path):
+    models = saved(layout)
     # the issue's clip: 1.1 s at 30 fps came out as 81 frames at 16 fps (5.1 s); now 17 frames at 15.45 fps
     src = video.write(tmp_path / "in.mp4", _clip(33), fps=30)
     out = tmp_path / "res" / "out.mp4"
@@ -149,7 +169,9 @@ def test_window_depends_on_the_previous_windows_overlap(stylizer):
     assert diff.max() > 0
 
 
-def test_bad_input(models, tmp_path, capsys, monkeypatch):
+@LAYOUTS
+def test_bad_input(saved, layout, tmp_path, capsys, monkeypatch):
+    models = saved(layout)
     src = video.write(tmp_path / "in.mp4", _clip(9), fps=12)
     out = tmp_path / "out.mp4"
 
@@ -181,3 +203,22 @@ def test_bad_input(models, tmp_path, capsys, monkeypatch):
     fails(argv, "does not fit the DiT")
     fails(_argv(models, src, out, "--steps", "3", "--skip", "3"), "--skip")
     fails(_argv(models, src, out, "--size", "100x100"), "multiples of 16")
+
+
+@LAYOUTS
+def test_check_lora_reads_adapters_in_either_layout(layout):
+    """Adapters carry the official (flat) paths; the DiT config may name either layout. A LoRA that fits passes,
+    and a real mismatch (other widths, a layer the DiT lacks) is still named."""
+    cfg = CFG.replace(scan_layers=layout == "scanned")
+    flat = wan.param_shapes(CFG)
+    lcfg = lora.LoraConfig(rank=4, alpha=4)
+    sample.check_lora(cfg, lora.init(lcfg, flat, jax.random.key(0)))  # PickStyle's targets: no error
+    sample.check_lora(cfg, lora.init(lora.LoraConfig(rank=4, alpha=4, targets=r"blocks\.1\.ffn\.0"), flat,
+                                     jax.random.key(0)))
+    other = lora.init(lcfg, wan.param_shapes(CFG.replace(dim=64, ffn_dim=96)), jax.random.key(0))
+    with pytest.raises(sample.CompatibilityError, match=r"vace_blocks\.0\.self_attn\.q: adapter maps 64 -> 64, "
+                                                        r"the DiT layer 48 -> 48"):
+        sample.check_lora(cfg, other)
+    deeper = lora.init(lcfg, wan.param_shapes(CFG.replace(num_layers=4, vace_layers=(0, 2))), jax.random.key(0))
+    with pytest.raises(sample.CompatibilityError, match=r"vace_blocks\.1\.self_attn\.q: no such layer"):
+        sample.check_lora(cfg, deeper)

@@ -280,3 +280,36 @@ def test_nan_loss_names_the_step(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
         train.run(c, tmp_path)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == []  # checkpoint_every=2: step 2 was never saved
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def test_cli_trains_on_saved_checkpoints_in_either_layout(tmp_path):
+    """`python -m pickstyle_jax.train` on converted tiny checkpoints whose config.json names the flat layout, then
+    the stacked one the released variants convert to (scan_layers=True), unrolled and scanned: the same weights
+    give the same losses whatever the saved or the run's layout."""
+    from pickstyle_jax.models import wan
+    from tests import tiny_models
+    from tests.conftest import SEED
+
+    cfg = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0,), text_dim=64)  # umT5 tiny: 64 wide
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    models = {saved: tiny_models.save_models(tmp_path / saved, tmp_path / saved / "lora",
+                                             cfg.replace(scan_layers=saved == "scanned"), SEED)
+              for saved in ("flat", "scanned")}
+    losses = {}
+    for saved, run_scanned in (("flat", False), ("scanned", False), ("scanned", True)):
+        m = models[saved]
+        workdir = tmp_path / f"run_{saved}_{run_scanned}"
+        r = subprocess.run([sys.executable, "-m", "pickstyle_jax.train", "--config=configs/pickstyle.py:tiny",
+                            f"--workdir={workdir}", "--config.total_steps=2", f"--config.model.dit={m['dit']}",
+                            f"--config.model.vae={m['vae']}", f"--config.model.umt5={m['umt5']}",
+                            f"--config.model.scan_layers={run_scanned}"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (saved, run_scanned, r.stderr[-3000:])
+        losses[saved, run_scanned] = _losses(workdir)
+        assert sorted(losses[saved, run_scanned]) == [1, 2] and (workdir / "lora" / "config.json").is_file()
+    print(losses)
+    want = losses["flat", False]
+    for got in losses.values():
+        np.testing.assert_allclose([got[s] for s in (1, 2)], [want[s] for s in (1, 2)], rtol=1e-5)

@@ -21,16 +21,20 @@ def vae_params(vcfg: vae.VaeConfig, rng: np.random.Generator) -> dict:
 def save_models(models_dir, lora_dir, cfg, seed: int) -> dict:
     """Random tiny DiT (`cfg`), VAE, umT5 and a non-zero LoRA saved as checkpoint dirs; returns their paths.
 
-    The DiT and LoRA are drawn with numpy (no compile); the DiT is scaled so the random model is not ~zero.
+    The DiT and LoRA are drawn with numpy (no compile); the DiT is scaled so the random model is not ~zero. As
+    `convert.wan_dit` does, the weights are the flat tree (official paths) and config.json records `cfg` as given:
+    with scan_layers=True it names the stacked layout the released variants load in. The draws do not depend on
+    the layout, so the two layouts of one seed hold the same model.
     """
     from pickstyle_jax import checkpoints, lora
     from pickstyle_jax.models import umt5, wan
 
     rng = np.random.default_rng(seed)
     models_dir, lora_dir = Path(models_dir), Path(lora_dir)
-    params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, dtype=np.float32), wan.param_shapes(cfg))
+    flat = wan.param_shapes(cfg.replace(scan_layers=False))
+    params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, dtype=np.float32), flat)
     checkpoints.save(models_dir / "dit", cfg, params, kind="wan")
-    adapters = lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(cfg), jax.random.key(seed))
+    adapters = lora.init(lora.LoraConfig(rank=4, alpha=4), flat, jax.random.key(seed))
     adapters = jax.tree.map(lambda a: 0.1 * rng.standard_normal(a.shape, dtype=np.float32), adapters)
     checkpoints.save_lora(lora_dir, adapters)
     vcfg = vae.VaeConfig.named("tiny")
