@@ -54,6 +54,24 @@ class ShardingError(ValueError):
     """A mesh or rule that cannot shard an array (the message says what to change)."""
 
 
+class Units(str):
+    """A logical axis name whose dimension is `n_units` equal units that must stay whole on a device: attention
+    heads, `Units("heads", cfg.num_heads, "num_heads")` in `wan.param_axes`. It equals (and hashes as) its plain
+    name, so rules look it up as usual; the checks below also require its mesh axes to divide `n_units`. `what`
+    names the setting the count comes from, for the error message."""
+
+    n_units: int
+    what: str
+
+    def __new__(cls, name: str, n_units: int, what: str):
+        obj = super().__new__(cls, name)
+        obj.n_units, obj.what = int(n_units), what
+        return obj
+
+    def __getnewargs__(self):
+        return str(self), self.n_units, self.what
+
+
 def normalize_rules(rules: Mapping) -> dict:
     """A plain dict (ConfigDict and lists accepted); values become None, a str or a tuple of str."""
     out = {}
@@ -104,15 +122,25 @@ def _mesh_axes(name, rules, mesh, used):
 def logical_to_spec(axes: Sequence[str | None], rules: Mapping, mesh: Mesh | None = None,
                     shape: Sequence[int] | None = None, *, name: str = "array") -> P:
     """PartitionSpec for one array with logical `axes`. With `mesh` and `shape`, a dimension its mesh axes do not
-    divide is a ShardingError naming `name`, unless rules["allow_replicate"] (then it stays replicated)."""
+    divide is a ShardingError naming `name`, unless rules["allow_replicate"] (then it stays replicated); with
+    `mesh`, so is a `Units` axis whose count they do not divide (it names the count's setting, e.g. num_heads)."""
     if shape is not None and len(shape) != len(axes):
         raise ShardingError(f"{name}: logical axes {tuple(axes)} do not match its shape {tuple(shape)}")
     used, spec = set(), []
     for i, logical in enumerate(axes):
         mesh_axes = _mesh_axes(logical, rules, mesh, used)
-        if mesh is not None and shape is not None and mesh_axes:
+        if mesh is not None and mesh_axes:
             size = math.prod(mesh.shape[a] for a in mesh_axes)
-            if shape[i] % size:
+            count = logical.n_units if isinstance(logical, Units) else None
+            if count is not None and count % size:
+                if not rules.get("allow_replicate", False):
+                    raise ShardingError(
+                        f"{name}: {logical.what}={count} does not split over mesh axes {mesh_axes} of size {size} "
+                        f"(logical {str(logical)!r}); a unit of {logical.what} must stay whole on one device. Pick "
+                        f"a mesh whose {mesh_axes} size divides {logical.what}, change config.rules[{str(logical)!r}], "
+                        f"or set config.rules.allow_replicate=True to keep such dimensions replicated")
+                mesh_axes = ()
+            elif shape is not None and shape[i] % size:
                 if not rules.get("allow_replicate", False):
                     raise ShardingError(
                         f"{name} of shape {tuple(shape)}: dimension {i} ({shape[i]}, logical {logical!r}) is not "
