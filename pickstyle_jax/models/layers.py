@@ -387,8 +387,7 @@ class Dense(nnx.Module):
             adapter = {"A": gathered(adapter["A"], (self.axes[0], None)),
                        "B": gathered(adapter["B"], (None, self.axes[1]))}
         y = dense(x, self.as_dict(), dtype=dtype, out_dtype=out_dtype, adapter=adapter, scale=lora_scale)
-        # split by batch, and over heads / mlp where the kernel's output axis is
-        return _constrain_rows(y, self.axes[1] if self.axes[1] in _SHARDED_OUT else None)
+        return constrain_output(y, self.axes)
 
 
 class LayerNorm(nnx.Module):
@@ -512,6 +511,12 @@ def _constrain_rows(x, feature_axis):
     if x.ndim < 2:
         return x
     return constrain(x, ("batch",) + ("length",) * (x.ndim - 2) + (feature_axis,))
+
+
+def constrain_output(y, kernel_axes):
+    """Pin the output [batch, ..., out] of a dense layer with kernel axes (in, out): split by batch, and over heads /
+    mlp where the kernel's output axis is."""
+    return _constrain_rows(y, kernel_axes[1] if kernel_axes[1] in _SHARDED_OUT else None)
 
 
 def gathered(w, axes):
