@@ -9,7 +9,8 @@ Rules: {logical name: mesh axis | tuple/list of mesh axes | None (replicated)}, 
 `"allow_replicate"`. A dimension whose mesh axes do not divide it is an error naming the array, its shape and the
 rule, unless `allow_replicate` is true: then that dimension alone stays replicated (tiny test models on 8
 devices). Mesh axes that the mesh lacks (e.g. "context" on a mesh without sequence sharding) are ignored, and a
-mesh axis is used at most once per array.
+mesh axis is used at most once per array. A `Units` axis (the models' "heads") is also checked against its unit
+count: a tensor axis that does not divide num_heads is refused the same way, naming num_heads.
 
 Typical use (eval_shape -> shardings -> jit(init, out_shardings=...)):
 
@@ -17,8 +18,11 @@ Typical use (eval_shape -> shardings -> jit(init, out_shardings=...)):
     shardings = sharding.tree_shardings(wan.param_axes(cfg), mesh, rules, wan.param_shapes(cfg))
     params = jax.jit(functools.partial(wan.init, cfg), out_shardings=shardings)(rng)
 
-A sharded model function must be traced inside `rules_context`, which binds the models' activation pins and
-per-layer FSDP gathers (its docstring says why they are required):
+A plain `jax.jit` of a model function on such params and batch-sharded inputs is right as it is: `wan.forward` and
+`umt5.encode` read the mesh from the arrays they are given and pin their own layout (`layers.layout`), so their
+values and gradients equal the one-device ones whatever the shardings. `rules_context` is an optional hint that
+makes those pins follow the caller's rules instead of DEFAULT_RULES (no resharding when the weights follow other
+rules):
 
     with sharding.rules_context(mesh, rules):
         step = jax.jit(...).lower(...).compile()
@@ -210,16 +214,15 @@ def flax_rules(rules: Mapping, mesh: Mesh | None = None) -> tuple:
 
 
 def rules_context(mesh: Mesh, rules: Mapping = DEFAULT_RULES, *, inside_jit: bool = False):
-    """The context a sharded model function must be traced in: the mesh, our rules for the models' activation
-    and weight constraints (`layers.constrain` / `layers.gathered`), and Flax's copy of them (NNX resolves the
-    parameters' logical metadata with it under a mesh). `inside_jit=True` (entering it inside a traced function)
-    sets the abstract mesh instead of the concrete one.
+    """An optional layout hint for tracing sharded model functions: the mesh, our rules for the models' own
+    activation pins and weight gathers (`layers.layout`, which otherwise follows DEFAULT_RULES on the mesh the
+    params live on), and Flax's copy of them (NNX resolves the parameters' logical metadata with it under a mesh).
+    `inside_jit=True` (entering it inside a traced function) sets the abstract mesh instead of the concrete one.
 
-    The constraints are not optional: without them, XLA's SPMD partitioner (jax 0.10.2, both Shardy and GSPMD)
-    computes a wrong DiT forward and wrong LoRA gradients when weights are split over fsdp AND tensor while the
-    batch is split over (data, fsdp), at some sequence lengths only (12 to 28 tokens wrong, 8 and 32 right, on
-    the tiny model). Pinning every activation at the layer boundaries and gathering each weight over fsdp where
-    it is used (what FSDP means) leaves the partitioner no such choice; tests/test_train_multidevice.py checks it.
+    Correctness never depends on it: the models pin their layout with or without it (tests/test_sharded_model.py
+    checks plain jits); with it the pins match weights sharded by `rules` and move no data. Strict rules (no
+    allow_replicate) also make a forward refuse a tensor axis that does not divide the heads. jit caches traces
+    without looking at the hint: trace one jitted function under one hint only.
     """
     from flax import nnx
 
