@@ -124,6 +124,15 @@ _CHILD = textwrap.dedent("""
             raise AssertionError("a strict forward split 3 heads over tensor 2")
         except sharding.ShardingError as e:
             assert "num_heads=3" in str(e), e
+    # explicit mesh axes (jax.make_mesh's default) are refused up front, naming them
+    explicit = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                             axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+    p_ex = jax.device_put(params, sharding.tree_shardings(wan.param_axes(cfg), explicit, rules, wan.param_shapes(cfg)))
+    try:
+        jax.jit(lambda p, *a: wan.forward(cfg, p, *a))(p_ex, x, t, text, ctx)
+        raise AssertionError("a forward on explicit mesh axes was not refused")
+    except sharding.ShardingError as e:
+        assert "Explicit" in str(e) and "'data'" in str(e), e
 """)
 
 

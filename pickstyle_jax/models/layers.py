@@ -464,6 +464,12 @@ def layout(arrays, units=()):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         mesh = mesh_of(arrays)
+    explicit = [a for a, kind in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ()))
+                if kind == jax.sharding.AxisType.Explicit]
+    if explicit:  # explicit axes type every reshape; the head and patch splits would fail deep inside the model
+        raise sharding.ShardingError(f"the models run on meshes with Auto axes; mesh axes {explicit} are Explicit. "
+                                     f"Build the mesh with sharding.make_mesh (or jax.make_mesh(..., axis_types="
+                                     f"(jax.sharding.AxisType.Auto,) * n))")
     if mesh is None or math.prod(mesh.shape.values()) <= 1:
         token = _LAYOUT.set(None)
     else:
