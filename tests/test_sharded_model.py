@@ -83,7 +83,8 @@ _MODEL = _PRELUDE + textwrap.dedent("""
                 f"{'batch-sharded' if case['batch'] else 'replicated'} inputs")
         check(name + ", forward", got_v, want_v)
         for part in ("A", "B"):
-            leaves = lambda g: [d[part] for d in jax.tree.leaves(g.params, is_leaf=lambda d: isinstance(d, dict) and part in d)]
+            is_adapter = lambda d: isinstance(d, dict) and part in d
+            leaves = lambda g: [d[part] for d in jax.tree.leaves(g.params, is_leaf=is_adapter)]
             errs = [rel(gg, gw) for gg, gw in zip(leaves(got_g), leaves(want_g))]
             print(f"{name}, LoRA {part} gradients: worst relative error {max(errs):.2e}", flush=True)
             if not max(errs) <= 1e-5:

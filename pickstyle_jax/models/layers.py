@@ -474,9 +474,9 @@ def layout(arrays, units=()):
         token = _LAYOUT.set(None)
     else:
         rules = sharding.normalize_rules(_RULES.get() or sharding.DEFAULT_RULES)
-        for unit in units:
+        for unit in units:  # under strict rules a unit its mesh axes would split is a ShardingError
             if unit in rules:
-                sharding.logical_to_spec((unit,), rules, mesh, name="the sharded forward")  # strict rules: a split unit is a ShardingError
+                sharding.logical_to_spec((unit,), rules, mesh, name="the sharded forward")
         token = _LAYOUT.set(Layout(mesh, rules, {str(u): u.n_units for u in units}))
     try:
         yield
