@@ -9,7 +9,8 @@ Rules: {logical name: mesh axis | tuple/list of mesh axes | None (replicated)}, 
 `"allow_replicate"`. A dimension whose mesh axes do not divide it is an error naming the array, its shape and the
 rule, unless `allow_replicate` is true: then that dimension alone stays replicated (tiny test models on 8
 devices). Mesh axes that the mesh lacks (e.g. "context" on a mesh without sequence sharding) are ignored, and a
-mesh axis is used at most once per array.
+mesh axis is used at most once per array. A `Units` axis (the models' "heads") is also checked against its unit
+count: a tensor axis that does not divide num_heads is refused the same way, naming num_heads.
 
 Typical use (eval_shape -> shardings -> jit(init, out_shardings=...)):
 
@@ -17,8 +18,11 @@ Typical use (eval_shape -> shardings -> jit(init, out_shardings=...)):
     shardings = sharding.tree_shardings(wan.param_axes(cfg), mesh, rules, wan.param_shapes(cfg))
     params = jax.jit(functools.partial(wan.init, cfg), out_shardings=shardings)(rng)
 
-A sharded model function must be traced inside `rules_context`, which binds the models' activation pins and
-per-layer FSDP gathers (its docstring says why they are required):
+A plain `jax.jit` of a model function on such params and batch-sharded inputs is right as it is: `wan.forward` and
+`umt5.encode` read the mesh from the arrays they are given and pin their own layout (`layers.layout`), so their
+values and gradients equal the one-device ones whatever the shardings. `rules_context` is an optional hint that
+makes those pins follow the caller's rules instead of DEFAULT_RULES (no resharding when the weights follow other
+rules):
 
     with sharding.rules_context(mesh, rules):
         step = jax.jit(...).lower(...).compile()
@@ -52,6 +56,24 @@ DEFAULT_RULES: dict = {
 
 class ShardingError(ValueError):
     """A mesh or rule that cannot shard an array (the message says what to change)."""
+
+
+class Units(str):
+    """A logical axis name whose dimension is `n_units` equal units that must stay whole on a device: attention
+    heads, `Units("heads", cfg.num_heads, "num_heads")` in `wan.param_axes`. It equals (and hashes as) its plain
+    name, so rules look it up as usual; the checks below also require its mesh axes to divide `n_units`. `what`
+    names the setting the count comes from, for the error message."""
+
+    n_units: int
+    what: str
+
+    def __new__(cls, name: str, n_units: int, what: str):
+        obj = super().__new__(cls, name)
+        obj.n_units, obj.what = int(n_units), what
+        return obj
+
+    def __getnewargs__(self):
+        return str(self), self.n_units, self.what
 
 
 def normalize_rules(rules: Mapping) -> dict:
@@ -104,15 +126,25 @@ def _mesh_axes(name, rules, mesh, used):
 def logical_to_spec(axes: Sequence[str | None], rules: Mapping, mesh: Mesh | None = None,
                     shape: Sequence[int] | None = None, *, name: str = "array") -> P:
     """PartitionSpec for one array with logical `axes`. With `mesh` and `shape`, a dimension its mesh axes do not
-    divide is a ShardingError naming `name`, unless rules["allow_replicate"] (then it stays replicated)."""
+    divide is a ShardingError naming `name`, unless rules["allow_replicate"] (then it stays replicated); with
+    `mesh`, so is a `Units` axis whose count they do not divide (it names the count's setting, e.g. num_heads)."""
     if shape is not None and len(shape) != len(axes):
         raise ShardingError(f"{name}: logical axes {tuple(axes)} do not match its shape {tuple(shape)}")
     used, spec = set(), []
     for i, logical in enumerate(axes):
         mesh_axes = _mesh_axes(logical, rules, mesh, used)
-        if mesh is not None and shape is not None and mesh_axes:
+        if mesh is not None and mesh_axes:
             size = math.prod(mesh.shape[a] for a in mesh_axes)
-            if shape[i] % size:
+            count = logical.n_units if isinstance(logical, Units) else None
+            if count is not None and count % size:
+                if not rules.get("allow_replicate", False):
+                    raise ShardingError(
+                        f"{name}: {logical.what}={count} does not split over mesh axes {mesh_axes} of size {size} "
+                        f"(logical {str(logical)!r}); a unit of {logical.what} must stay whole on one device. Pick "
+                        f"a mesh whose {mesh_axes} size divides {logical.what}, change config.rules[{str(logical)!r}], "
+                        f"or set config.rules.allow_replicate=True to keep such dimensions replicated")
+                mesh_axes = ()
+            elif shape is not None and shape[i] % size:
                 if not rules.get("allow_replicate", False):
                     raise ShardingError(
                         f"{name} of shape {tuple(shape)}: dimension {i} ({shape[i]}, logical {logical!r}) is not "
@@ -182,16 +214,15 @@ def flax_rules(rules: Mapping, mesh: Mesh | None = None) -> tuple:
 
 
 def rules_context(mesh: Mesh, rules: Mapping = DEFAULT_RULES, *, inside_jit: bool = False):
-    """The context a sharded model function must be traced in: the mesh, our rules for the models' activation
-    and weight constraints (`layers.constrain` / `layers.gathered`), and Flax's copy of them (NNX resolves the
-    parameters' logical metadata with it under a mesh). `inside_jit=True` (entering it inside a traced function)
-    sets the abstract mesh instead of the concrete one.
+    """An optional layout hint for tracing sharded model functions: the mesh, our rules for the models' own
+    activation pins and weight gathers (`layers.layout`, which otherwise follows DEFAULT_RULES on the mesh the
+    params live on), and Flax's copy of them (NNX resolves the parameters' logical metadata with it under a mesh).
+    `inside_jit=True` (entering it inside a traced function) sets the abstract mesh instead of the concrete one.
 
-    The constraints are not optional: without them, XLA's SPMD partitioner (jax 0.10.2, both Shardy and GSPMD)
-    computes a wrong DiT forward and wrong LoRA gradients when weights are split over fsdp AND tensor while the
-    batch is split over (data, fsdp), at some sequence lengths only (12 to 28 tokens wrong, 8 and 32 right, on
-    the tiny model). Pinning every activation at the layer boundaries and gathering each weight over fsdp where
-    it is used (what FSDP means) leaves the partitioner no such choice; tests/test_train_multidevice.py checks it.
+    Correctness never depends on it: the models pin their layout with or without it (tests/test_sharded_model.py
+    checks plain jits); with it the pins match weights sharded by `rules` and move no data. Strict rules (no
+    allow_replicate) also make a forward refuse a tensor axis that does not divide the heads. jit caches traces
+    without looking at the hint: trace one jitted function under one hint only.
     """
     from flax import nnx
 

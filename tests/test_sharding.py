@@ -72,8 +72,7 @@ _CHILD = textwrap.dedent("""
     print("max abs error sharded vs single device:", err, "leaves checked:", n_checked)
     assert err <= 1e-5, err
 
-    # scanned layers: the stacked tree (leading "layers" axis, replicated) sharded by the same rules, and the
-    # residual-stream constraints of the blocks active under the logical-axis rules
+    # scanned layers: the stacked tree (leading "layers" axis, replicated) sharded by the same rules
     rules = {**sharding.DEFAULT_RULES, "layers": None}
     scfg = cfg.replace(scan_layers=True)
     s_sh = jax.device_put(wan.stack_layers(cfg, params),
@@ -81,25 +80,59 @@ _CHILD = textwrap.dedent("""
     check_every_leaf(s_sh, wan.param_axes(scfg))
     sfwd = lambda p, a, *args: wan.forward(scfg, p, *args, lora=a)
     plain = jax.jit(sfwd).lower(s_sh, adapters, *inputs).as_text()
-    got = jax.jit(sfwd)(s_sh, adapters, *inputs)  # FSDP x tensor sharded stacked weights, no constraints
+    got = jax.jit(sfwd)(s_sh, adapters, *inputs)  # FSDP x tensor sharded stacked weights, a plain jit
     err = float(np.abs(np.asarray(got) - want).max())
     print("max abs error scanned, sharded weights vs single device:", err)
     assert err <= 1e-5, err
     sfwd = jax.jit(sfwd)  # a fresh jit: traces are cached without regard to the rules context
-    # the path training and sampling run: sharded weights, traced under the rules (activation pins, FSDP gathers)
+    # under the rules hint (what training and sampling enter): the same pins, now from the caller's rules
     with sharding.rules_context(mesh, rules):
         lowered = sfwd.lower(s_sh, adapters, *inputs)
         got = sfwd(s_sh, adapters, *inputs)
     text_hlo = lowered.as_text()
     count = lambda hlo: hlo.count("sharding_constraint") + hlo.count("@Sharding")  # Shardy or GSPMD lowering
     n_plain, n_rules = count(plain), count(text_hlo)
-    print("sharding constraints without / with rules:", n_plain, n_rules)
-    assert n_plain == 0 and n_rules > 0, (n_plain, n_rules)
+    print("sharding constraints without / with the rules hint:", n_plain, n_rules)
+    assert n_plain > 0 and n_rules > 0, (n_plain, n_rules)  # the model pins its own layout either way
     batch_spec = [line for line in text_hlo.splitlines() if "sharding_constraint" in line or "@Sharding" in line]
     assert any('"data", "fsdp"' in line or "[4,1,1,2]" in line for line in batch_spec), batch_spec[:3]
     err = float(np.abs(np.asarray(got) - want).max())
     print("max abs error scanned sharded vs single device:", err)
     assert err <= 1e-5, err
+
+    # a tensor axis that does not divide the heads: refused by strict rules (naming num_heads), whole-head
+    # (replicated) under allow_replicate, for the DiT and umT5 alike, and refused by a strict forward too
+    from pickstyle_jax.models import umt5
+    strict = {**sharding.DEFAULT_RULES, "allow_replicate": False}
+    cfg3 = cfg.replace(dim=48, num_heads=3, ffn_dim=64)
+    for axes, shapes in ((wan.param_axes(cfg3), wan.param_shapes(cfg3)),
+                         (umt5.param_axes(umt5.Umt5Config.named("tiny").replace(num_heads=3, d_kv=16, d_model=48)),
+                          umt5.param_shapes(umt5.Umt5Config.named("tiny").replace(num_heads=3, d_kv=16, d_model=48)))):
+        try:
+            sharding.tree_shardings(axes, mesh, strict, shapes)
+            raise AssertionError("3 heads over tensor 2 were not refused")
+        except sharding.ShardingError as e:
+            assert "num_heads=3" in str(e), e
+    loose = sharding.tree_shardings(wan.param_axes(cfg3), mesh, sharding.DEFAULT_RULES, wan.param_shapes(cfg3))
+    assert loose["blocks"]["0"]["self_attn"]["q"]["kernel"].spec == P("fsdp", None)
+    assert loose["blocks"]["0"]["ffn"]["0"]["kernel"].spec == P("fsdp", "tensor")
+    p3 = jax.device_put(wan.init(cfg3, jax.random.key(seed)), loose)
+    x3 = [jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in (x, t, text[..., :cfg3.text_dim], ctx)]
+    with sharding.rules_context(mesh, strict):
+        try:
+            jax.jit(lambda p, *a: wan.forward(cfg3, p, *a))(p3, *x3)
+            raise AssertionError("a strict forward split 3 heads over tensor 2")
+        except sharding.ShardingError as e:
+            assert "num_heads=3" in str(e), e
+    # explicit mesh axes (jax.make_mesh's default) are refused up front, naming them
+    explicit = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                             axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+    p_ex = jax.device_put(params, sharding.tree_shardings(wan.param_axes(cfg), explicit, rules, wan.param_shapes(cfg)))
+    try:
+        jax.jit(lambda p, *a: wan.forward(cfg, p, *a))(p_ex, x, t, text, ctx)
+        raise AssertionError("a forward on explicit mesh axes was not refused")
+    except sharding.ShardingError as e:
+        assert "Explicit" in str(e) and "'data'" in str(e), e
 """)
 
 

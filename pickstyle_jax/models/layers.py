@@ -11,11 +11,14 @@ import contextlib
 import contextvars
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from pickstyle_jax import sharding
 
 f32 = jnp.float32
 
@@ -376,13 +379,15 @@ class Dense(nnx.Module):
     def as_dict(self) -> dict:
         p = {"kernel": gathered(self.kernel[...], self.axes)}
         if self.bias is not None:
-            p["bias"] = self.bias[...]
+            p["bias"] = gathered(self.bias[...], self.axes[1:])
         return p
 
     def __call__(self, x, *, dtype=f32, out_dtype=None, adapter=None, lora_scale=1.0):
+        if adapter is not None:  # A [in, r] and B [r, out] follow the kernel's in and out axes
+            adapter = {"A": gathered(adapter["A"], (self.axes[0], None)),
+                       "B": gathered(adapter["B"], (None, self.axes[1]))}
         y = dense(x, self.as_dict(), dtype=dtype, out_dtype=out_dtype, adapter=adapter, scale=lora_scale)
-        # split by batch, and over heads / mlp where the kernel's output axis is
-        return _constrain_rows(y, self.axes[1] if self.axes[1] in _SHARDED_OUT else None)
+        return constrain_output(y, self.axes)
 
 
 class LayerNorm(nnx.Module):
@@ -391,10 +396,11 @@ class LayerNorm(nnx.Module):
     def __init__(self, dim, axes=("embed",), *, eps=1e-6, param_dtype=f32):
         self.scale = param(jnp.ones((dim,), param_dtype), axes)
         self.bias = param(jnp.zeros((dim,), param_dtype), axes)
-        self.eps = eps
+        self.axes, self.eps = tuple(axes), eps
 
     def __call__(self, x):
-        return layer_norm(x, {"scale": self.scale[...], "bias": self.bias[...]}, eps=self.eps)
+        return layer_norm(x, {"scale": gathered(self.scale[...], self.axes),
+                              "bias": gathered(self.bias[...], self.axes)}, eps=self.eps)
 
 
 class RMSNorm(nnx.Module):
@@ -402,42 +408,108 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim, axes=("embed",), *, eps=1e-6, param_dtype=f32):
         self.scale = param(jnp.ones((dim,), param_dtype), axes)
-        self.eps = eps
+        self.axes, self.eps = tuple(axes), eps
 
     def __call__(self, x):
-        return rms_norm(x, {"scale": self.scale[...]}, eps=self.eps)
+        return rms_norm(x, {"scale": gathered(self.scale[...], self.axes)}, eps=self.eps)
 
 
 # ------------------------------------------------------------------------------------------------- sharding hooks
+#
+# A model pins its own layout: each forward enters `layout(params, ...)` around its body, which reads the mesh from
+# the arrays it was given (their types carry it, also inside jit), so the pins below hold under a plain jax.jit.
+# They are what makes a sharded forward right, not a hint: without them XLA's SPMD partitioner (jax 0.10.2, Shardy
+# and GSPMD) may lay a (data, fsdp)-split batch out in both device orders and mix the two up (a collective-permute
+# between (0, 1) and (1, 0) that it never undoes) when a weight carries fsdp on a feature axis;
+# tests/test_partitioner.py keeps the reproduction. With every weight gathered over its non-tensor axes where it
+# is used (what FSDP means) and the activations pinned at every layer, fsdp only ever splits the batch.
+
+
+class Layout(NamedTuple):
+    """What `constrain` pins to: a mesh (concrete or abstract), normalised rules, and the logical axes made of
+    whole units (e.g. {"heads": num_heads}: a head is never split across devices)."""
+    mesh: Any
+    rules: dict
+    units: dict
 
 
 _RULES: contextvars.ContextVar = contextvars.ContextVar("pickstyle_axis_rules", default=None)
+_LAYOUT: contextvars.ContextVar = contextvars.ContextVar("pickstyle_layout", default=None)
+
+
+def mesh_of(tree):
+    """The mesh the arrays of `tree` are laid out on (read from their types, so also from tracers), or None when
+    they live on one device."""
+    for leaf in jax.tree.leaves(tree):
+        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if mesh is None or mesh.empty:
+            continue
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):  # eager: the concrete mesh
+            mesh = getattr(leaf.sharding, "mesh", mesh)
+        if math.prod(mesh.shape.values()) > 1:
+            return mesh
+    return None
+
+
+@contextlib.contextmanager
+def layout(arrays, units=()):
+    """The layout a model's forward pins its activations and weight gathers to, entered by the forward itself.
+
+    Mesh: the abstract mesh in context (`jax.set_mesh`, `sharding.rules_context`), else the one `arrays` (the
+    parameters and inputs) live on; none (one device): every pin is a no-op. Rules: those of an enclosing
+    `axis_rules` (a layout hint: the pins then match the caller's shardings and move no data), else
+    sharding.DEFAULT_RULES. units: `sharding.Units` of the axes made of whole units (a model's heads); mesh axes
+    that do not divide the count leave that axis replicated, or raise a ShardingError naming it under strict rules
+    (no allow_replicate)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        mesh = mesh_of(arrays)
+    explicit = [a for a, kind in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ()))
+                if kind == jax.sharding.AxisType.Explicit]
+    if explicit:  # explicit axes type every reshape; the head and patch splits would fail deep inside the model
+        raise sharding.ShardingError(f"the models run on meshes with Auto axes; mesh axes {explicit} are Explicit. "
+                                     f"Build the mesh with sharding.make_mesh (or jax.make_mesh(..., axis_types="
+                                     f"(jax.sharding.AxisType.Auto,) * n))")
+    if mesh is None or math.prod(mesh.shape.values()) <= 1:
+        token = _LAYOUT.set(None)
+    else:
+        rules = sharding.normalize_rules(_RULES.get() or sharding.DEFAULT_RULES)
+        for unit in units:  # under strict rules a unit its mesh axes would split is a ShardingError
+            if unit in rules:
+                sharding.logical_to_spec((unit,), rules, mesh, name="the sharded forward")
+        token = _LAYOUT.set(Layout(mesh, rules, {str(u): u.n_units for u in units}))
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+def _spec(layout_, shape, axes):
+    """PartitionSpec of `shape` under the layout: per dimension the longest prefix of its mesh axes that divides it
+    (and its unit count), each mesh axis used once."""
+    spec, used = [], set()
+    for dim, name in zip(shape, axes):
+        target = layout_.rules.get(name) if name is not None else None
+        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        names = [n for n in names if n in layout_.mesh.shape and n not in used]
+        count = layout_.units.get(name)
+        while names and (dim % math.prod(layout_.mesh.shape[n] for n in names) or
+                         (count is not None and count % math.prod(layout_.mesh.shape[n] for n in names))):
+            names.pop()
+        used.update(names)
+        spec.append(None if not names else names[0] if len(names) == 1 else tuple(names))
+    return jax.sharding.PartitionSpec(*spec)
 
 
 def constrain(x, axes):
-    """Sharding constraint on an activation by logical axis names, e.g. ("batch", "length", "embed").
-
-    A no-op unless the caller traces inside `axis_rules(rules)` and under a mesh (`jax.set_mesh(mesh)`), so
-    single-device code pays nothing. Mesh axes the mesh lacks, or that do not divide the dimension (a 3-sample
-    CFG batch over 2 data shards), leave that dimension unconstrained rather than failing mid-model.
-    Note: jit caches traces without looking at the rules; trace a function under one rules context only.
-    With sharded weights these constraints are required, not a hint: `sharding.rules_context` says why.
-    """
-    rules = _RULES.get()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh is None or mesh.empty:
+    """Sharding constraint on an activation by logical axis names, e.g. ("batch", "length", "embed"), to the layout
+    of the enclosing model forward (`layout`); a no-op outside one or on one device. A dimension its mesh axes do
+    not divide (a 3-sample CFG batch over 2 data shards) keeps the longest prefix of them that does, rather than
+    failing mid-model."""
+    layout_ = _LAYOUT.get()
+    if layout_ is None:
         return x
-    spec, used = [], set()
-    for dim, name in zip(x.shape, axes):
-        target = rules.get(name) if name is not None else None
-        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        names = tuple(n for n in names if n in mesh.shape and n not in used)
-        if not names or dim % math.prod(mesh.shape[n] for n in names):
-            spec.append(None)
-            continue
-        used.update(names)
-        spec.append(names[0] if len(names) == 1 else names)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(layout_.mesh, _spec(layout_, x.shape, axes)))
 
 
 def _constrain_rows(x, feature_axis):
@@ -447,9 +519,15 @@ def _constrain_rows(x, feature_axis):
     return constrain(x, ("batch",) + ("length",) * (x.ndim - 2) + (feature_axis,))
 
 
+def constrain_output(y, kernel_axes):
+    """Pin the output [batch, ..., out] of a dense layer with kernel axes (in, out): split by batch, and over heads /
+    mlp where the kernel's output axis is."""
+    return _constrain_rows(y, kernel_axes[1] if kernel_axes[1] in _SHARDED_OUT else None)
+
+
 def gathered(w, axes):
     """A parameter as a layer uses it: FSDP-gathered (every axis but heads / mlp replicated), tensor-parallel
-    axes kept. A no-op outside `axis_rules` (see `constrain`)."""
+    axes kept. A no-op outside a model's `layout`."""
     # first pinned to its stored (sharded) layout, so that the gather stays here: without that anchor XLA
     # propagates the gathered layout back into the scanned stack and gathers every layer up front
     w = constrain(w, axes)
@@ -458,9 +536,10 @@ def gathered(w, axes):
 
 @contextlib.contextmanager
 def axis_rules(rules):
-    """Context manager activating logical-axis rules for `constrain`: a mapping logical axis -> mesh axis, a
-    tuple of mesh axes or None (the form of sharding.DEFAULT_RULES), or a sequence of such pairs. Usually entered
-    through `sharding.rules_context`, which also sets the mesh and Flax's copy of the rules."""
+    """Context manager naming the rules the models' `layout` pins to instead of sharding.DEFAULT_RULES: a mapping
+    logical axis -> mesh axis, a tuple of mesh axes or None, or a sequence of such pairs. A performance hint (the
+    pins then match the caller's own shardings); correctness never depends on it. Usually entered through
+    `sharding.rules_context`."""
     pairs = rules.items() if hasattr(rules, "items") else rules
     token = _RULES.set({k: tuple(v) if isinstance(v, list) else v for k, v in pairs})
     try:

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pickstyle_jax import sharding
 from pickstyle_jax.models import layers
 from pickstyle_jax.models.tokenizer import Tokenizer  # noqa: F401  (API: `umt5.Tokenizer`)
 
@@ -52,6 +53,7 @@ __all__ = ["Umt5Config", "Umt5Encoder", "init", "encode", "param_axes", "param_s
            "Tokenizer"]
 
 f32 = jnp.float32
+_HEAD_AXES = ("batch", "length", "heads", None)  # [B, L, H, E]: whole heads per device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +101,11 @@ class Dense(nnx.Module):
 
     def __init__(self, n_in: int, n_out: int, axes, dtype, *, rngs: nnx.Rngs):
         self.kernel = layers.param(_normal(rngs, (n_in, n_out), n_in ** -0.5, dtype), axes)
+        self.axes = tuple(axes)
 
     def __call__(self, x):
-        return layers.dense(x, {"kernel": self.kernel[...]}, dtype=x.dtype)
+        y = layers.dense(x, {"kernel": layers.gathered(self.kernel[...], self.axes)}, dtype=x.dtype)
+        return layers.constrain_output(y, self.axes)
 
 
 class Embed(nnx.Module):
@@ -116,7 +120,7 @@ class RmsNorm(nnx.Module):
 
     def __call__(self, x):
         """Normalised in fp32, returned in x's (compute) dtype."""
-        return layers.rms_norm(x, {"scale": self.scale[...]}, eps=self.eps).astype(x.dtype)
+        return layers.rms_norm(x, {"scale": layers.gathered(self.scale[...], ("embed",))}, eps=self.eps).astype(x.dtype)
 
 
 class RelativeBias(nnx.Module):
@@ -141,12 +145,14 @@ class Attention(nnx.Module):
     def __call__(self, x_BLD, bias_HLK, key_valid_BK):
         B, L, _ = x_BLD.shape
         H, E = self.num_heads, self.d_kv
-        q_BLHE, k_BLHE, v_BLHE = (proj(x_BLD).reshape(B, L, H, E) for proj in (self.q, self.k, self.v))
+        q_BLHE, k_BLHE, v_BLHE = (layers.constrain(proj(x_BLD).reshape(B, L, H, E), _HEAD_AXES)
+                                  for proj in (self.q, self.k, self.v))
         # no 1/sqrt(E): the T5 convention (the scale is folded into the trained weights)
         logits_BHLK = jnp.einsum("blhe,bkhe->bhlk", q_BLHE, k_BLHE, preferred_element_type=f32) + bias_HLK[None]
         logits_BHLK = jnp.where(key_valid_BK[:, None, None, :], logits_BHLK, jnp.finfo(f32).min)
         probs_BHLK = jax.nn.softmax(logits_BHLK, axis=-1).astype(x_BLD.dtype)
-        out_BLHE = jnp.einsum("bhlk,bkhe->blhe", probs_BHLK, v_BLHE, preferred_element_type=f32)
+        out_BLHE = layers.constrain(jnp.einsum("bhlk,bkhe->blhe", probs_BHLK, v_BLHE, preferred_element_type=f32),
+                                    _HEAD_AXES)
         return self.o(out_BLHE.astype(x_BLD.dtype).reshape(B, L, H * E))
 
 
@@ -187,9 +193,10 @@ class Umt5Encoder(nnx.Module):
         valid_BL = jnp.asarray(mask_BL).astype(bool)
         L = ids_BL.shape[1]
         buckets_LK = jnp.asarray(relative_position_buckets(L, L, cfg.num_buckets, cfg.max_distance))
-        x_BLD = jnp.take(self.token_embedding.embedding[...], jnp.asarray(ids_BL, jnp.int32), axis=0).astype(dt)
+        table_VD = layers.gathered(self.token_embedding.embedding[...], ("vocab", "embed"))
+        x_BLD = jnp.take(table_VD, jnp.asarray(ids_BL, jnp.int32), axis=0).astype(dt)
         for i in range(cfg.num_layers):
-            x_BLD = self.blocks[str(i)](x_BLD, buckets_LK, valid_BL)
+            x_BLD = layers.constrain(self.blocks[str(i)](x_BLD, buckets_LK, valid_BL), ("batch", "length", "embed"))
         x_BLD = self.norm(x_BLD)
         return jnp.where(valid_BL[..., None], x_BLD.astype(f32), 0.0)
 
@@ -205,9 +212,16 @@ def param_shapes(cfg: Umt5Config) -> dict:
     return layers.abstract_params(Umt5Encoder, cfg)
 
 
+def _heads(cfg: Umt5Config) -> sharding.Units:
+    return sharding.Units("heads", cfg.num_heads, "num_heads")
+
+
 def param_axes(cfg: Umt5Config) -> dict:
-    """Same tree as `init`, leaves the logical axis names ("vocab", "embed", "heads", "mlp", None)."""
-    return layers.logical_axes(Umt5Encoder, cfg)
+    """Same tree as `init`, leaves the logical axis names ("vocab", "embed", "heads", "mlp", None); "heads" is a
+    `sharding.Units` of cfg.num_heads (split only over mesh axes that divide it)."""
+    heads = _heads(cfg)
+    return jax.tree.map(lambda ax: tuple(heads if a == "heads" else a for a in ax),
+                        layers.logical_axes(Umt5Encoder, cfg), is_leaf=lambda ax: isinstance(ax, tuple))
 
 
 # -------------------------------------------------------------------------------------------- position buckets
@@ -246,6 +260,8 @@ def encode(cfg: Umt5Config, params: dict, ids, mask):
     """ids, mask: [B, L] (mask 1/True on real tokens, `</s>` included) -> [B, L, d_model] float32, 0 where mask is 0.
 
     Runs in `cfg.dtype`; jitted with the config static, so each (config, B, L) compiles once. `params` is the plain
-    dict of `init` / `checkpoints.load_umt5`, merged into the module inside the jitted function.
+    dict of `init` / `checkpoints.load_umt5`, merged into the module inside the jitted function. Sharded params
+    need nothing more: the encoder pins its own layout on their mesh (`layers.layout`), as `wan.forward` does.
     """
-    return layers.bind(Umt5Encoder, cfg, params)(ids, mask)
+    with layers.layout((params, ids), units=(_heads(cfg),)):
+        return layers.bind(Umt5Encoder, cfg, params)(ids, mask)

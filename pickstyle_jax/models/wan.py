@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from pickstyle_jax import sharding
 from pickstyle_jax.models import layers
 from pickstyle_jax.models.wan_inputs import _check_inputs, _patchify, _unpatchify, fold_text
 from pickstyle_jax.models.wan_stacking import (STACKED_AXIS, _STACKED_KEYS, _check_layout, _leaf_paths, _stack,
@@ -72,6 +73,8 @@ REMAT_POLICIES = {
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _RESIDUAL_AXES = ("batch", "length", "embed")  # sharding of the [B, S, D] streams at block boundaries
+_HEAD_AXES = ("batch", "length", "heads", None)  # [B, S, N, K]: whole heads per device
+_MOD_AXES = (None, "mod", "embed")  # the modulation tables [1, rows, D]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +184,7 @@ def _lin(ctx: _Ctx, layer: layers.Dense, x, lp, *path, out_dtype=None, dtype=Non
 def _modulation(cfg, rngs, rows):
     """Official init of the modulation tables: N(0, 1) / sqrt(D)."""
     value = jax.random.normal(rngs.params(), (1, rows, cfg.dim), f32) / math.sqrt(cfg.dim)
-    return layers.param(value.astype(_DTYPES[cfg.param_dtype]), (None, "mod", "embed"))
+    return layers.param(value.astype(_DTYPES[cfg.param_dtype]), _MOD_AXES)
 
 
 class Attention(nnx.Module):
@@ -198,16 +201,17 @@ class Attention(nnx.Module):
     def self_attention(self, ctx: _Ctx, y_BSD, lp):
         cfg = ctx.cfg
         b, s, _ = y_BSD.shape
-        heads = (b, s, cfg.num_heads, cfg.head_dim)
+        split = lambda a: layers.constrain(a.reshape(b, s, cfg.num_heads, cfg.head_dim), _HEAD_AXES)
         q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32))
         k_BSD = self.norm_k(_lin(ctx, self.k, y_BSD, lp, "k", out_dtype=f32))
-        v_BSNK = _lin(ctx, self.v, y_BSD, lp, "v").reshape(heads)
+        v_BSNK = split(_lin(ctx, self.v, y_BSD, lp, "v"))
         # 1/sqrt(K) is folded into q while it is still fp32
-        q_BSNK = (layers.apply_rope(q_BSD.reshape(heads), *ctx.rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
-        k_BSNK = layers.apply_rope(k_BSD.reshape(heads), *ctx.rope).astype(ctx.dtype)
+        q_BSNK = (layers.apply_rope(split(q_BSD), *ctx.rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
+        k_BSNK = layers.apply_rope(split(k_BSD), *ctx.rope).astype(ctx.dtype)
         out_BSNK = layers.attention(q_BSNK, k_BSNK, v_BSNK, implementation=cfg.attention, scale=1.0,
                                     chunk_size=cfg.attention_chunk, kv_chunk_size=cfg.attention_kv_chunk or None,
                                     block_q=cfg.splash_block_q, block_kv=cfg.splash_block_kv)
+        out_BSNK = layers.constrain(out_BSNK, _HEAD_AXES)
         return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
 
     def cross_attention(self, ctx: _Ctx, y_BSD, lp):
@@ -216,12 +220,14 @@ class Attention(nnx.Module):
         q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32)) * cfg.head_dim**-0.5
         k_BLD = self.norm_k(_lin(ctx, self.k, ctx.text_BLD, lp, "k", out_dtype=f32))
         v_BLD = _lin(ctx, self.v, ctx.text_BLD, lp, "v")
-        split = lambda a: a.reshape(b, a.shape[1], cfg.num_heads, cfg.head_dim).astype(ctx.dtype)
+        split = lambda a: layers.constrain(a.reshape(b, a.shape[1], cfg.num_heads, cfg.head_dim).astype(ctx.dtype),
+                                           _HEAD_AXES)
         # <= 513 text keys: no key blocks needed, but long videos take query blocks (the [B, N, S, 513] fp32
         # logits of 81 x 480 x 832 are 2.5 GiB per copy at 14B); both paths take the fold's logit bias
         impl = "chunked" if s > cfg.attention_chunk and cfg.attention != "xla" else "xla"
         out_BSNK = layers.attention(split(q_BSD), split(k_BLD), split(v_BLD), implementation=impl, scale=1.0,
                                     key_bias=ctx.text_bias, chunk_size=cfg.attention_chunk)
+        out_BSNK = layers.constrain(out_BSNK, _HEAD_AXES)
         return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
 
 
@@ -239,7 +245,7 @@ class WanBlock(nnx.Module):
 
     def __call__(self, ctx: _Ctx, x_BSD, e0_B6D, lp):
         eps = ctx.cfg.eps
-        m_B6D = self.modulation[...].astype(f32) + e0_B6D
+        m_B6D = layers.gathered(self.modulation[...], _MOD_AXES).astype(f32) + e0_B6D
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (m_B6D[:, k, None, :] for k in range(6))
 
         y_BSD = layers.layer_norm(x_BSD, eps=eps) * (1 + scale_msa) + shift_msa
@@ -282,7 +288,7 @@ class Head(nnx.Module):
 
     def __call__(self, ctx: _Ctx, x_BSD, e_BD, lp):
         """fp32 output projection, modulated by e (not e0)."""
-        m_B2D = self.modulation[...].astype(f32) + e_BD[:, None, :]
+        m_B2D = layers.gathered(self.modulation[...], _MOD_AXES).astype(f32) + e_BD[:, None, :]
         y_BSD = layers.layer_norm(x_BSD, eps=ctx.cfg.eps) * (1 + m_B2D[:, 1, None, :]) + m_B2D[:, 0, None, :]
         return _lin(ctx, self.head, y_BSD, lp, "head", out_dtype=f32, dtype=f32)
 
@@ -361,9 +367,16 @@ def init(cfg: WanConfig, rng):
     return layers.init_params(WanModel, _flat(cfg), rng)
 
 
+def _heads(cfg: WanConfig) -> sharding.Units:
+    return sharding.Units("heads", cfg.num_heads, "num_heads")
+
+
 def param_axes(cfg: WanConfig):
-    """Logical axis names of every leaf of the tree `forward` takes (stacked leaves lead with "layers")."""
-    axes = layers.logical_axes(WanModel, _flat(cfg))
+    """Logical axis names of every leaf of the tree `forward` takes (stacked leaves lead with "layers"). "heads" is
+    a `sharding.Units` of cfg.num_heads: the rules split it only over mesh axes that divide num_heads."""
+    heads = _heads(cfg)
+    axes = jax.tree.map(lambda ax: tuple(heads if a == "heads" else a for a in ax),
+                        layers.logical_axes(WanModel, _flat(cfg)), is_leaf=lambda ax: isinstance(ax, tuple))
     return _stack(cfg, axes, lambda ls: (STACKED_AXIS, *ls[0])) if cfg.scan_layers else axes
 
 
@@ -485,9 +498,17 @@ def forward(cfg: WanConfig, params, x, t, text, vace_context=None, *, lora=None,
     fold_text_padding every sample's (text_len - text_lens[b]) zero rows fold into one key with a log(count)
     bias, exactly, even when the prompts of one batch differ in length.
     Returns the velocity [B, F, H, W, out_dim] in fp32.
+
+    Sharded params and inputs need nothing more than a plain `jax.jit`: the forward pins its own layout on the mesh
+    they live on (`layers.layout`), so its value and gradients equal the one-device ones under any sharding.
     """
     _check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens)
     _check_layout(cfg, params)
+    with layers.layout((params, lora, x, vace_context), units=(_heads(cfg),)):
+        return _forward(cfg, params, x, t, text, vace_context, lora, context_scale, text_lens)
+
+
+def _forward(cfg: WanConfig, params, x, t, text, vace_context, lora, context_scale, text_lens):
     b, f, h, w, _ = x.shape
     grid = (f // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
     lp = None
