@@ -109,10 +109,13 @@ _TRAIN = _PRELUDE + textwrap.dedent("""
     ref_new, ref_m = step()(*on_one)
     check("train_step loss", m["loss"], ref_m["loss"])
     check("train_step grad norm", m["grad_norm"], ref_m["grad_norm"])
-    # Adam's first step is ~lr * g / (|g| + eps): entries with |g| near eps amplify fp32 rounding
+    flat = lambda tree: np.concatenate([np.asarray(a).ravel() for a in jax.tree.leaves(tree)])
+    check("train_step new LoRA", flat(new["lora"]), flat(ref_new["lora"]))  # the step's output state
+    # The update alone is ill-conditioned: Adam's first step is lr * g / (|g| + eps), whose derivative in g is
+    # lr * eps / (|g| + eps)^2, so an entry with |g| near eps turns the reduction-order rounding of a sharded sum
+    # (1e-7 of the gradient norm, see the grad norm above) into up to 1e-4 of the update (seen: 5e-6 to 1.2e-4).
     d = lambda s: jax.tree.map(lambda a, b: np.asarray(a) - b, s["lora"], host[1]["lora"])
-    check("train_step LoRA update", np.concatenate([a.ravel() for a in jax.tree.leaves(d(new))]),
-          np.concatenate([a.ravel() for a in jax.tree.leaves(d(ref_new))]), tol=1e-4)
+    check("train_step LoRA update", flat(d(new)), flat(d(ref_new)), tol=1e-3)
     assert not errors, errors
 """)
 
@@ -161,13 +164,13 @@ def test_forward_and_lora_gradients_on_8_devices(seed):
 
 
 def test_forward_and_lora_gradients_on_32_devices(seed):
-    """fsdp 32 (configs/pickstyle.py) with widths that 32 divides, data 2 x fsdp 8 x tensor 2 on the same devices,
-    and the trigger (dim 48, 8 clips) on 8 of them."""
+    """fsdp 32 (configs/pickstyle.py) with widths that 32 divides, and data 2 x fsdp 8 x tensor 2 on the same devices.
+    These layouts were exact on the old code at every size tried: coverage of the production mesh; the trigger is
+    proven on 8 devices above."""
     fsdp32, wide = {"data": 1, "fsdp": 32, "tensor": 1}, {"data": 2, "fsdp": 8, "tensor": 2}
     width32 = dict(dim=64, ffn_dim=128, num_heads=4)
-    cases = json.loads(_cases((fsdp32, True, True), (fsdp32, False, False), (wide, False, True), cfg=width32))
-    cases += json.loads(_cases(({"data": 2, "fsdp": 2, "tensor": 2}, False, True), devices=8, clips=8))
-    _run(_MODEL, 32, seed % 10000, json.dumps(cases), json.dumps(_TRIGGER), json.dumps([32, 2, 4, 6, 11]))
+    cases = _cases((fsdp32, True, True), (fsdp32, False, False), (wide, False, True), cfg=width32)
+    _run(_MODEL, 32, seed % 10000, cases, json.dumps(_TRIGGER), json.dumps([32, 2, 4, 6, 11]))
 
 
 def test_train_step_on_8_devices(tmp_path, seed):

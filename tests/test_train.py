@@ -122,12 +122,13 @@ def test_bad_configs_fail_before_compiling(tmp_path):
     with pytest.raises(train.ConfigError, match="accumulate=3"):
         train.check_config(c, n_devices=1)
     c = _config()
-    c.rules.allow_replicate = False  # the tiny FFN (64 wide) does not split 3 ways
+    c.rules.allow_replicate = False  # strict rules: nothing may stay replicated that the rules split
     c.mesh.update(dict(data=1, fsdp=1, tensor=3))
     mesh = sharding.make_mesh(dict(train.check_config(c, n_devices=3)), [jax.devices()[0]] * 3)
     wcfg = train.model_configs(c)[0]
     from pickstyle_jax.models import wan
-    with pytest.raises(sharding.ShardingError, match=r"blocks\.0\..* of shape .* not divisible by mesh axes"):
+    # the 2 heads are refused first: a head must stay whole on one device (the widths would not split 3 ways either)
+    with pytest.raises(sharding.ShardingError, match=r"blocks\.0\..*num_heads=2 does not split over mesh axes"):
         sharding.tree_shardings(wan.param_axes(wcfg), mesh, c.rules, wan.param_shapes(wcfg))
 
 
