@@ -319,12 +319,14 @@ def abstract_params(build, cfg) -> dict:
     return nnx.to_pure_dict(_split_abstract(build, cfg)[1])
 
 
-def logical_axes(build, cfg) -> dict:
-    """Same tree as `init_params`, leaves the parameters' logical axis names (tuples of str | None)."""
+def logical_axes(build, cfg, units=()) -> dict:
+    """Same tree as `init_params`, leaves the parameters' logical axis names (tuples of str | None); each name of
+    `units` (`sharding.Units`, e.g. a model's heads) replaces its plain name, so the rules also check its count."""
+    by_name = {str(u): u for u in units}
     state = _split_abstract(build, cfg)[1]
-    return nnx.to_pure_dict(jax.tree.map(lambda v: tuple(v.get_metadata().get("out_sharding") or
-                                                         (None,) * v.value.ndim), state,
-                                         is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    return nnx.to_pure_dict(jax.tree.map(
+        lambda v: tuple(by_name.get(a, a) for a in (v.get_metadata().get("out_sharding") or (None,) * v.value.ndim)),
+        state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
 
 
 def bind(build, cfg, params):

@@ -219,9 +219,7 @@ def _heads(cfg: Umt5Config) -> sharding.Units:
 def param_axes(cfg: Umt5Config) -> dict:
     """Same tree as `init`, leaves the logical axis names ("vocab", "embed", "heads", "mlp", None); "heads" is a
     `sharding.Units` of cfg.num_heads (split only over mesh axes that divide it)."""
-    heads = _heads(cfg)
-    return jax.tree.map(lambda ax: tuple(heads if a == "heads" else a for a in ax),
-                        layers.logical_axes(Umt5Encoder, cfg), is_leaf=lambda ax: isinstance(ax, tuple))
+    return layers.logical_axes(Umt5Encoder, cfg, units=(_heads(cfg),))
 
 
 # -------------------------------------------------------------------------------------------- position buckets

@@ -374,9 +374,7 @@ def _heads(cfg: WanConfig) -> sharding.Units:
 def param_axes(cfg: WanConfig):
     """Logical axis names of every leaf of the tree `forward` takes (stacked leaves lead with "layers"). "heads" is
     a `sharding.Units` of cfg.num_heads: the rules split it only over mesh axes that divide num_heads."""
-    heads = _heads(cfg)
-    axes = jax.tree.map(lambda ax: tuple(heads if a == "heads" else a for a in ax),
-                        layers.logical_axes(WanModel, _flat(cfg)), is_leaf=lambda ax: isinstance(ax, tuple))
+    axes = layers.logical_axes(WanModel, _flat(cfg), units=(_heads(cfg),))
     return _stack(cfg, axes, lambda ls: (STACKED_AXIS, *ls[0])) if cfg.scan_layers else axes
 
 
