@@ -157,6 +157,12 @@ def check_kind(path, meta: dict, kind: str | tuple[str, ...]) -> str:
     return meta["kind"]
 
 
+def read_config(path, kind: str | tuple[str, ...]):
+    """The config in `path`'s config.json, whose kind must be `kind` (or one of them); no weight is read."""
+    meta = read_meta(path)
+    return config_from_dict(check_kind(path, meta, kind), meta["config"])
+
+
 def load(path, kind: str | tuple[str, ...], *, dtype=None, sharding: Callable[[tuple, Any], Any] | Any = None):
     """Returns (config, params) of a checkpoint of `kind` (or of one of a tuple of kinds).
 

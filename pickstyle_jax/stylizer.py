@@ -45,8 +45,7 @@ def _meta_config(path, kind: str | tuple[str, ...]):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{kind if isinstance(kind, str) else kind[0]} checkpoint {path} does not exist")
-    meta = checkpoints.read_meta(path)
-    return checkpoints.config_from_dict(checkpoints.check_kind(path, meta, kind), meta["config"])
+    return checkpoints.read_config(path, kind)
 
 
 def check_lora(cfg: wan.WanConfig, adapters, where="the LoRA") -> None:

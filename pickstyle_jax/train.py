@@ -507,10 +507,7 @@ def _check_path(config, key):
                           f"convert it with `python -m convert.{tool} --src ... --dst {path}`, or set "
                           f"--config.model.{key}='' for random weights")
     if path:
-        kinds = {"dit": "wan", "vae": checkpoints.AUTOENCODER_KINDS, "umt5": "umt5"}[key]
-        meta = checkpoints.read_meta(path)
-        cfg = checkpoints.config_from_dict(checkpoints.check_kind(path, meta, kinds), meta["config"])
-        return cfg
+        return checkpoints.read_config(path, {"dit": "wan", "vae": checkpoints.AUTOENCODER_KINDS, "umt5": "umt5"}[key])
     return None
 
 
