@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pickstyle_jax import lora as lora_lib
+from pickstyle_jax import files, lora as lora_lib
 
 # ------------------------------------------------------------------------------------------------- names
 # Official module name (inside a block or at the top) -> diffusers module name. Block-level entries apply to both
@@ -150,15 +150,16 @@ def write_torch_state_dict(path, tensors: dict) -> Path:
     path = Path(path)
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     root = path.stem.replace(".", "_") or "archive"
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
-        z.writestr(f"{root}/data.pkl", _pickle_tensor_dict(tensors))
-        z.writestr(f"{root}/byteorder", "little")
-        for i, a in enumerate(tensors.values()):
-            z.writestr(f"{root}/data/{i}", a.astype("<f4").tobytes())
-        z.writestr(f"{root}/version", "3\n")
-    tmp.replace(path)
-    return path
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+            z.writestr(f"{root}/data.pkl", _pickle_tensor_dict(tensors))
+            z.writestr(f"{root}/byteorder", "little")
+            for i, a in enumerate(tensors.values()):
+                z.writestr(f"{root}/data/{i}", a.astype("<f4").tobytes())
+            z.writestr(f"{root}/version", "3\n")
+
+    return files.atomic_write(path, write)
 
 
 def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
@@ -171,10 +172,7 @@ def write_safetensors(path, tensors: dict, metadata: dict[str, str] | None = Non
         raise TypeError(f"safetensors metadata must map str to str; not: {bad}")
     # safetensors reads each array's raw buffer: a transposed view must be made contiguous first.
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-    return path
+    return files.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def write_pickstyle_pth(path, adapters: lora_lib.Lora) -> Path:

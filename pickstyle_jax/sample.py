@@ -131,16 +131,9 @@ def _check(cfg, x, context, text, null_text, null_context, mode):
 
 
 def _batch_spec(mesh, rules, a):
-    """The leading (branch x sample) axis over the longest prefix of the rules' "batch" mesh axes that divides it
-    (3 branches of one sample on 2 devices stay replicated rather than fail), the other axes replicated."""
-    target = rules.get("batch")
-    names = [t for t in ((target,) if isinstance(target, str) else tuple(target or ())) if t in mesh.shape]
-    used, size = [], 1
-    for name in names:
-        if a.shape[0] % (size * mesh.shape[name]):
-            break
-        used.append(name)
-        size *= mesh.shape[name]
+    """The leading (branch x sample) axis over the longest prefix of the rules' "batch" mesh axes that divides it,
+    the other axes replicated."""
+    used = sharding.batch_mesh_axes(rules, mesh.shape, a.shape[0])
     lead = None if not used else used[0] if len(used) == 1 else tuple(used)
     return jax.sharding.PartitionSpec(lead, *([None] * (a.ndim - 1)))
 

@@ -91,23 +91,67 @@ def normalize_rules(rules: Mapping) -> dict:
     return out
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
-    """A mesh with named axes; one size may be -1 (all remaining devices)."""
-    devices = list(jax.devices() if devices is None else devices)
-    names, sizes = list(shape), [int(s) for s in shape.values()]
+def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """{axis: size} with the one -1 size (if any) filled in so the sizes multiply to `n_devices`; a ShardingError
+    saying what to change otherwise. The one resolver of mesh shapes: configs, CLIs and `make_mesh` use it."""
+    try:
+        names, sizes = list(shape), [int(s) for s in shape.values()]
+    except (TypeError, ValueError) as e:
+        raise ShardingError(f"mesh {shape!r}: sizes must be integers ({e})") from None
     if sizes.count(-1) > 1:
         raise ShardingError(f"at most one mesh axis may be -1, got {dict(shape)}")
     if any(s == 0 or s < -1 for s in sizes):
         raise ShardingError(f"mesh axis sizes must be positive or -1, got {dict(shape)}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ShardingError(f"{len(devices)} devices do not divide into mesh {dict(shape)}: the fixed axes "
+        if n_devices % known:
+            raise ShardingError(f"{n_devices} devices do not divide into mesh {dict(shape)}: the fixed axes "
                                 f"need a multiple of {known} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ShardingError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ShardingError(f"mesh {dict(zip(names, sizes))} does not fit {n_devices} devices: its axes multiply to "
+                            f"{math.prod(sizes)}; set the sizes so they multiply to {n_devices} (one may be -1)")
+    return dict(zip(names, sizes))
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4} (a command-line mesh); sizes may be -1."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, size = part.partition("=")
+        try:
+            if not eq or not name.strip():
+                raise ValueError
+            out[name.strip()] = int(size)
+        except ValueError:
+            raise ShardingError(f"mesh {spec!r}: write it as axis=size pairs, e.g. data=2,fsdp=4") from None
+    if not out:
+        raise ShardingError(f"mesh {spec!r} names no axis; e.g. data=2,fsdp=4")
+    return out
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
+    """A mesh with named axes; one size may be -1 (all remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(shape, len(devices))
+    return Mesh(np.asarray(devices).reshape(list(sizes.values())), tuple(sizes))
+
+
+def batch_mesh_axes(rules: Mapping, mesh_shape: Mapping[str, int], size: int | None = None) -> tuple[str, ...]:
+    """The mesh axes the "batch" rule splits a leading dimension over, on a mesh of `mesh_shape` ({axis: size},
+    e.g. `mesh.shape`). With `size`, only the longest prefix of them whose product divides it (3 CS-CFG branches of
+    one sample on 2 data devices stay replicated rather than fail)."""
+    target = normalize_rules(rules).get("batch")
+    names = [t for t in ((target,) if isinstance(target, str) else tuple(target or ())) if t in mesh_shape]
+    if size is None:
+        return tuple(names)
+    used, ways = [], 1
+    for name in names:
+        if size % (ways * mesh_shape[name]):
+            break
+        used.append(name)
+        ways *= mesh_shape[name]
+    return tuple(used)
 
 
 def _mesh_axes(name, rules, mesh, used):
@@ -183,11 +227,6 @@ def tree_shardings(axes_tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES, shapes
 def shard(tree, axes_tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES):
     """device_put a host tree onto the mesh following its logical axes."""
     return jax.device_put(tree, tree_shardings(axes_tree, mesh, rules, tree))
-
-
-def batch_axes(mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> tuple[str, ...]:
-    """The mesh axes the batch dimension is split over."""
-    return _mesh_axes("batch", normalize_rules(rules), mesh, set())
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping = DEFAULT_RULES) -> NamedSharding:

@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from pickstyle_jax import files
 from pickstyle_jax.models import umt5
 
 __all__ = ["encode_text", "EmbeddingCache", "checkpoint_identity", "bucket_length"]
@@ -151,17 +151,13 @@ class EmbeddingCache:
         lossless_bf16 = np.array_equal(as_bf16.astype(np.float32), emb_LD)
         data = as_bf16.view(np.uint16) if lossless_bf16 else emb_LD
         p = self.path(caption)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "wb") as f:
+
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
                 np.savez(f, emb=data, dtype=np.array("bfloat16" if lossless_bf16 else "float32"),
                          caption=np.array(caption))
-            os.replace(tmp, p)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return p
+
+        return files.atomic_write(p, write)
 
     def get_or_compute(self, captions: Sequence[str], compute_fn: Callable, *, trim: bool = False):
         """(emb float32 [N, text_len, D], lens int32 [N]) for `captions`, computing only the missing ones.

@@ -121,23 +121,10 @@ def check_config(config, n_devices: int | None = None):
         raise ConfigError("config.model.tokenizer is empty: set it to the umT5 spiece.model path")
     n = jax.device_count() if n_devices is None else n_devices
     try:
-        mesh_shape = dict(config.mesh)
-        sizes = [int(s) for s in mesh_shape.values()]
-        known = math.prod(s for s in sizes if s != -1)
-        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ConfigError(f"config.mesh {mesh_shape}: sizes must be positive, with at most one -1")
-        if n % known or (-1 not in sizes and known != n):
-            raise ConfigError(f"config.mesh {mesh_shape} does not fit {n} devices: its axes multiply to {known}; "
-                              f"set the sizes so they multiply to {n} (one of them may be -1)")
-        sizes = [n // known if s == -1 else s for s in sizes]
-        mesh_shape = dict(zip(mesh_shape, sizes))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"config.mesh {config.mesh}: {e}") from e
-    rules = sharding.normalize_rules(config.rules)
-    batch_axes = [a for a in ((rules.get("batch"),) if isinstance(rules.get("batch"), str)
-                              else rules.get("batch") or ()) if a in mesh_shape]
+        mesh_shape = sharding.resolve_mesh_shape(dict(config.mesh), n)
+    except sharding.ShardingError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    batch_axes = sharding.batch_mesh_axes(config.rules, mesh_shape)
     ways = math.prod(mesh_shape[a] for a in batch_axes)
     bs, acc = int(config.data.batch_size), int(config.optim.accumulate)
     if acc < 1 or bs % acc:

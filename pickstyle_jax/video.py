@@ -7,12 +7,12 @@ target. Errors say what is wrong with the file, not which library failed.
 """
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from pickstyle_jax import files
 
 __all__ = ["read", "write", "side_by_side", "png_strip", "VideoError", "VIDEO_SUFFIXES", "IMAGE_SUFFIXES"]
 
@@ -131,20 +131,6 @@ def _check_frames(frames) -> np.ndarray:
     return frames
 
 
-def _atomic(path, write_fn):
-    """write_fn(tmp_path) writes a complete file; it is renamed to `path` only if that succeeds."""
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def write(path, frames, fps: float = 16.0) -> Path:
     """Writes frames uint8 [F, H, W, 3] as an H.264 mp4 (yuv420p, so H and W must be even) or a gif, atomically."""
     frames = _check_frames(frames)
@@ -159,7 +145,7 @@ def write(path, frames, fps: float = 16.0) -> Path:
             ims = [Image.fromarray(f) for f in frames]
             ims[0].save(tmp, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0)
 
-        return _atomic(path, gif)
+        return files.atomic_write(path, gif)
     if suffix not in VIDEO_SUFFIXES:
         raise VideoError(f"cannot write {path}: use one of {VIDEO_SUFFIXES + ('.gif',)}")
     h, w = frames.shape[1:3]
@@ -178,7 +164,7 @@ def write(path, frames, fps: float = 16.0) -> Path:
         finally:
             writer.close()
 
-    return _atomic(path, mp4)
+    return files.atomic_write(path, mp4)
 
 
 def _resize_height(frames, height):
@@ -208,4 +194,4 @@ def png_strip(path, frames, n: int = 8) -> Path:
     frames = _check_frames(frames)
     idx = np.unique(np.round(np.linspace(0, len(frames) - 1, max(1, min(n, len(frames))))).astype(int))
     strip = np.concatenate(list(frames[idx]), axis=1)
-    return _atomic(path, lambda tmp: Image.fromarray(strip).save(tmp, format="PNG"))
+    return files.atomic_write(path, lambda tmp: Image.fromarray(strip).save(tmp, format="PNG"))
