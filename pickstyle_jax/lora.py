@@ -1,4 +1,4 @@
-"""LoRA as a sibling pytree of the base parameters (PICKSTYLE.md §6.5).
+"""LoRA as a sibling pytree of the base parameters (docs/REFERENCE.md §6).
 
 `Lora.params` mirrors the paths of the adapted Dense layers: the adapter of the base kernel at
 `params["vace_blocks"]["0"]["self_attn"]["q"]["kernel"]` lives at `lora.params["vace_blocks"]["0"]["self_attn"]["q"]`
@@ -14,8 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from pickstyle_jax.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,13 +110,3 @@ def merge(params, adapters: Lora):
         module["kernel"] = (module["kernel"].astype(jnp.float32) + delta).astype(module["kernel"].dtype)
     return merged
 
-
-def dense(x, p, adapter, scale, *, dtype=jnp.float32, out_dtype=None):
-    """Low-rank-adapted Dense: x @ kernel + bias + scale * (x @ A) @ B; matmuls in `dtype`, fp32 accumulation.
-
-    Three `layers.dense` products (the one Dense of the models); the rank-r detour never forms A @ B.
-    """
-    y = layers.dense(x, p, dtype=dtype, out_dtype=jnp.float32)
-    down = layers.dense(x, {"kernel": adapter["A"]}, dtype=dtype)  # rounded to `dtype` before the second product
-    up = layers.dense(down, {"kernel": adapter["B"]}, dtype=dtype, out_dtype=jnp.float32)
-    return (y + scale * up).astype(out_dtype or dtype)

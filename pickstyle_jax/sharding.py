@@ -30,11 +30,13 @@ rules):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 OPTIONS = ("allow_replicate",)  # rule keys that are options, not logical axes
@@ -252,6 +254,28 @@ def flax_rules(rules: Mapping, mesh: Mesh | None = None) -> tuple:
     return tuple(out)
 
 
+_ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar("pickstyle_axis_rules", default=None)
+
+
+def active_rules() -> dict | None:
+    """The rules `axis_rules` set for this context (None: the models follow DEFAULT_RULES)."""
+    return _ACTIVE_RULES.get()
+
+
+@contextlib.contextmanager
+def axis_rules(rules):
+    """Names the rules the models' own layout pins (`layers.layout`) follow instead of DEFAULT_RULES: a mapping
+    logical axis -> mesh axis, a tuple of mesh axes or None, or a sequence of such pairs. A performance hint (the
+    pins then match the caller's own shardings); correctness never depends on it. Usually entered through
+    `rules_context`."""
+    pairs = rules.items() if hasattr(rules, "items") else rules
+    token = _ACTIVE_RULES.set({k: tuple(v) if isinstance(v, list) else v for k, v in pairs})
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
 def rules_context(mesh: Mesh, rules: Mapping = DEFAULT_RULES, *, inside_jit: bool = False):
     """An optional layout hint for tracing sharded model functions: the mesh, our rules for the models' own
     activation pins and weight gathers (`layers.layout`, which otherwise follows DEFAULT_RULES on the mesh the
@@ -263,12 +287,8 @@ def rules_context(mesh: Mesh, rules: Mapping = DEFAULT_RULES, *, inside_jit: boo
     allow_replicate) also make a forward refuse a tensor axis that does not divide the heads. jit caches traces
     without looking at the hint: trace one jitted function under one hint only.
     """
-    from flax import nnx
-
-    from pickstyle_jax.models import layers
-
     stack = contextlib.ExitStack()
     stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if inside_jit else jax.set_mesh(mesh))
-    stack.enter_context(layers.axis_rules(normalize_rules(rules)))
+    stack.enter_context(axis_rules(normalize_rules(rules)))
     stack.enter_context(nnx.logical_axis_rules(flax_rules(rules, mesh)))
     return stack

@@ -1,6 +1,6 @@
 """The text path shared by training and sampling, and an on-disk cache of prompt embeddings.
 
-`encode_text` is the official Wan text path (PICKSTYLE.md §2.3, §5) as one function: clean + tokenize (`</s>`, pad
+`encode_text` is the official Wan text path (docs/REFERENCE.md §1, §5) as one function: clean + tokenize (`</s>`, pad
 to `text_len`), run the umT5 encoder, trim every row to its true length L (non-pad tokens, `</s>` included) and
 zero-pad back to `text_len` rows. The DiT zero-pads again, but a fixed [B, text_len, D] keeps shapes static under jit.
 

@@ -1,6 +1,6 @@
 """The package's torch-free LoRA writers: DIR/lora.safetensors (PEFT/diffusers) as training exports it.
 
-The expected diffusers key names are written out here (PICKSTYLE.md §6.2), independent of the package's table, and
+The expected diffusers key names are written out here (docs/REFERENCE.md §6), independent of the package's table, and
 the file is compared with what safetensors.torch writes for them (convert.lora's exporter before the writer moved
 into the package): same parsed header, same data bytes.
 """

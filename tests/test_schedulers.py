@@ -12,7 +12,7 @@ from pickstyle_jax import schedulers
 # diffusers 0.42 builds its default grids through a NumPy-2-deprecated __array__ path; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# PICKSTYLE.md §7.4: DPM++, shift 16, 20 steps, σ printed to 4 digits and the integer model timesteps.
+# docs/REFERENCE.md §7: DPM++, shift 16, 20 steps, σ printed to 4 digits and the integer model timesteps.
 TABLE_SIGMA = [1.0, 0.9967, 0.9931, 0.9891, 0.9846, 0.9796, 0.9739, 0.9674, 0.9600, 0.9514, 0.9412, 0.9290, 0.9143,
                0.8960, 0.8727, 0.8421, 0.8000, 0.7385, 0.6400, 0.4571, 0.0]
 TABLE_T = [1000, 996, 993, 989, 984, 979, 973, 967, 960, 951, 941, 929, 914, 895, 872, 842, 800, 738, 640, 457]

@@ -150,5 +150,5 @@ def test_rules_and_mesh_errors():
     assert sharding.logical_to_spec(("embed", "heads"), sharding.DEFAULT_RULES) == P("fsdp", "tensor")
     with pytest.raises(KeyError, match="no sharding rule for logical axis 'nope'"):
         sharding.logical_to_spec(("nope",), sharding.DEFAULT_RULES)
-    with pytest.raises(ValueError, match="needs"):
+    with pytest.raises(ValueError, match="does not fit 1 devices"):
         sharding.make_mesh({"data": jax.device_count() + 1})

@@ -2,7 +2,7 @@
 
 The reference is a tiny randomised diffusers model (every tensor drawn; zero inits would hide bugs). Our parameters
 come from it through the real converter and an Orbax round trip. The official key names used here are written out
-independently of convert/wan_vae.py's table (from PICKSTYLE.md §6.3), so a wrong table entry fails these tests
+independently of convert/wan_vae.py's table (from docs/REFERENCE.md §6), so a wrong table entry fails these tests
 rather than being mirrored by them.
 """
 import concurrent.futures

@@ -2,7 +2,7 @@
 
 `make_diffusers_vace(cfg, seed)` / `make_diffusers_t2v(cfg, seed)` build a diffusers transformer matching a
 `wan.WanConfig`, with every tensor randomised (zero-init layers hide bugs) and the timestep sinusoid evaluated in
-float64 like the official Wan code (diffusers evaluates it in fp32, ~3e-5 off near t = 1000; PICKSTYLE.md §2.3).
+float64 like the official Wan code (diffusers evaluates it in fp32, ~3e-5 off near t = 1000; docs/REFERENCE.md §1).
 `diffusers_forward` runs it on channels-last numpy inputs, padding the text to text_len like the pipelines do.
 `flax_params_from_diffusers` maps the diffusers weights to our tree with convert/wan_dit.py's strict key table (no
 second copy of the names here).

@@ -1,4 +1,4 @@
-"""Training data: paired-image sources, the camera-motion clip synthesis and the Grain pipeline (PICKSTYLE.md §8).
+"""Training data: paired-image sources, the camera-motion clip synthesis and the Grain pipeline (docs/REFERENCE.md §8).
 
 Imports only numpy, PIL, grain, tensorflow_datasets (TF-free array_record mode, and only for source="tfds"),
 ml_collections and jax; never models or torch.

@@ -1,4 +1,4 @@
-"""Camera-motion augmentation that turns one still image into a clip (PICKSTYLE.md §8.2).
+"""Camera-motion augmentation that turns one still image into a clip (docs/REFERENCE.md §8).
 
 `render` reproduces the official PickStyle `VideoAug` on the 81-times repeated image: per frame t (p = t/(T-1)) a
 crop window of h_c = int(H/scale) x w_c = int(W/scale) pixels is cut and resized back to H x W with bilinear,

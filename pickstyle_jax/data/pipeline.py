@@ -1,4 +1,4 @@
-"""The training input pipeline: paired images -> synthetic camera-motion clips, batched per host (PICKSTYLE.md §8).
+"""The training input pipeline: paired images -> synthetic camera-motion clips, batched per host (docs/REFERENCE.md §8).
 
     it = make_iterator(config.data, seed=0)
     batch = next(it)  # {"source", "target": uint8 [B, T, H, W, 3], "caption": str [B], "id": str [B]}
@@ -46,7 +46,7 @@ SOURCES = ("synthetic", "folder_v1", "folder_v2", "tfds")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """`config.data` with the official settings (81 x 480 x 832 clips, PICKSTYLE.md §8) and a synthetic source."""
+    """`config.data` with the official settings (81 x 480 x 832 clips, docs/REFERENCE.md §8) and a synthetic source."""
     c = ml_collections.ConfigDict()
     # What to read.
     c.source = "synthetic"         # one of SOURCES, or several folder layouts joined by "+" (make_source)

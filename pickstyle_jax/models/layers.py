@@ -435,7 +435,6 @@ class Layout(NamedTuple):
     units: dict
 
 
-_RULES: contextvars.ContextVar = contextvars.ContextVar("pickstyle_axis_rules", default=None)
 _LAYOUT: contextvars.ContextVar = contextvars.ContextVar("pickstyle_layout", default=None)
 
 
@@ -459,7 +458,7 @@ def layout(arrays, units=()):
 
     Mesh: the abstract mesh in context (`jax.set_mesh`, `sharding.rules_context`), else the one `arrays` (the
     parameters and inputs) live on; none (one device): every pin is a no-op. Rules: those of an enclosing
-    `axis_rules` (a layout hint: the pins then match the caller's shardings and move no data), else
+    `sharding.axis_rules` (a layout hint: the pins then match the caller's shardings and move no data), else
     sharding.DEFAULT_RULES. units: `sharding.Units` of the axes made of whole units (a model's heads); mesh axes
     that do not divide the count leave that axis replicated, or raise a ShardingError naming it under strict rules
     (no allow_replicate)."""
@@ -475,7 +474,7 @@ def layout(arrays, units=()):
     if mesh is None or math.prod(mesh.shape.values()) <= 1:
         token = _LAYOUT.set(None)
     else:
-        rules = sharding.normalize_rules(_RULES.get() or sharding.DEFAULT_RULES)
+        rules = sharding.normalize_rules(sharding.active_rules() or sharding.DEFAULT_RULES)
         for unit in units:  # under strict rules a unit its mesh axes would split is a ShardingError
             if unit in rules:
                 sharding.logical_to_spec((unit,), rules, mesh, name="the sharded forward")
@@ -534,17 +533,3 @@ def gathered(w, axes):
     # propagates the gathered layout back into the scanned stack and gathers every layer up front
     w = constrain(w, axes)
     return constrain(w, tuple(a if a in _SHARDED_OUT else None for a in axes))
-
-
-@contextlib.contextmanager
-def axis_rules(rules):
-    """Context manager naming the rules the models' `layout` pins to instead of sharding.DEFAULT_RULES: a mapping
-    logical axis -> mesh axis, a tuple of mesh axes or None, or a sequence of such pairs. A performance hint (the
-    pins then match the caller's own shardings); correctness never depends on it. Usually entered through
-    `sharding.rules_context`."""
-    pairs = rules.items() if hasattr(rules, "items") else rules
-    token = _RULES.set({k: tuple(v) if isinstance(v, list) else v for k, v in pairs})
-    try:
-        yield
-    finally:
-        _RULES.reset(token)
