@@ -3,10 +3,10 @@
     python -m pickstyle_jax.demo [--workdir out/demo] [--config configs/demo.py] [--clips 8]
 
 Stages (each prints its progress; a rerun skips what is already done for the same settings):
-  1. pretrain   the demo's own tiny base models (pickstyle_jax/pretrain.py) -> WORKDIR/models/{umt5,vae,dit}
+  1. pretrain   the demo's own tiny base models (demo/pretrain.py) -> WORKDIR/models/{umt5,vae,dit}
   2. train      the PickStyle LoRA on the held-out style (pickstyle_jax.train) -> WORKDIR/lora, metrics.jsonl
   3. evaluate   stylise held-out synthetic clips, score them against the exact ground truth and the baselines
-                (pickstyle_jax.evaluate) -> WORKDIR/eval/results.md, the mp4s and PNG strips
+                (demo/evaluate.py) -> WORKDIR/eval/results.md, the mp4s and PNG strips
 """
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from absl import logging as absl_logging
+
+from pickstyle_jax import files, train
+from pickstyle_jax.demo import evaluate, pretrain
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
@@ -52,13 +57,6 @@ def point_at(config, workdir: Path):
     return config
 
 
-def _import(name: str, what: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise SystemExit(f"{what} ({name}) is not available: {e}. This checkout lacks that stage.") from e
-
-
 def clear_stale_run(workdir: Path, fingerprint: str, say) -> None:
     """A LoRA trained on other base models is meaningless on new ones: drop its checkpoints when they change."""
     state = workdir / "demo_state.json"
@@ -74,7 +72,7 @@ def clear_stale_run(workdir: Path, fingerprint: str, say) -> None:
             elif p.exists():
                 p.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"pretrain": fingerprint}) + "\n")
+    files.write_json(state, {"pretrain": fingerprint}, indent=None)
 
 
 def _trained(workdir: Path, total_steps: int) -> bool:
@@ -105,13 +103,9 @@ def main(argv=None) -> int:
     clock = _Clock()
     workdir = Path(a.workdir).absolute()
     config = point_at(load_config(a.config), workdir)
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
 
     # 1. base models
-    from pickstyle_jax import pretrain
-
     say = clock.log("pretrain")
     t = time.perf_counter()
     summary = pretrain.run(config, log=say, cache_dir=config.text.cache_dir)
@@ -121,7 +115,6 @@ def main(argv=None) -> int:
     # 2. the LoRA stage, exactly as for real weights
     say = clock.log("train")
     t = time.perf_counter()
-    train = _import("pickstyle_jax.train", "the LoRA trainer")
     if _trained(workdir, int(config.total_steps)):
         say(f"LoRA already trained to step {config.total_steps} in {workdir / 'lora'}: skipping")
     else:
@@ -138,7 +131,6 @@ def main(argv=None) -> int:
     # 3. evaluation on held-out clips
     say = clock.log("evaluate")
     t = time.perf_counter()
-    evaluate = _import("pickstyle_jax.evaluate", "the evaluator")
     evaluate.evaluate(workdir, clips=a.clips, seed=a.seed, text_scale=a.text_scale, context_scale=a.context_scale,
                       apg=a.apg)
     t_eval = time.perf_counter() - t

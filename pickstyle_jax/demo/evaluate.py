@@ -1,10 +1,10 @@
-"""Measured style transfer on held-out clips with exact ground truth.
+"""The demo's benchmark: measured style transfer on held-out synthetic clips with exact ground truth.
 
-    python -m pickstyle_jax.evaluate --workdir DIR [--clips N] [--ablations] [--seed S] [--out OUT]
+    python -m pickstyle_jax.demo.evaluate --workdir DIR [--clips N] [--ablations] [--seed S] [--out OUT]
 
 DIR is a finished training run: DIR/config.json (the resolved training config: `model.*` checkpoints, tokenizer,
 clip geometry `data.frames/height/width`, the synthetic styles it trained on) and DIR/lora/ (the trained LoRA).
-For the run's style(s) the held-out motion world (`eval.world`: objects translating and rotating on their own under
+For the run's style(s) the held-out motion world (`demo.world`: objects translating and rotating on their own under
 a moving camera) renders N source clips with their ground-truth stylisation and exact motion; the trained model
 stylises every source clip once per method:
 
@@ -51,9 +51,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pickstyle_jax import errors
+import jax
+from PIL import Image, ImageDraw
+
+from pickstyle_jax import checkpoints, errors, files, sample, train_base, video
+from pickstyle_jax.data.synthetic import SYNTHETIC_STYLES
+from pickstyle_jax.demo import world
 from pickstyle_jax.errors import InputError
-from pickstyle_jax.eval import metrics, world
+from pickstyle_jax.eval import features, metrics
+from pickstyle_jax.guidance import apg_setting
+from pickstyle_jax.models import tokenizer as tok_lib
+from pickstyle_jax.models import umt5, vae, wan
 
 __all__ = ["ROWS", "METRICS", "evaluate", "load_stylizer", "read_run_config", "main"]
 
@@ -65,9 +73,7 @@ _BETTER = {"psnr": "higher", "ssim": "higher", "temporal_error": "lower", "flick
            "style": "lower"}
 DEFAULTS = dict(solver="dpm++", steps=20, shift=16.0, skip=4, text_scale=5.0, context_scale=4.0, apg=True,
                 mode="cs_cfg", cache=None, cache_threshold=0.2)
-# settings that are call-time (traced) inputs of a compiled sampler: sample.CALL_TIME_SETTINGS (not imported here,
-# to keep this module free of JAX until a Stylizer is built; tests check the two agree)
-CALL_TIME = ("text_scale", "context_scale")
+CALL_TIME = sample.CALL_TIME_SETTINGS  # call-time (traced) inputs of a compiled sampler: one compile for all values
 
 
 def _log(msg: str) -> None:
@@ -107,12 +113,6 @@ def _resolve(path: str, workdir: Path) -> str:
 
 def load_stylizer(workdir, run: dict | None = None, lora=None):
     """A `sample.Stylizer` for the run: its base models (loaded or re-initialised as trained) and its LoRA."""
-    import jax
-
-    from pickstyle_jax import checkpoints, sample
-    from pickstyle_jax.models import tokenizer as tok_lib
-    from pickstyle_jax.models import umt5, vae, wan
-
     workdir = Path(workdir)
     run = read_run_config(workdir) if run is None else run
     m = lambda k, d="": _get(run, f"model.{k}", d)  # noqa: E731
@@ -128,8 +128,6 @@ def load_stylizer(workdir, run: dict | None = None, lora=None):
     if dit:
         cfg, params = checkpoints.load_dit(dit, scan_layers=None, dtype=m("param_dtype") or None)  # as saved
     else:  # as train.py: the named variant, text width from the encoder, the same random draw
-        from pickstyle_jax import train_base
-
         cfg = wan.WanConfig.named(m("variant"), param_dtype=m("param_dtype") or "float32",
                                   text_dim=umt5.Umt5Config.named(m("umt5_variant")).d_model)
         params = train_base.reinit_dit(cfg.replace(scan_layers=False), seed)  # flat; stacked if the variant scans
@@ -253,7 +251,6 @@ def _evaluate_setting(runner, clips, refs, settings, seed, per_frame=False, extr
         out, s = runner.stylise(i, clip, settings, seed + i, per_frame=per_frame)
         r = _scores(out, clip, refs[clip.style])
         if extractor is not None:
-            from pickstyle_jax.eval import features
             r["frame_consistency"] = features.frame_consistency(extractor, out)
             if hasattr(extractor, "encode_text"):
                 r["text_video"] = features.text_video_score(extractor, out, clip.caption)
@@ -341,8 +338,6 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (214
 
 def plot_rows(path, rows: list[dict]) -> Path:
     """A PNG bar chart: one panel per metric, one bar per method (PIL only; no plotting library needed)."""
-    from PIL import Image, ImageDraw
-
     pw, ph, pad = 220, 180, 28
     img = Image.new("RGB", (pad + len(METRICS) * (pw + pad), ph + 3 * pad + 14 * len(rows)), "white")
     d = ImageDraw.Draw(img)
@@ -372,8 +367,6 @@ def plot_rows(path, rows: list[dict]) -> Path:
 
 def _strip(path, rows: list[np.ndarray], n: int = 8) -> Path:
     """PNG: one row of n evenly spaced frames per video (source / ours / ground truth), 2 px white gaps."""
-    from PIL import Image
-
     f = len(rows[0])
     idx = np.unique(np.round(np.linspace(0, f - 1, max(1, min(n, f)))).astype(int))
     lines = []
@@ -385,11 +378,6 @@ def _strip(path, rows: list[np.ndarray], n: int = 8) -> Path:
 
 
 def _write_videos(out_dir: Path, clip, ours: np.ndarray, fps: float = 16.0):
-    try:
-        from pickstyle_jax import video
-    except ImportError:  # video.py is optional here: the numbers do not depend on it
-        _log("pickstyle_jax.video is missing: skipping the mp4 files")
-        return []
     sbs = np.concatenate([clip.source, ours, clip.target], axis=2)
     return [video.write(out_dir / "stylized.mp4", ours, fps), video.write(out_dir / "side_by_side.mp4", sbs, fps)]
 
@@ -413,9 +401,7 @@ def evaluate(workdir, *, clips: int = 2, seed: int = 0, ablations: bool = False,
         raise TypeError(f"unknown sampler settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     base = {**DEFAULTS, **{k: v for k, v in sampler.items() if v is not None}}
     base["mode"] = "cs_cfg"
-    from pickstyle_jax.guidance import apg_setting  # "on"/"off" -> True/False: one compile per APG setting
-
-    base["apg"] = apg_setting(base["apg"])
+    base["apg"] = apg_setting(base["apg"])  # "on"/"off" -> True/False: one compile per APG setting
     f = int(frames or _get(run, "data.frames", 0))
     h, w = int(height or _get(run, "data.height", 0)), int(width or _get(run, "data.width", 0))
     if f < 1 or (f - 1) % 4:
@@ -425,12 +411,12 @@ def evaluate(workdir, *, clips: int = 2, seed: int = 0, ablations: bool = False,
     if styles is None:
         if _get(run, "data.source", "synthetic") != "synthetic":
             raise InputError(f"the run trained on data.source={_get(run, 'data.source')!r}, which has no synthetic "
-                             f"ground truth; pass --styles with synthetic styles {world.SYNTHETIC_STYLES}")
-        styles = _get(run, "data.synthetic_styles") or world.SYNTHETIC_STYLES
+                             f"ground truth; pass --styles with synthetic styles {SYNTHETIC_STYLES}")
+        styles = _get(run, "data.synthetic_styles") or SYNTHETIC_STYLES
     styles = (styles,) if isinstance(styles, str) else tuple(styles)
-    unknown_styles = [x for x in styles if x not in world.SYNTHETIC_STYLES]
+    unknown_styles = [x for x in styles if x not in SYNTHETIC_STYLES]
     if unknown_styles or not styles:
-        raise InputError(f"--styles {','.join(styles)}: need synthetic styles from {world.SYNTHETIC_STYLES}")
+        raise InputError(f"--styles {','.join(styles)}: need synthetic styles from {SYNTHETIC_STYLES}")
     if clips < 1:
         raise InputError(f"--clips must be >= 1, got {clips}")
     out_dir = Path(out) if out else workdir / "eval"
@@ -479,8 +465,8 @@ def evaluate(workdir, *, clips: int = 2, seed: int = 0, ablations: bool = False,
     plot_rows(out_dir / "plot.png", rows)
     if write_videos:
         _write_videos(out_dir, items[0], ours[0])
-    (out_dir / "results.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
-    (out_dir / "results.md").write_text(_markdown(result))
+    files.write_json(out_dir / "results.json", _json_safe(result))
+    files.write_text(out_dir / "results.md", _markdown(result))
     _log(f"wrote {out_dir} in {time.perf_counter() - t_start:.1f} s")
     return result
 
@@ -497,7 +483,7 @@ def _json_safe(x):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pickstyle_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pickstyle_jax.demo.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="a finished training run (config.json, lora/)")
     p.add_argument("--clips", type=int, default=2, help="held-out clips (default 2)")
     p.add_argument("--seed", type=int, default=0, help="held-out world seed; sampler seeds derive from it")

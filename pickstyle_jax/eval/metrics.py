@@ -15,7 +15,8 @@ Metrics (range, direction: definition):
   mean over the valid (unpadded) window positions, then over channels and frames. Frames need >= 11 pixels a side.
 - `temporal_error` ([0, 1], lower better): mean over t and over the pixels valid under the warp of
   |x[t+1] - warp(x[t])| (channels averaged). warp samples frame t bilinearly at the known backward motion: for
-  every pixel of frame t+1, the position in frame t it came from (`eval.world` gives it exactly).
+  every pixel of frame t+1, the position in frame t it came from (the demo's `demo.world` gives it exactly; without
+  ground truth, `still_motion` gives the pixels the source holds still, under the identity).
 - `flicker` ([0, 1], lower better): mean |d[t] - s[t]| over t, pixels and channels, with d[t] = x[t+1] - x[t]
   of the stylised clip and s[t] the same for its source: change the source has is not penalised, change it lacks
   is. A stylisation that changes colours has flicker > 0 even when perfect (its frame differences have other
@@ -40,9 +41,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["to_unit", "psnr", "ssim", "temporal_error", "warp", "flicker", "edge_map", "content", "style_stats",
+__all__ = ["to_unit", "psnr", "ssim", "temporal_error", "warp", "still_motion", "STILL_TOL", "flicker", "edge_map", "content", "style_stats",
            "style_distance", "PSNR_CAP"]
 
+STILL_TOL = 4.0 / 255  # still_motion: a pixel is still if no channel changes by more (H.264 noise stays below)
 PSNR_CAP = 100.0  # dB: the value for identical frames (MSE floored at 1e-10)
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 EDGE_SIGMA, EDGE_REL, EDGE_ABS, EDGE_TOL = 1.0, 0.25, 0.02, 2
@@ -171,6 +173,17 @@ def temporal_error(video, flow, valid=None) -> float:
         total += float(np.abs(x[t + 1] - warped).mean(-1)[m].sum(dtype=np.float64))
         count += int(m.sum())
     return total / count if count else float("nan")
+
+
+def still_motion(source, tol: float = STILL_TOL) -> tuple[np.ndarray, np.ndarray]:
+    """(flow, valid) for `temporal_error` when the motion is not known: the identity flow [F-1, H, W, 2], valid
+    [F-1, H, W] where the source holds the pixel still (no channel changes by more than `tol`, [0, 1] units, from
+    frame t to t+1). There the stylisation should not change either."""
+    s = to_unit(source, "source")
+    f, h, w, _ = s.shape
+    valid = np.abs(np.diff(s, axis=0)).max(-1, initial=0.0) <= tol
+    grid = np.stack(np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij"), -1)
+    return np.broadcast_to(grid, (max(f - 1, 0), h, w, 2)), valid
 
 
 def flicker(video, source) -> float:
