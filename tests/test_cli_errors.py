@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pickstyle_jax import checkpoints, evaluate, lora, sample, stylize, video
+from pickstyle_jax import checkpoints, lora, sample, stylize, video
+from pickstyle_jax.demo import evaluate
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.models import wan
 from tests import tiny_models
 from tests.conftest import SEED  # printed, replayable with PICKSTYLE_TEST_SEED
-from tests.test_evaluate import _run_config
+from tests.test_demo_evaluate import _run_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRACEBACK_ENV = "PICKSTYLE_TRACEBACK"  # TRACEBACK_ENV, spelled out: users type it

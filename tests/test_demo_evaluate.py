@@ -1,4 +1,4 @@
-"""The evaluator end to end: tiny random checkpoints + a tiny LoRA written as a training run, one held-out clip,
+"""The demo's synthetic benchmark (demo/evaluate.py) end to end: tiny random checkpoints + a tiny LoRA written as a training run, one held-out clip,
 two sampler steps, with the ablations (numbers exist, shapes right, files written, one compile per static sampler
 setting: the scale grid compiles nothing); the ablation tables, warm timing and the report writers with a stand-in
 stylizer (no compiles)."""
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pickstyle_jax import evaluate
-from pickstyle_jax.eval import world
+from pickstyle_jax.demo import evaluate, world
 from pickstyle_jax.models import wan
 from tests import tiny_models
 from tests.conftest import SEED  # printed, replayable with PICKSTYLE_TEST_SEED

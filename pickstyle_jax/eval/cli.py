@@ -40,7 +40,7 @@ def _read(flag: str, path) -> np.ndarray:
     try:
         frames, _ = video.read(path)
     except video.VideoError as e:
-        raise InputError(f"{flag} {path}: {e}") from e
+        raise InputError(f"{flag}: {e}") from e
     return frames
 
 
