@@ -11,7 +11,6 @@ Stages (each prints its progress; a rerun skips what is already done for the sam
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
@@ -23,9 +22,6 @@ from absl import logging as absl_logging
 from pickstyle_jax import files, train
 from pickstyle_jax.demo import evaluate, pretrain
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
-
-
 class _Clock:
     def __init__(self):
         self.t0 = time.perf_counter()
@@ -34,27 +30,6 @@ class _Clock:
         def say(msg: str):
             print(f"[{time.perf_counter() - self.t0:6.1f}s] {stage}: {msg}", flush=True)
         return say
-
-
-def load_config(spec: str):
-    """configs/X.py[:variant] -> its get_config(variant), unlocked so the demo can point it at the workdir."""
-    path, _, arg = str(spec).partition(":")
-    if not Path(path).is_file():
-        raise SystemExit(f"config file {path} not found (run from the repository root, or pass --config)")
-    mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
-
-
-def point_at(config, workdir: Path):
-    """The run's model paths and text cache under WORKDIR (the config's defaults assume out/demo)."""
-    models = workdir / "models"
-    with config.unlocked():
-        for k in ("dit", "vae", "umt5"):
-            config.model[k] = str(models / k)
-        config.text.cache_dir = str(workdir / "text_cache")
-    return config
 
 
 def clear_stale_run(workdir: Path, fingerprint: str, say) -> None:
@@ -86,7 +61,7 @@ def _trained(workdir: Path, total_steps: int) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pickstyle_jax.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="out/demo", help="where everything goes (default out/demo)")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="configs/demo.py[:tiny]")
+    ap.add_argument("--config", default=str(pretrain.DEFAULT_CONFIG), help="configs/demo.py[:tiny]")
     ap.add_argument("--clips", type=int, default=8, help="held-out clips to evaluate (default 8)")
     # The paper's sampler as published (text scale 5, context scale 4, APG), with one change of unit: APG's norm
     # threshold (55) is a norm over the whole latent, set for 81 x 480 x 832 clips; on the demo's 2 x 4 x 6 latent it
@@ -102,7 +77,7 @@ def main(argv=None) -> int:
 
     clock = _Clock()
     workdir = Path(a.workdir).absolute()
-    config = point_at(load_config(a.config), workdir)
+    config = pretrain.point_at(pretrain.load_config(a.config), workdir)
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
 
     # 1. base models

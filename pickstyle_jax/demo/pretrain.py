@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import sys
@@ -59,6 +60,28 @@ RECON_PREFIX = "Reconstruct."
 
 # ------------------------------------------------------------------------------------------------ configs
 AUTOENCODERS = ("conv", "wan")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
+
+
+def load_config(spec: str):
+    """configs/X.py[:variant] -> its get_config(variant), unlocked so the demo can point it at the workdir."""
+    path, _, arg = str(spec).partition(":")
+    if not Path(path).is_file():
+        raise SystemExit(f"config file {path} not found (run from the repository root, or pass --config)")
+    mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+def point_at(config, workdir: Path):
+    """The run's model paths and text cache under WORKDIR (the config's defaults assume out/demo)."""
+    models = workdir / "models"
+    with config.unlocked():
+        for k in ("dit", "vae", "umt5"):
+            config.model[k] = str(models / k)
+        config.text.cache_dir = str(workdir / "text_cache")
+    return config
 
 
 def vae_config(config):
