@@ -22,6 +22,7 @@ from absl import logging as absl_logging
 from pickstyle_jax import files, train
 from pickstyle_jax.demo import evaluate, pretrain
 
+
 class _Clock:
     def __init__(self):
         self.t0 = time.perf_counter()
