@@ -45,16 +45,16 @@ def test_scores_are_the_metric_functions_on_the_files(pair, tmp_path, capsys):
     record = json.loads(scores.read_text())
     src, _ = video.read(src_path)
     out, _ = video.read(out_path)
-    flow, valid = metrics.still_motion(src)
+    flow, valid = metrics.source_motion(src)
     want = {"temporal_error": metrics.temporal_error(out, flow, valid), "flicker": metrics.flicker(out, src),
             "content": metrics.content(out, src)}
     assert record["metrics"] == want  # exactly: the same functions on the same decoded frames
     assert (record["frames"], record["height"], record["width"]) == (F, H, W)
-    assert 0.5 < record["still_fraction"] < 1  # the background is still, the square is not
-    assert record["still_fraction"] == pytest.approx(float(valid.mean()))
+    assert 0.5 < record["valid_fraction"] < 1  # the background is still, the square is not
+    assert record["valid_fraction"] == pytest.approx(float(valid.mean()))
     for k, v in want.items():
         assert f"| {k} | {v:.4f} |" in printed
-    # the source scored against itself: no flicker, full content, at most codec noise where it is still
+    # the source scored against itself: no flicker, full content, at most codec noise where its motion holds
     self_scores = cli.score(src, src)
     assert self_scores["flicker"] == 0.0 and self_scores["content"] == 1.0
     assert self_scores["temporal_error"] <= metrics.STILL_TOL

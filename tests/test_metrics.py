@@ -188,19 +188,36 @@ def test_feature_interface(seed):
         features.frame_consistency(Bad(), v)
 
 
-def test_still_motion_scores_change_where_the_source_holds_still(seed):
+def test_source_motion_is_the_identity_on_a_still_camera(seed):
     rng = np.random.default_rng(seed)
     src = np.repeat(rng.integers(0, 256, (1, 16, 24, 3), np.uint8), 4, axis=0)
-    src[2:, :8] = 255 - src[2:, :8]  # the top rows change from frame 2 on: not still between frames 1 and 2
-    flow, valid = metrics.still_motion(src)
+    src[2:, :4] = 255 - src[2:, :4]  # the top rows change from frame 2 on: not still between frames 1 and 2
+    flow, valid = metrics.source_motion(src)
     assert flow.shape == (3, 16, 24, 2) and valid.shape == (3, 16, 24)
-    assert valid[0].all() and valid[2].all() and not valid[1, :8].any() and valid[1, 8:].all()
+    assert valid[0].all() and valid[2].all() and not valid[1, :4].any() and valid[1, 4:].all()
     np.testing.assert_array_equal(metrics.warp(src[0].astype(np.float32), flow[0])[0], src[0])  # identity
-    assert metrics.temporal_error(src, flow, valid) == 0.0  # the source itself is still where it is still
+    assert metrics.temporal_error(src, flow, valid) == 0.0  # the source follows its own motion
     out = src.copy()
-    out[3, 8:] = np.clip(out[3, 8:].astype(int) + 51, 0, 255)  # a still region that changes in the stylisation
-    te = metrics.temporal_error(out, flow, valid)
-    assert 0 < te <= 0.2 + 1e-6
+    out[3, 4:] = np.clip(out[3, 4:].astype(int) + 51, 0, 255)  # a still region that changes in the stylisation
+    assert 0 < metrics.temporal_error(out, flow, valid) <= 0.2 + 1e-6
     jitter = np.clip(src[:1].astype(int) + rng.integers(-1, 2, src.shape), 0, 255).astype(np.uint8)
-    assert metrics.still_motion(jitter)[1].all()  # codec-sized noise (2 grey levels) is within STILL_TOL
-    assert metrics.still_motion(src[:1])[1].shape == (0, 16, 24)
+    assert metrics.source_motion(jitter)[1].all()  # codec-sized noise (2 grey levels) is within STILL_TOL
+    assert metrics.source_motion(src[:1])[1].shape == (0, 16, 24)
+
+
+def test_source_motion_follows_a_panning_camera(seed):
+    rng = np.random.default_rng(seed)
+    world_ = _scene(rng, f=1, h=64, w=96)[0]
+    shifts = [(0, 0), (2, -3), (5, -1), (5, 4)]  # camera positions: frame t shows world_[y + dy, x + dx]
+    src = np.stack([world_[8 + dy:40 + dy, 16 + dx:64 + dx] for dy, dx in shifts])
+    for t in range(len(shifts) - 1):
+        (ay, ax), (by, bx) = shifts[t], shifts[t + 1]
+        assert metrics.translations(src[t].mean(-1), src[t + 1].mean(-1))[0] == (ay - by, ax - bx)
+    flow, valid = metrics.source_motion(src)
+    assert valid.mean() > 0.75  # all but the strips that enter the frame
+    assert metrics.temporal_error(src, flow, valid) == 0.0
+    # a stylisation that follows the pan is consistent; one frozen on the first frame is not
+    styled = (255 - src) // 2
+    frozen = np.repeat(styled[:1], len(src), axis=0)
+    assert metrics.temporal_error(styled, flow, valid) == 0.0
+    assert metrics.temporal_error(frozen, flow, valid) > 0.02

@@ -9,7 +9,7 @@ defined in pickstyle_jax/eval/metrics.py, in [0, 1] pixel units:
 
 | metric | better | what it is |
 |---|---|---|
-| temporal_error | lower | mean abs frame-to-frame change of the stylisation on the pixels the source holds still (`metrics.still_motion`: the only motion known without ground truth); null if the source has no still pixel |
+| temporal_error | lower | mean abs error of the stylisation's frame t+1 against its frame t moved by the source's motion, on the pixels where that motion explains the source (`metrics.source_motion`: one global translation per frame pair, a still or panning camera); null if it explains no pixel |
 | flicker | lower | mean abs difference between the stylisation's frame differences and the source's |
 | content | higher | edge-map F1 agreement with the source (2-pixel tolerance) |
 
@@ -58,12 +58,12 @@ def read_pair(source, stylized) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score(source: np.ndarray, stylized: np.ndarray) -> dict:
-    """{"temporal_error", "flicker", "content", "still_fraction"} of a stylised clip against its source (uint8 or
-    [-1, 1] float [F, H, W, 3]); temporal_error is NaN when the source holds no pixel still."""
-    flow, valid = metrics.still_motion(source)
+    """{"temporal_error", "flicker", "content", "valid_fraction"} of a stylised clip against its source (uint8 or
+    [-1, 1] float [F, H, W, 3]); valid_fraction: the share of pixels temporal_error is measured on (NaN if none)."""
+    flow, valid = metrics.source_motion(source)
     return {"temporal_error": metrics.temporal_error(stylized, flow, valid),
             "flicker": metrics.flicker(stylized, source), "content": metrics.content(stylized, source),
-            "still_fraction": float(valid.mean()) if valid.size else 0.0}
+            "valid_fraction": float(valid.mean()) if valid.size else 0.0}
 
 
 def _fmt(v: float) -> str:
@@ -86,14 +86,16 @@ def evaluate(source, stylized, out=None) -> dict:
     s = score(src, sty)
     f, h, w = src.shape[:3]
     record = {"source": str(source), "stylized": str(stylized), "frames": f, "height": h, "width": w,
-              "metrics": {k: _finite_or_none(s[k]) for k in METRICS}, "still_fraction": s["still_fraction"]}
+              "metrics": {k: _finite_or_none(s[k]) for k in METRICS}, "valid_fraction": s["valid_fraction"]}
     if out is not None:
         files.write_json(out, record)
     return record
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pickstyle_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pickstyle_jax.evaluate",
+                                description="Scores a stylisation of any clip without ground truth: temporal error, "
+                                            "flicker and content preservation (pickstyle_jax/eval/cli.py).")
     p.add_argument("--source", help="the input clip (a video file or a folder of frames)")
     p.add_argument("--stylized", help="its stylisation, same frame count and size")
     p.add_argument("--out", default=None, help="write the scores here as JSON (FILE.json)")
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
         return errors.report(e, a.verbose)
     print(table({k: (np.nan if v is None else v) for k, v in record["metrics"].items()}))
     print(f"{record['frames']} frames of {record['height']}x{record['width']}; temporal_error on the "
-          f"{100 * record['still_fraction']:.1f}% of pixels the source holds still")
+          f"{100 * record['valid_fraction']:.1f}% of pixels the source's estimated motion explains")
     if a.out:
         print(f"wrote {a.out}")
     return 0
