@@ -1,7 +1,7 @@
 """Bad input to every command line (train, plan, the demo's evaluate, stylize; the production evaluate CLI is in
 test_evaluate.py) ends in one stderr line `error: ...` naming the file and what is wrong, exit status 2 and no
-traceback; --verbose or PICKSTYLE_TRACEBACK=1 shows the traceback; a bug still shows its traceback. Training that dies of bad data keeps its earlier checkpoints and resumes from them
-once the file is fixed.
+traceback; --verbose or PICKSTYLE_TRACEBACK=1 shows the traceback; a bug still shows its traceback. Training that
+dies of bad data keeps its earlier checkpoints and resumes from them once the file is fixed.
 
 train and plan run as subprocesses (absl defines their flags once per process; plan sets XLA_FLAGS before JAX
 starts), sharing one persistent compilation cache; evaluate and stylize run `main([...])` in-process.
