@@ -45,8 +45,8 @@ lock:
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -s tests/slow_vace_1_3b.py
 
-# The main job on the embedded default: fit the demo's tiny base models, train the PickStyle LoRA on a held-out
-# style, stylise held-out clips and print the results table (out/demo/).
+# The main job on the embedded default (pickstyle_jax/demo/): fit the demo's tiny base models, train the PickStyle
+# LoRA on a held-out style, stylise held-out clips and print the results table (out/demo/).
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(BIN)/python -m pickstyle_jax.demo --workdir out/demo
 

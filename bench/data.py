@@ -15,7 +15,7 @@ import os
 import time
 
 from pickstyle_jax import data
-from pickstyle_jax.data import sources
+from pickstyle_jax.data import synthetic
 
 
 def measure(frames: int, height: int, width: int, workers: int, pairs: int, batch: int, source_scale: float,
@@ -23,7 +23,7 @@ def measure(frames: int, height: int, width: int, workers: int, pairs: int, batc
     c = data.default_config()
     c.frames, c.height, c.width = frames, height, width
     c.batch_size, c.num_workers, c.num_epochs, c.process_index, c.process_count = batch, workers, None, 0, 1
-    src = sources.Synthetic(64, round(height * source_scale), round(width * source_scale))
+    src = synthetic.Synthetic(64, round(height * source_scale), round(width * source_scale))
     c.allow_upscale = True
     it = data.make_iterator(c, seed=seed, source=src)
     try:

@@ -39,8 +39,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pickstyle_jax import checkpoints, demo, pretrain  # noqa: E402
+from pickstyle_jax import checkpoints, conditioning  # noqa: E402
 from pickstyle_jax.data import pipeline  # noqa: E402
+from pickstyle_jax.demo import pretrain  # noqa: E402
 from pickstyle_jax.models import autoencoders, umt5, wan  # noqa: E402
 from pickstyle_jax.models import tokenizer as tok_lib  # noqa: E402
 
@@ -76,7 +77,7 @@ def x0_table(wcfg, params, rows, hold, zero) -> dict:
     table = {}
     for kind, h in hold.items():
         emb, lens = rows(h["caps"])
-        ctx = pretrain._context(zero, jnp.asarray(h["src"]))
+        ctx = conditioning.vace_context(zero, jnp.asarray(h["src"]))
         eps = np.asarray(jax.random.normal(jax.random.key(1), h["tgt"].shape))
         errs = []
         for s in SIGMAS:
@@ -144,9 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args(argv)
 
-    config = demo.load_config(a.config)
+    config = pretrain.load_config(a.config)
     tmp = Path(tempfile.mkdtemp(prefix="demo_backbone_"))
-    config = demo.point_at(config, tmp)
+    config = pretrain.point_at(config, tmp)
     p = config.pretrain
     with config.unlocked():
         if a.steps:
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     else:
         vcfg, vparams, _ = pretrain.train_autoencoder(config, log=lambda m: None)
         vcfg, pairs = pretrain.normalise(vcfg, pretrain.encode_clips(config, vcfg, vparams, log=lambda m: None))
-    print(f"autoencoder: {autoencoders.describe(vcfg)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"autoencoder: {pretrain.describe(vcfg)} ({time.perf_counter() - t0:.0f} s)", flush=True)
     encode = encoder(vcfg, vparams)
     hold = held_out(config, encode, a.held_out)
     tcfg = umt5.Umt5Config.named(config.model.umt5_variant)
@@ -167,13 +168,13 @@ def main(argv=None) -> int:
     checkpoints.save(config.model.umt5, tcfg, tparams, kind="umt5")
     caps = pretrain.pair_captions(pairs) + [c for h in hold.values() for c in h["caps"]]
     rows = pretrain._TextRows(config, tcfg, tparams, tok_lib.load_tokenizer("bytes"), tmp / "text_cache", caps,
-                              pretrain.null_text())
+                              conditioning.null_prompt())
 
     results["probe"] = {s: mlp_probe(probe_pairs(config, encode, s), hold, s) for s in p.styles}
     print("MLP probe rel_err: " + ", ".join(f"{s} {v:.3f}" for s, v in results["probe"].items()), flush=True)
     results["variants"] = {}
     for spec in a.variant or ["dit.patch_size=(1,2,2)", "dit.patch_size=(1,1,1)"]:
-        vconf = demo.point_at(demo.load_config(a.config), tmp)
+        vconf = pretrain.point_at(pretrain.load_config(a.config), tmp)
         with vconf.unlocked():
             vconf.pretrain.dit_steps = p.dit_steps
             for item in spec.split():
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
         if (vconf.pretrain.clips, vconf.pretrain.examples) != (p.clips, p.examples):
             vpairs = pretrain.encode_clips(vconf, vcfg, vparams, log=lambda m: None)
             rows = pretrain._TextRows(vconf, tcfg, tparams, tok_lib.load_tokenizer("bytes"), tmp / "text_cache",
-                                      caps + pretrain.pair_captions(vpairs), pretrain.null_text())
+                                      caps + pretrain.pair_captions(vpairs), conditioning.null_prompt())
         t = time.perf_counter()
         wcfg, params, m = pretrain.fit_backbone(vconf, vpairs, rows, log=lambda msg: None)
         secs = time.perf_counter() - t

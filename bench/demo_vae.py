@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pickstyle_jax import demo, pretrain  # noqa: E402
 from pickstyle_jax.data import pipeline  # noqa: E402
+from pickstyle_jax.demo import pretrain  # noqa: E402
 from pickstyle_jax.models import vae  # noqa: E402
 
 CELL, TF, Z = 8, 4, 16
@@ -168,13 +168,13 @@ def decoder_stream_rms(vcfg, params, x) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(demo.DEFAULT_CONFIG))
+    ap.add_argument("--config", default=str(pretrain.DEFAULT_CONFIG))
     ap.add_argument("--steps", type=int, default=300, help="training steps of both autoencoders")
     ap.add_argument("--plain_width", type=int, default=32, help="plain AE channels at full resolution")
     ap.add_argument("--plain_lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    config = demo.load_config(a.config)
+    config = pretrain.load_config(a.config)
     with config.unlocked():
         config.pretrain.vae_steps, config.pretrain.seed = a.steps, a.seed
     print(f"seed {a.seed}, {a.steps} steps, batch {config.pretrain.vae_batch}, clips "

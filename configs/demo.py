@@ -5,9 +5,9 @@
 
 No weights are downloaded. PickStyle adapts a *pretrained* Wan2.1-VACE, and random tiny weights cannot render a
 clip, so the demo first fits its own tiny models on the synthetic world of the data pipeline
-(pickstyle_jax/pretrain.py, the `pretrain` section below):
+(pickstyle_jax/demo/pretrain.py, the `pretrain` section below):
   - an autoencoder in place of the released VAE, with its latent geometry (16 channels, 4x time, 8x space): the
-    plain conv autoencoder of models/conv_ae.py (`pretrain.autoencoder="conv"`; ~23 dB on held-out sources after
+    plain conv autoencoder of demo/conv_ae.py (`pretrain.autoencoder="conv"`; ~23 dB on held-out sources after
     its 400 steps), trained for reconstruction with a frame-difference term; its latent mean/std are measured after
     training and stored in its config. `autoencoder="wan"` fits the Wan2.1 VAE architecture at the "tiny" widths
     instead, which learns slowly at these sizes (bench/demo_vae.py, 300 steps: 16.9 dB against 20.5; its latents
@@ -64,13 +64,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every = 100
     c.keep = 1
 
-    # The demo's own base models (pickstyle_jax/pretrain.py). Budgets are steps, sized for ~2.5 min on 2 cores.
+    # The demo's own base models (pickstyle_jax/demo/pretrain.py). Budgets are steps, sized for ~2.5 min on 2 cores.
     c.pretrain = ml_collections.ConfigDict(dict(
         seed=0,
         styles=PRETRAIN_STYLES,     # the styles the backbone sees; data.synthetic_styles (held out) never
         data_seed=0,                # synthetic world of the pretraining scenes (the LoRA stage uses data's)
         examples=256,               # distinct scenes (each with its own camera motion per epoch)
-        # autoencoder: "conv" (models/conv_ae.py, vae_width channels: ~23 dB on held-out sources) or "wan"
+        # autoencoder: "conv" (demo/conv_ae.py, vae_width channels: ~23 dB on held-out sources) or "wan"
         # (VaeConfig.named(model.vae_variant) with vae_base_dim / vae_res_blocks: ~17 dB; bench/demo_vae.py)
         autoencoder="conv", vae_width=32,
         vae_base_dim=8, vae_res_blocks=1,

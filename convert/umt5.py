@@ -53,7 +53,7 @@ _OURS_FROM_OFFICIAL_GLOBAL = [
     ("norm.scale", "norm.weight", identity),
 ]
 
-# official Wan key -> transformers UMT5EncoderModel key (PICKSTYLE.md §5). The only copy of this mapping.
+# official Wan key -> transformers UMT5EncoderModel key (docs/REFERENCE.md §5). The only copy of this mapping.
 _TRANSFORMERS_LAYER = {
     "norm1.weight": "layer.0.layer_norm.weight",
     "attn.q.weight": "layer.0.SelfAttention.q.weight",

@@ -7,7 +7,7 @@ SRC is the official `Wan2.1_VAE.pth` (official key names; the variant is `--conf
 config.json unless `--config` is given), or a diffusers pipeline folder holding one in `vae/`.
 
 Our parameter paths are the official key names (models/vae.py), so the official table is a naming rule checked
-against the model's own parameter tree; the diffusers names (PICKSTYLE.md §6.3) are `official_to_diffusers`, the
+against the model's own parameter tree; the diffusers names (docs/REFERENCE.md §6) are `official_to_diffusers`, the
 only copy of that mapping.
 
 --dtype is the dtype the parameters are stored in (default: the source's: bfloat16 if every stored tensor is bf16,

@@ -2,6 +2,8 @@
 
 Layout of a checkpoint directory `DIR`:
   DIR/config.json   {"kind": "wan" | "vae" | "umt5" | "lora", "format": 1, "config": {...dataclass fields...}, ...}
+                    An autoencoder ("vae") checkpoint also names its config class, "codec": "module:Class"
+                    (models/autoencoders.py); without it, the Wan2.1 VAE's `VaeConfig`.
   DIR/params/       Orbax (OCDBT) pytree of arrays, paths mirroring the official PyTorch key names.
 
 Writes are atomic: everything goes to a hidden sibling directory that is renamed into place only when complete,
@@ -23,13 +25,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from pickstyle_jax.models import autoencoders
+
 FORMAT = 1
+
+AUTOENCODER = "vae"  # the kind of every autoencoder checkpoint; config.json's "codec" names which one
 
 # kind -> (module, config class); imported lazily so loading a VAE does not import the DiT.
 _KINDS = {
     "wan": ("pickstyle_jax.models.wan", "WanConfig"),
-    "vae": ("pickstyle_jax.models.vae", "VaeConfig"),
-    "conv_ae": ("pickstyle_jax.models.conv_ae", "ConvAeConfig"),  # the demo's autoencoder (models/autoencoders.py)
+    AUTOENCODER: ("pickstyle_jax.models.vae", "VaeConfig"),  # the built-in autoencoder (no "codec")
     "umt5": ("pickstyle_jax.models.umt5", "Umt5Config"),
     "lora": ("pickstyle_jax.lora", "LoraConfig"),
 }
@@ -43,10 +48,20 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(kind: str, d: dict):
-    """Rebuilds a config dataclass; JSON lists become tuples, unknown fields are an error."""
-    module, name = _KINDS[kind]
-    cls = getattr(importlib.import_module(module), name)
+def config_from_dict(kind: str, d: dict, codec: str | None = None):
+    """Rebuilds a config dataclass; JSON lists become tuples, unknown fields are an error. codec: an autoencoder's
+    config class as "module:Class" (config.json's "codec"), imported here; None: the kind's built-in class."""
+    if codec is not None and kind != AUTOENCODER:
+        raise CheckpointError(f"a {kind!r} checkpoint names a codec ({codec!r}); only autoencoder checkpoints do")
+    if codec is not None:
+        try:
+            cls = autoencoders.config_class(codec)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json: {e}") from e
+        name = cls.__name__
+    else:
+        module, name = _KINDS[kind]
+        cls = getattr(importlib.import_module(module), name)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
@@ -78,6 +93,7 @@ def save(path, cfg, params, *, kind: str, extra: dict | None = None, overwrite: 
     renames the finished directory into place, and the others return once it has."""
     if kind not in _KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {sorted(_KINDS)}")
+    codec = {"codec": autoencoders.config_path(cfg)} if kind == AUTOENCODER else {}
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True or choose another --dst")
@@ -89,7 +105,7 @@ def save(path, cfg, params, *, kind: str, extra: dict | None = None, overwrite: 
         ckptr.save(tmp / "params", _to_numpy(params))
         ckptr.wait_until_finished()
         if primary:
-            meta = {"kind": kind, "format": FORMAT, "config": config_to_dict(cfg), **(extra or {})}
+            meta = {"kind": kind, "format": FORMAT, "config": config_to_dict(cfg), **codec, **(extra or {})}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             if path.exists():
                 old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -157,10 +173,14 @@ def check_kind(path, meta: dict, kind: str | tuple[str, ...]) -> str:
     return meta["kind"]
 
 
+def meta_config(path, meta: dict, kind: str | tuple[str, ...]):
+    """The config that `path`'s config.json (read as `meta`) describes, whose kind must be `kind` (or one of them)."""
+    return config_from_dict(check_kind(path, meta, kind), meta["config"], meta.get("codec"))
+
+
 def read_config(path, kind: str | tuple[str, ...]):
     """The config in `path`'s config.json, whose kind must be `kind` (or one of them); no weight is read."""
-    meta = read_meta(path)
-    return config_from_dict(check_kind(path, meta, kind), meta["config"])
+    return meta_config(path, read_meta(path), kind)
 
 
 def load(path, kind: str | tuple[str, ...], *, dtype=None, sharding: Callable[[tuple, Any], Any] | Any = None):
@@ -172,8 +192,7 @@ def load(path, kind: str | tuple[str, ...], *, dtype=None, sharding: Callable[[t
       device.
     """
     path = Path(path).absolute()
-    meta = read_meta(path)
-    cfg = config_from_dict(check_kind(path, meta, kind), meta["config"])
+    cfg = meta_config(path, read_meta(path), kind)
     ckptr = ocp.StandardCheckpointer()
     try:
         tree_meta = ckptr.metadata(path / "params").item_metadata
@@ -249,12 +268,13 @@ def load_dit(path, *, scan_layers: bool | None = False, sharding=None, **kw):
     return cfg_read.replace(scan_layers=True), treedef.unflatten(leaves)
 
 
-AUTOENCODER_KINDS = ("vae", "conv_ae")  # a converted Wan2.1 VAE, the demo's conv autoencoder
+AUTOENCODER_KINDS = (AUTOENCODER,)  # for callers that check a kind tuple: one kind for every autoencoder
 
 
 def load_vae(path, **kw):
-    """(config, params) of an autoencoder: a converted Wan2.1 VAE (VaeConfig) or the demo's (ConvAeConfig)."""
-    return load(path, AUTOENCODER_KINDS, **kw)
+    """(config, params) of an autoencoder: a converted Wan2.1 VAE (VaeConfig), or the one config.json's "codec"
+    names (models/autoencoders.py)."""
+    return load(path, AUTOENCODER, **kw)
 
 
 def load_umt5(path, **kw):

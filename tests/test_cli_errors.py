@@ -1,7 +1,7 @@
-"""Bad input to every command line (train, plan, evaluate, stylize) ends in one stderr line `error: ...` naming
-the file and what is wrong, exit status 2 and no traceback; --verbose or PICKSTYLE_TRACEBACK=1 shows the traceback;
-a bug still shows its traceback. Training that dies of bad data keeps its earlier checkpoints and resumes from them
-once the file is fixed.
+"""Bad input to every command line (train, plan, the demo's evaluate, stylize; the production evaluate CLI is in
+test_evaluate.py) ends in one stderr line `error: ...` naming the file and what is wrong, exit status 2 and no
+traceback; --verbose or PICKSTYLE_TRACEBACK=1 shows the traceback; a bug still shows its traceback. Training that
+dies of bad data keeps its earlier checkpoints and resumes from them once the file is fixed.
 
 train and plan run as subprocesses (absl defines their flags once per process; plan sets XLA_FLAGS before JAX
 starts), sharing one persistent compilation cache; evaluate and stylize run `main([...])` in-process.
@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pickstyle_jax import checkpoints, evaluate, lora, sample, stylize, video
+from pickstyle_jax import checkpoints, lora, sample, stylize, video
+from pickstyle_jax.demo import evaluate
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.models import wan
 from tests import tiny_models
 from tests.conftest import SEED  # printed, replayable with PICKSTYLE_TEST_SEED
-from tests.test_evaluate import _run_config
+from tests.test_demo_evaluate import _run_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRACEBACK_ENV = "PICKSTYLE_TRACEBACK"  # TRACEBACK_ENV, spelled out: users type it

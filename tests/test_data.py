@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pickstyle_jax import data
-from pickstyle_jax.data import motion, pipeline, sources, tfds_pairs
+from pickstyle_jax.data import motion, pipeline, sources, synthetic, tfds_pairs
 
 tfds_pairs.tfds.disable_progress_bar()
 SEED = int(np.random.SeedSequence().entropy % 2**31)
@@ -147,7 +147,7 @@ def test_batch_is_the_pair_rendered_with_one_draw(layouts):
         np.testing.assert_array_equal(out["source"], out["target"])
 
 
-class IdenticalPairs(sources.Synthetic):
+class IdenticalPairs(synthetic.Synthetic):
     def __getitem__(self, index):
         ex = super().__getitem__(index)
         return {**ex, "target": ex["source"]}
@@ -232,15 +232,15 @@ def test_fit_matches_torch_bicubic_antialias(rng):
 
 
 def test_synthetic_source():
-    a, b = sources.Synthetic(8, 40, 56, seed=5), sources.Synthetic(8, 40, 56, seed=5)
+    a, b = synthetic.Synthetic(8, 40, 56, seed=5), synthetic.Synthetic(8, 40, 56, seed=5)
     for i in range(8):
         x, y = a[i], b[i]
         np.testing.assert_array_equal(x["source"], y["source"])
         assert x["source"].shape == x["target"].shape == (40, 56, 3) and x["source"].dtype == np.uint8
-        assert x["style"] == sources.SYNTHETIC_STYLES[i % 4]
+        assert x["style"] == synthetic.SYNTHETIC_STYLES[i % 4]
         assert x["caption"].startswith(f"{x['style'].capitalize()} style. A") and x["caption"].endswith("gradient.")
         assert not np.array_equal(x["source"], x["target"])
-    assert not np.array_equal(a[0]["source"], sources.Synthetic(8, 40, 56, seed=6)[0]["source"])
+    assert not np.array_equal(a[0]["source"], synthetic.Synthetic(8, 40, 56, seed=6)[0]["source"])
 
 
 def test_bad_inputs_name_the_file(layouts, tmp_path):

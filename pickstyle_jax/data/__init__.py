@@ -1,10 +1,12 @@
-"""Training data: paired-image sources, the camera-motion clip synthesis and the Grain pipeline (docs/REFERENCE.md §8).
+"""Training data: paired-image sources (folder layouts, TFDS, the synthetic world), the camera-motion clip synthesis
+and the Grain pipeline (docs/REFERENCE.md §8).
 
 Imports only numpy, PIL, grain, tensorflow_datasets (TF-free array_record mode, and only for source="tfds"),
 ml_collections and jax; never models or torch.
 """
-from pickstyle_jax.data import motion, sources
+from pickstyle_jax.data import motion, sources, synthetic
 from pickstyle_jax.data.pipeline import default_config, fit, make_dataset, make_iterator, make_source
 from pickstyle_jax.data.sources import DataError
 
-__all__ = ["DataError", "default_config", "fit", "make_dataset", "make_iterator", "make_source", "motion", "sources"]
+__all__ = ["DataError", "default_config", "fit", "make_dataset", "make_iterator", "make_source", "motion", "sources",
+           "synthetic"]

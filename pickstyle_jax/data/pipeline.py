@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from pickstyle_jax.data import motion, sources
+from pickstyle_jax.data import motion, sources, synthetic
 
 SOURCES = ("synthetic", "folder_v1", "folder_v2", "tfds")
 
@@ -55,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.styles = ()                  # style folders (v1: "anime", v2: "Clay_Toy") or tfds style names; () = all
     c.strict_names = True          # folders: paired files must share stems (False = sorted index only, official)
     c.synthetic_examples = 64      # synthetic: number of pairs, drawn at height x width
-    c.synthetic_styles = sources.SYNTHETIC_STYLES
+    c.synthetic_styles = synthetic.SYNTHETIC_STYLES
     c.synthetic_seed = 0
     # Clip geometry.
     c.frames = 81
@@ -118,8 +118,8 @@ def _one_source(config, kind: str, root: str, styles):
     min_size = None if config.allow_upscale else (config.height, config.width)
     kw = dict(strict_names=config.strict_names, min_size=min_size, on_error=config.on_error)
     if kind == "synthetic":
-        return sources.Synthetic(config.synthetic_examples, config.height, config.width,
-                                 tuple(config.synthetic_styles), seed=config.synthetic_seed)
+        return synthetic.Synthetic(config.synthetic_examples, config.height, config.width,
+                                   tuple(config.synthetic_styles), seed=config.synthetic_seed)
     if kind == "folder_v1":
         return sources.FolderV1(root, styles, **kw)
     if kind == "folder_v2":

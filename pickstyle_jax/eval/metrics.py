@@ -15,7 +15,8 @@ Metrics (range, direction: definition):
   mean over the valid (unpadded) window positions, then over channels and frames. Frames need >= 11 pixels a side.
 - `temporal_error` ([0, 1], lower better): mean over t and over the pixels valid under the warp of
   |x[t+1] - warp(x[t])| (channels averaged). warp samples frame t bilinearly at the known backward motion: for
-  every pixel of frame t+1, the position in frame t it came from (`eval.world` gives it exactly).
+  every pixel of frame t+1, the position in frame t it came from (the demo's `demo.world` gives it exactly; without
+  ground truth, `source_motion` estimates the source's global motion and keeps the pixels it explains).
 - `flicker` ([0, 1], lower better): mean |d[t] - s[t]| over t, pixels and channels, with d[t] = x[t+1] - x[t]
   of the stylised clip and s[t] the same for its source: change the source has is not penalised, change it lacks
   is. A stylisation that changes colours has flicker > 0 even when perfect (its frame differences have other
@@ -40,9 +41,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["to_unit", "psnr", "ssim", "temporal_error", "warp", "flicker", "edge_map", "content", "style_stats",
+__all__ = ["to_unit", "psnr", "ssim", "temporal_error", "warp", "translations", "source_motion", "STILL_TOL", "flicker", "edge_map", "content", "style_stats",
            "style_distance", "PSNR_CAP"]
 
+STILL_TOL = 4.0 / 255  # source_motion: a pixel follows the motion if no channel errs by more (H.264 noise stays below)
 PSNR_CAP = 100.0  # dB: the value for identical frames (MSE floored at 1e-10)
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 EDGE_SIGMA, EDGE_REL, EDGE_ABS, EDGE_TOL = 1.0, 0.25, 0.02, 2
@@ -171,6 +173,44 @@ def temporal_error(video, flow, valid=None) -> float:
         total += float(np.abs(x[t + 1] - warped).mean(-1)[m].sum(dtype=np.float64))
         count += int(m.sum())
     return total / count if count else float("nan")
+
+
+def translations(a, b, k: int = 3) -> list[tuple[int, int]]:
+    """The k likeliest integer shifts (dy, dx) with b[p] ~ a[p - (dy, dx)] between two frames [H, W]: the highest
+    peaks of the phase correlation of the Hann-windowed frames, best first (|dy| <= H/2, |dx| <= W/2)."""
+    h, w = a.shape
+    win = np.outer(np.hanning(h), np.hanning(w)) if min(h, w) > 2 else np.ones((h, w))
+    fa, fb = np.fft.rfft2((a - a.mean()) * win), np.fft.rfft2((b - b.mean()) * win)
+    cross = fb * np.conj(fa)
+    r = np.fft.irfft2(cross / np.maximum(np.abs(cross), 1e-12), s=(h, w))
+    peaks = np.argsort(r, axis=None)[::-1][:k]
+    return [(int(dy - h if dy > h // 2 else dy), int(dx - w if dx > w // 2 else dx))
+            for dy, dx in zip(*np.unravel_index(peaks, r.shape))]
+
+
+def source_motion(source, tol: float = STILL_TOL) -> tuple[np.ndarray, np.ndarray]:
+    """(flow, valid) for `temporal_error` when the true motion is not known: per frame pair one global translation
+    of the source (a still or panning camera), flow [F-1, H, W, 2] as `temporal_error` takes it, valid [F-1, H, W]
+    where that motion explains the source: the warped frame t matches frame t+1 within `tol` on every channel ([0, 1]
+    units). The translation is the one explaining the most pixels among no motion and the best `translations` of
+    the luma; so under a still camera the valid pixels are those the source holds still. Objects that move on their
+    own, occlusions and pixels from outside the frame are left out. Where the source follows the motion, the
+    stylisation should too."""
+    s = to_unit(source, "source")
+    f, h, w, _ = s.shape
+    grid = np.stack(np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij"), -1)
+    flows, valids = [np.zeros((0, h, w, 2), np.float32)], [np.zeros((0, h, w), bool)]
+    for t in range(f - 1):
+        best = None
+        for d in dict.fromkeys([(0, 0), *translations(_luma(s[t]), _luma(s[t + 1]))]):
+            coords = grid - np.array(d, np.float32)  # pixel p of frame t+1 shows what frame t had at p - d
+            warped, inside = warp(s[t], coords)
+            ok = inside & (np.abs(s[t + 1] - warped).max(-1) <= tol)
+            if best is None or ok.sum() > best[1].sum():
+                best = (coords, ok)
+        flows.append(best[0][None])
+        valids.append(best[1][None])
+    return np.concatenate(flows), np.concatenate(valids)
 
 
 def flicker(video, source) -> float:

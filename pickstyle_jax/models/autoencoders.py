@@ -1,36 +1,63 @@
-"""The pixel <-> latent models behind one interface, chosen by the config's type.
+"""The pixel <-> latent model (the autoencoder) behind one interface; the Wan2.1 VAE is the built-in one.
 
-Real runs use the Wan2.1 VAE (models/vae.py, converted weights); the CPU demo can fit the plain convolutional
-autoencoder of models/conv_ae.py, which has the same latent geometry. Everything outside models/ calls these
-functions with the config it loaded, so the sampler, the trainer and the evaluator never branch on the model:
+An autoencoder is a module that defines a frozen config dataclass (with `z_dim`, `latents_mean/std`,
+`temporal_factor`, `spatial_factor`, as `vae.VaeConfig`) and the functional API of PROTOCOL:
 
-    encode(cfg, params, video, chunked=...)   pixels [B, 1+4k, H, W, 3] in [-1, 1] -> latents [B, 1+k, H/8, W/8, z]
-    decode(cfg, params, z, chunked=..., tile_size=..., clamp=...)
-    param_shapes(cfg), random_params(cfg, seed), num_params(cfg), kind(cfg) (the checkpoint kind), describe(cfg)
+    encode(cfg, params, video, *, chunked)   pixels [B, 1+4k, H, W, 3] in [-1, 1] -> normalised latents
+                                             [B, 1+k, H/8, W/8, z_dim]
+    decode(cfg, params, z, *, chunked, tile_size, tile_stride, clamp)
+    param_shapes(cfg)                        a tree of shape tuples, paths as the params'
+
+A config's autoencoder is the module that defines its class: models/vae.py for `VaeConfig`, the built-in one.
+Another autoencoder (the CPU demo's pickstyle_jax/demo/conv_ae.py) is named by the import path of its config class,
+"module:Class" (`config_path`): an autoencoder checkpoint's config.json records it (checkpoints.save), and loading
+resolves it with importlib (`config_class`), so production code never imports it. Everything outside models/ calls
+the functions below with the config it loaded; nothing branches on which autoencoder it is.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
+import sys
+from types import ModuleType
 
 import jax
 import numpy as np
 
-from pickstyle_jax.models import conv_ae, vae
-
-# checkpoint kind -> (module, config class)
-KINDS = {"vae": (vae, vae.VaeConfig), "conv_ae": (conv_ae, conv_ae.ConvAeConfig)}
+PROTOCOL = ("encode", "decode", "param_shapes")
 
 
-def kind(cfg) -> str:
-    for name, (_, cls) in KINDS.items():
-        if isinstance(cfg, cls):
-            return name
-    raise TypeError(f"{type(cfg).__name__} is not an autoencoder config; expected one of "
-                    f"{[cls.__name__ for _, cls in KINDS.values()]}")
+def _protocol_module(module: ModuleType, what: str) -> ModuleType:
+    missing = [f for f in PROTOCOL if not callable(getattr(module, f, None))]
+    if missing:
+        raise TypeError(f"{what} is not an autoencoder: its module {module.__name__} lacks {missing} "
+                        f"(models/autoencoders.py: PROTOCOL)")
+    return module
 
 
-def module(cfg):
-    return KINDS[kind(cfg)][0]
+def module(cfg) -> ModuleType:
+    """The module implementing cfg's autoencoder: the one that defines cfg's class."""
+    return _protocol_module(sys.modules[type(cfg).__module__], type(cfg).__name__)
+
+
+def config_path(cfg) -> str:
+    """"module:Class" of cfg's class: what an autoencoder checkpoint records as its "codec"."""
+    module(cfg)
+    return f"{type(cfg).__module__}:{type(cfg).__qualname__}"
+
+
+def config_class(path: str) -> type:
+    """The config class named by "module:Class" (`config_path`), imported; its module must follow PROTOCOL."""
+    mod_name, _, name = str(path).partition(":")
+    try:
+        cls = getattr(importlib.import_module(mod_name), name) if name else None
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"autoencoder {path!r} cannot be imported ({e}); expected 'module:ConfigClass'") from e
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"autoencoder {path!r} does not name a config dataclass; expected 'module:ConfigClass'")
+    _protocol_module(sys.modules[cls.__module__], path)
+    return cls
 
 
 def encode(cfg, params, video, *, chunked: bool = True):
@@ -46,6 +73,14 @@ def param_shapes(cfg) -> dict:
     return module(cfg).param_shapes(cfg)
 
 
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple)
+
+
+def num_params(cfg) -> int:
+    return int(sum(math.prod(s) for s in jax.tree.leaves(param_shapes(cfg), is_leaf=_is_shape)))
+
+
 def random_params(cfg, seed: int) -> dict:
     """`init`'s distribution (fan-in normal kernels, zero biases, unit norm gammas) drawn eagerly with numpy, float32:
     jitting the VAE's init compiles for minutes on a small CPU."""
@@ -57,14 +92,4 @@ def random_params(cfg, seed: int) -> dict:
             return (rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))).astype(np.float32)
         return (np.ones if leaf == "scale" else np.zeros)(shape, np.float32)
 
-    return jax.tree_util.tree_map_with_path(one, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-
-
-def num_params(cfg) -> int:
-    return module(cfg).num_params(cfg)
-
-
-def describe(cfg) -> str:
-    if isinstance(cfg, vae.VaeConfig):
-        return f"Wan VAE architecture, base_dim {cfg.base_dim}"
-    return f"plain conv autoencoder, width {cfg.width}"
+    return jax.tree_util.tree_map_with_path(one, param_shapes(cfg), is_leaf=_is_shape)

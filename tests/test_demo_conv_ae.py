@@ -1,10 +1,16 @@
-"""The demo's plain conv autoencoder (models/conv_ae.py) and the autoencoder interface (models/autoencoders.py)."""
+"""The demo's plain conv autoencoder (demo/conv_ae.py) and the autoencoder protocol it plugs into
+(models/autoencoders.py): production code reaches it only through the "codec" its checkpoints name."""
+import json
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
 from pickstyle_jax import checkpoints
-from pickstyle_jax.models import autoencoders, conv_ae, vae
+from pickstyle_jax.demo import conv_ae
+from pickstyle_jax.models import autoencoders, vae
 
 CFG = conv_ae.ConvAeConfig.named("tiny")
 
@@ -70,19 +76,46 @@ def test_bad_input_says_what_to_fix(params):
         autoencoders.decode(CFG, params, np.zeros((1, 2, 2, 3, 16), np.float32), tile_size=(16, 16))
     with pytest.raises(ValueError, match="width"):
         conv_ae.ConvAeConfig(width=0)
-    with pytest.raises(TypeError, match="not an autoencoder config"):
-        autoencoders.kind(object())
+    with pytest.raises(TypeError, match="not an autoencoder"):
+        autoencoders.encode(object(), params, np.zeros((1, 1, 8, 8, 3), np.float32))
+
+
+def test_the_protocol_finds_each_codec_by_its_config_class():
+    assert autoencoders.module(CFG) is conv_ae and autoencoders.module(vae.VaeConfig.named("tiny")) is vae
+    assert autoencoders.config_path(CFG) == "pickstyle_jax.demo.conv_ae:ConvAeConfig"
+    assert autoencoders.config_class(autoencoders.config_path(CFG)) is conv_ae.ConvAeConfig
+    assert autoencoders.num_params(CFG) == conv_ae.num_params(CFG)
+    for bad in ("pickstyle_jax.demo.no_such_module:X", "pickstyle_jax.demo.conv_ae:NoSuchClass",
+                "pickstyle_jax.demo.conv_ae", "pickstyle_jax.lora:LoraConfig"):
+        with pytest.raises((TypeError, ValueError)):
+            autoencoders.config_class(bad)
 
 
 def test_checkpoint_round_trip_through_load_vae(params, tmp_path):
-    path = checkpoints.save(tmp_path / "ae", CFG, params, kind=autoencoders.kind(CFG))
+    path = checkpoints.save(tmp_path / "ae", CFG, params, kind=checkpoints.AUTOENCODER)
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["kind"] == "vae" and meta["codec"] == "pickstyle_jax.demo.conv_ae:ConvAeConfig"
     cfg, loaded = checkpoints.load_vae(path)
-    assert cfg == CFG and autoencoders.kind(cfg) == "conv_ae"
+    assert cfg == CFG and checkpoints.read_config(path, checkpoints.AUTOENCODER_KINDS) == CFG
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(a, b)
-    assert autoencoders.kind(vae.VaeConfig.named("tiny")) == "vae"
-    checkpoints.save(tmp_path / "lora_like", CFG, params, kind="conv_ae")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"kind": "umt5", "format": 1, "config": {}}\n')
-    with pytest.raises(checkpoints.CheckpointError, match="expected 'vae' or 'conv_ae'"):
+    with pytest.raises(checkpoints.CheckpointError, match="expected 'vae'"):
         checkpoints.load_vae(tmp_path / "other")
+    meta["codec"] = "pickstyle_jax.demo.gone:ConvAeConfig"
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoints.CheckpointError, match="gone"):
+        checkpoints.load_vae(path)
+
+
+def test_loading_a_demo_checkpoint_imports_the_demo_only_then(params, tmp_path):
+    """Production modules import no demo code; loading a checkpoint whose codec is the demo's imports it there."""
+    path = checkpoints.save(tmp_path / "ae", CFG, params, kind=checkpoints.AUTOENCODER)
+    code = ("import sys; from pickstyle_jax import checkpoints; "
+            "before = [m for m in sys.modules if m.startswith('pickstyle_jax.demo')]; "
+            f"cfg, _ = checkpoints.load_vae({str(path)!r}); "
+            "print(before, type(cfg).__module__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-2:] == ["[]", "pickstyle_jax.demo.conv_ae"], r.stdout

@@ -1,14 +1,17 @@
-"""The demo's pretraining stage (pickstyle_jax/pretrain.py) and configs/demo.py."""
+"""The demo's pretraining stage (pickstyle_jax/demo/pretrain.py) and configs/demo.py."""
 import importlib.util
 import json
 import pathlib
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from pickstyle_jax import checkpoints, pretrain, train
+from pickstyle_jax import checkpoints, train
 from pickstyle_jax.data import pipeline
-from pickstyle_jax.models import autoencoders, vae, wan
+from pickstyle_jax.demo import conv_ae, pretrain
+from pickstyle_jax.models import vae, wan
 from tests.conftest import SEED  # the run's seed: printed, replayable with PICKSTYLE_TEST_SEED
 
 CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
@@ -37,7 +40,7 @@ def test_demo_config_loads_locked_and_holds_a_style_out(arg):
     assert wcfg.patch_size == tuple(c.pretrain.dit.patch_size)
     vcfg = pretrain.vae_config(c)
     assert vcfg.spatial_factor == 8 and vcfg.latents_std == (1.0,) * vcfg.z_dim
-    assert autoencoders.kind(vcfg) == "conv_ae" and vcfg.width == c.pretrain.vae_width
+    assert isinstance(vcfg, conv_ae.ConvAeConfig) and vcfg.width == c.pretrain.vae_width
     assert vcfg.latents_mean == (0.0,) * vcfg.z_dim
     pretrain.check_config(c)
     with c.unlocked():
@@ -114,6 +117,25 @@ def test_checkpoints_load_back_and_run(fitted):
     assert meta["pretrain"]["fingerprint"] == pretrain.fingerprint(c)
 
 
+def test_autoencoder_names_its_codec_and_old_checkpoints_are_upgraded(fitted, tmp_path):
+    c, _, _, _ = fitted
+    meta = checkpoints.read_meta(c.model.vae)
+    assert meta["kind"] == "vae" and meta["codec"] == "pickstyle_jax.demo.conv_ae:ConvAeConfig"
+    old = tmp_path / "vae"
+    shutil.copytree(c.model.vae, old)
+    legacy = {**{k: v for k, v in meta.items() if k != "codec"}, "kind": "conv_ae"}  # as written before the codec
+    (old / "config.json").write_text(json.dumps(legacy))
+    with pytest.raises(checkpoints.CheckpointError, match="'conv_ae' checkpoint, expected 'vae'"):
+        checkpoints.load_vae(old)
+    assert pretrain.upgrade_checkpoint(old) and not pretrain.upgrade_checkpoint(old)
+    assert checkpoints.read_meta(old) == meta  # fingerprint and all: the run stays valid
+    (cfg, params), (cfg0, params0) = checkpoints.load_vae(old), checkpoints.load_vae(c.model.vae)
+    assert cfg == cfg0
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)):
+        np.testing.assert_array_equal(a, b)
+    assert not pretrain.upgrade_checkpoint(tmp_path / "nowhere")
+
+
 def test_rerun_skips_and_changed_settings_refit(fitted):
     c, _, _, _ = fitted
     logs = []
@@ -141,6 +163,6 @@ def test_the_wan_autoencoder_trains_through_the_same_step():
         c.pretrain.examples = 1
         c.data.move_prob = 0.0
     vcfg, params, metrics = pretrain.train_autoencoder(c, log=lambda m: None)
-    assert autoencoders.kind(vcfg) == "vae"
+    assert isinstance(vcfg, vae.VaeConfig)
     losses = np.array([row["loss"] for row in metrics["curve"]])
     assert np.all(np.isfinite(losses)) and losses[-2:].mean() < losses[:2].mean(), losses

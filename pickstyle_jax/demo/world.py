@@ -1,6 +1,6 @@
 """Held-out evaluation clips with exact ground truth: the synthetic style world, set in motion.
 
-The training data's synthetic world (data/sources.py) draws still scenes (shaded shapes on a colour gradient) and
+The training data's synthetic world (data/synthetic.py) draws still scenes (shaded shapes on a colour gradient) and
 stylises them with a deterministic style function; training clips get their motion from camera augmentation only.
 Here every object moves on its own, translating and rotating about its centre, and a camera pans, zooms and turns
 slightly on top. Each frame is rendered exactly from the scene description, so
@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-from pickstyle_jax.data.sources import _COLOURS, _SHAPES, SYNTHETIC_STYLES, _shape_mask, _stylise
+from pickstyle_jax.data.synthetic import COLOURS, SHAPES, SYNTHETIC_STYLES, shape_mask, stylise
 
 __all__ = ["Clip", "render_clip", "World", "compose", "invert"]
 
@@ -95,7 +95,7 @@ class _Scene:
 
 
 def _draw_scene(rng: np.random.Generator, frames: int, height: int, width: int) -> _Scene:
-    names = list(_COLOURS)
+    names = list(COLOURS)
     bg_a, bg_b = (names[i] for i in rng.choice(len(names), 2, replace=False))
     theta = float(rng.uniform(0, 2 * np.pi))
     corners = np.array([[0, 0], [0, width - 1], [height - 1, 0], [height - 1, width - 1]], np.float64)
@@ -105,7 +105,7 @@ def _draw_scene(rng: np.random.Generator, frames: int, height: int, width: int) 
     p = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
     shapes, tracks = [], []
     for _ in range(n):
-        kind = _SHAPES[int(rng.integers(len(_SHAPES)))]
+        kind = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = names[int(rng.integers(len(names)))]
         r = float(rng.uniform(0.12, 0.22) * side)
         start = rng.uniform([r, r], [height - r, width - r])
@@ -136,7 +136,7 @@ def _render_frame(scene: _Scene, t: int, height: int, width: int):
     """(image float32 [H, W, 3] before texture rounding, labels int32 [H, W], palette float32 [K+1, 3])."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     wy, wx = _apply(invert(scene.camera[t]), yy, xx)
-    ca, cb = (np.array(_COLOURS[c], np.float32) for c in scene.colours)
+    ca, cb = (np.array(COLOURS[c], np.float32) for c in scene.colours)
     lo, hi = scene.g_range
     g = (np.cos(scene.theta) * wx / width + np.sin(scene.theta) * wy / height - lo) / max(hi - lo, 1e-6)
     g = np.clip(g, 0.0, 1.0).astype(np.float32)[..., None]
@@ -145,9 +145,9 @@ def _render_frame(scene: _Scene, t: int, height: int, width: int):
     palette = [0.6 * (ca + cb) / 2]
     for k, (kind, colour, r) in enumerate(scene.shapes):
         uy, ux = _apply(invert(scene.objects[t, k]), wy, wx)
-        mask = _shape_mask(kind, uy, ux, 0.0, 0.0, r, 0.0)
-        c = np.array(_COLOURS[colour], np.float32)
-        # shading and texture live in the object's frame, so they move with it (as in sources.synthetic_pair,
+        mask = shape_mask(kind, uy, ux, 0.0, 0.0, r, 0.0)
+        c = np.array(COLOURS[colour], np.float32)
+        # shading and texture live in the object's frame, so they move with it (as in synthetic.synthetic_pair,
         # whose highlight sits up-left of the centre)
         shade = (1.1 - 0.5 * np.clip(np.hypot(uy + 0.4 * r, ux + 0.4 * r) / (2 * r), 0, 1)).astype(np.float32)
         body = c * shade[..., None] + _sample_tile(scene.textures[k + 1], uy, ux)
@@ -158,7 +158,7 @@ def _render_frame(scene: _Scene, t: int, height: int, width: int):
 
 
 def _boundary(labels: np.ndarray) -> np.ndarray:
-    """Pixels the style outlines: a 4-neighbour has another label (the same rule as sources._stylise)."""
+    """Pixels the style outlines: a 4-neighbour has another label (the same rule as synthetic.stylise)."""
     e = np.zeros(labels.shape, bool)
     dy, dx = labels[1:] != labels[:-1], labels[:, 1:] != labels[:, :-1]
     e[1:] |= dy
@@ -211,7 +211,7 @@ def render_clip(index: int, frames: int, height: int, width: int, style: str, se
         image, lab, palette = _render_frame(scene, t, height, width)
         src = np.clip(np.round(image), 0, 255).astype(np.uint8)
         sources.append(src)
-        targets.append(_stylise(style, src, lab, palette))
+        targets.append(stylise(style, src, lab, palette))
         labels.append(lab)
     labels = np.stack(labels)
     flow, valid = _flow(scene, labels)
@@ -224,7 +224,7 @@ def render_clip(index: int, frames: int, height: int, width: int, style: str, se
 
 
 class World:
-    """`num_clips` held-out clips; clip i has style styles[i % len(styles)] (as data.sources.Synthetic)."""
+    """`num_clips` held-out clips; clip i has style styles[i % len(styles)] (as data.synthetic.Synthetic)."""
 
     def __init__(self, num_clips: int, frames: int, height: int, width: int,
                  styles=SYNTHETIC_STYLES, seed: int = 0):

@@ -2,8 +2,11 @@
 
 The CPU demo must fit its own autoencoder in a few minutes. At the demo's widths the Wan VAE architecture learns
 slowly (bench/demo_vae.py, 300 steps on the demo world: 16.9 dB on held-out clips, this model 20.5 dB, a PCA code of
-the same size 22.5 dB), so `pretrain` can fit this one instead (config.pretrain.autoencoder = "conv"). It keeps
-everything the rest of the code relies on: pixels [B, 1 + 4k, H, W, 3] in [-1, 1] <-> normalised latents
+the same size 22.5 dB), so demo/pretrain.py can fit this one instead (config.pretrain.autoencoder = "conv"). It
+plugs into production code through models/autoencoders.py's protocol (this module's encode / decode /
+param_shapes): its checkpoints record "codec": "pickstyle_jax.demo.conv_ae:ConvAeConfig", which
+`checkpoints.load_vae` imports, so nothing outside demo/ imports this file. It keeps everything the rest of the
+code relies on: pixels [B, 1 + 4k, H, W, 3] in [-1, 1] <-> normalised latents
 [B, 1 + k, H/8, W/8, z_dim]; frame 0 has a latent frame of its own and each later group of 4 frames shares one, so
 latent frame t depends on pixel frames of its group only (no cross-group mixing, hence no chunk seams); per-channel
 `latents_mean/std` as in VaeConfig. It is not a Wan checkpoint: released weights always use models/vae.py.

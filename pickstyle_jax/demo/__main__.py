@@ -3,22 +3,24 @@
     python -m pickstyle_jax.demo [--workdir out/demo] [--config configs/demo.py] [--clips 8]
 
 Stages (each prints its progress; a rerun skips what is already done for the same settings):
-  1. pretrain   the demo's own tiny base models (pickstyle_jax/pretrain.py) -> WORKDIR/models/{umt5,vae,dit}
+  1. pretrain   the demo's own tiny base models (demo/pretrain.py) -> WORKDIR/models/{umt5,vae,dit}
   2. train      the PickStyle LoRA on the held-out style (pickstyle_jax.train) -> WORKDIR/lora, metrics.jsonl
   3. evaluate   stylise held-out synthetic clips, score them against the exact ground truth and the baselines
-                (pickstyle_jax.evaluate) -> WORKDIR/eval/results.md, the mp4s and PNG strips
+                (demo/evaluate.py) -> WORKDIR/eval/results.md, the mp4s and PNG strips
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+from absl import logging as absl_logging
+
+from pickstyle_jax import files, train
+from pickstyle_jax.demo import evaluate, pretrain
 
 
 class _Clock:
@@ -29,34 +31,6 @@ class _Clock:
         def say(msg: str):
             print(f"[{time.perf_counter() - self.t0:6.1f}s] {stage}: {msg}", flush=True)
         return say
-
-
-def load_config(spec: str):
-    """configs/X.py[:variant] -> its get_config(variant), unlocked so the demo can point it at the workdir."""
-    path, _, arg = str(spec).partition(":")
-    if not Path(path).is_file():
-        raise SystemExit(f"config file {path} not found (run from the repository root, or pass --config)")
-    mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
-
-
-def point_at(config, workdir: Path):
-    """The run's model paths and text cache under WORKDIR (the config's defaults assume out/demo)."""
-    models = workdir / "models"
-    with config.unlocked():
-        for k in ("dit", "vae", "umt5"):
-            config.model[k] = str(models / k)
-        config.text.cache_dir = str(workdir / "text_cache")
-    return config
-
-
-def _import(name: str, what: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise SystemExit(f"{what} ({name}) is not available: {e}. This checkout lacks that stage.") from e
 
 
 def clear_stale_run(workdir: Path, fingerprint: str, say) -> None:
@@ -74,7 +48,7 @@ def clear_stale_run(workdir: Path, fingerprint: str, say) -> None:
             elif p.exists():
                 p.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"pretrain": fingerprint}) + "\n")
+    files.write_json(state, {"pretrain": fingerprint}, indent=None)
 
 
 def _trained(workdir: Path, total_steps: int) -> bool:
@@ -88,7 +62,7 @@ def _trained(workdir: Path, total_steps: int) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pickstyle_jax.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default="out/demo", help="where everything goes (default out/demo)")
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="configs/demo.py[:tiny]")
+    ap.add_argument("--config", default=str(pretrain.DEFAULT_CONFIG), help="configs/demo.py[:tiny]")
     ap.add_argument("--clips", type=int, default=8, help="held-out clips to evaluate (default 8)")
     # The paper's sampler as published (text scale 5, context scale 4, APG), with one change of unit: APG's norm
     # threshold (55) is a norm over the whole latent, set for 81 x 480 x 832 clips; on the demo's 2 x 4 x 6 latent it
@@ -104,14 +78,10 @@ def main(argv=None) -> int:
 
     clock = _Clock()
     workdir = Path(a.workdir).absolute()
-    config = point_at(load_config(a.config), workdir)
-    from absl import logging as absl_logging
-
+    config = pretrain.point_at(pretrain.load_config(a.config), workdir)
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
 
     # 1. base models
-    from pickstyle_jax import pretrain
-
     say = clock.log("pretrain")
     t = time.perf_counter()
     summary = pretrain.run(config, log=say, cache_dir=config.text.cache_dir)
@@ -121,7 +91,6 @@ def main(argv=None) -> int:
     # 2. the LoRA stage, exactly as for real weights
     say = clock.log("train")
     t = time.perf_counter()
-    train = _import("pickstyle_jax.train", "the LoRA trainer")
     if _trained(workdir, int(config.total_steps)):
         say(f"LoRA already trained to step {config.total_steps} in {workdir / 'lora'}: skipping")
     else:
@@ -138,7 +107,6 @@ def main(argv=None) -> int:
     # 3. evaluation on held-out clips
     say = clock.log("evaluate")
     t = time.perf_counter()
-    evaluate = _import("pickstyle_jax.evaluate", "the evaluator")
     evaluate.evaluate(workdir, clips=a.clips, seed=a.seed, text_scale=a.text_scale, context_scale=a.context_scale,
                       apg=a.apg)
     t_eval = time.perf_counter() - t

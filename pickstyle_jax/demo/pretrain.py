@@ -5,7 +5,7 @@ it a style. Tiny random weights do neither, so the demo (configs/demo.py, `pretr
 small base models, then trains the LoRA on them exactly as on real weights:
 
   umT5        a tiny random encoder with the byte tokenizer, frozen: a fixed text featuriser.
-  autoencoder pretrain.autoencoder: "conv" (configs/demo.py), the plain conv autoencoder of models/conv_ae.py with
+  autoencoder pretrain.autoencoder: "conv" (configs/demo.py), the plain conv autoencoder of demo/conv_ae.py with
               the Wan VAE's latent geometry, or "wan", the Wan2.1 VAE architecture at small widths, which learns
               slowly at the demo's sizes (bench/demo_vae.py, 300 steps: 16.9 dB on held-out clips against 20.5 for
               the conv model). Either is trained for reconstruction (L1 + L2, fp32, Adam)
@@ -27,12 +27,13 @@ The held-out style (config.data.synthetic_styles) is seen by none of them. Outpu
 checkpoint dirs (checkpoints.save) at config.model.{dit,vae,umt5}; each config.json carries the fingerprint of the
 settings that made it, and `run` skips the work when all three exist with the current fingerprint.
 
-    python -m pickstyle_jax.pretrain --config=configs/demo.py [--config.pretrain.dit_steps=...]
+    python -m pickstyle_jax.demo.pretrain --config=configs/demo.py [--config.pretrain.dit_steps=...]
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import sys
@@ -46,10 +47,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from pickstyle_jax import checkpoints, flow, text
+from pickstyle_jax import checkpoints, conditioning, files, flow, text
 from pickstyle_jax.data import pipeline
+from pickstyle_jax.demo import conv_ae
 from pickstyle_jax.models import tokenizer as tok_lib
-from pickstyle_jax.models import autoencoders, conv_ae, umt5, vae, wan
+from pickstyle_jax.models import autoencoders, umt5, vae, wan
 
 f32 = jnp.float32
 FORMAT = 3  # bump when the recipe changes, so old checkpoints are refitted
@@ -58,11 +60,33 @@ RECON_PREFIX = "Reconstruct."
 
 # ------------------------------------------------------------------------------------------------ configs
 AUTOENCODERS = ("conv", "wan")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
+
+
+def load_config(spec: str):
+    """configs/X.py[:variant] -> its get_config(variant), unlocked so the demo can point it at the workdir."""
+    path, _, arg = str(spec).partition(":")
+    if not Path(path).is_file():
+        raise SystemExit(f"config file {path} not found (run from the repository root, or pass --config)")
+    mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+def point_at(config, workdir: Path):
+    """The run's model paths and text cache under WORKDIR (the config's defaults assume out/demo)."""
+    models = workdir / "models"
+    with config.unlocked():
+        for k in ("dit", "vae", "umt5"):
+            config.model[k] = str(models / k)
+        config.text.cache_dir = str(workdir / "text_cache")
+    return config
 
 
 def vae_config(config):
     """The autoencoder being trained, with identity normalisation (the measured statistics are set after training):
-    pretrain.autoencoder "conv" (models/conv_ae.py, width vae_width) or "wan" (the Wan VAE architecture,
+    pretrain.autoencoder "conv" (demo/conv_ae.py, width vae_width) or "wan" (the Wan VAE architecture,
     VaeConfig.named(model.vae_variant) with vae_base_dim / vae_res_blocks)."""
     p = config.pretrain
     if p.autoencoder == "conv":
@@ -327,12 +351,6 @@ class _TextRows:
 
 
 # ------------------------------------------------------------------------------------------------ backbone
-def _context(zero, z_src):
-    """[E(0) | E(source) | ones(64)], the context of the LoRA stage and of the sampler."""
-    inactive = jnp.broadcast_to(zero, z_src.shape)
-    return jnp.concatenate([inactive, z_src, jnp.ones(z_src.shape[:-1] + (64,), f32)], axis=-1)
-
-
 def make_dit_step(wcfg: wan.WanConfig, optimizer, grid: flow.Grid):
     """A pure jitted full-parameter flow-matching step (params, opt_state, batch, key) -> (params, opt_state,
     metrics). batch: "target", "source" latents [B, f, h, w, z], "zero" [1, f, h, w, z], "text" [B - n, L, D] and
@@ -346,7 +364,7 @@ def make_dit_step(wcfg: wan.WanConfig, optimizer, grid: flow.Grid):
         sigma, t, w = flow.lookup(grid, flow.draw_index(k_index, b, grid.n))
         eps = jax.random.normal(k_eps, x0.shape, f32)
         x_t, target = flow.noise(x0, eps, sigma)
-        ctx = _context(batch["zero"], batch["source"])
+        ctx = conditioning.vace_context(batch["zero"], batch["source"])  # as the LoRA stage and the sampler
         v = wan.forward(wcfg, params, x_t[:n_text], t[:n_text], batch["text"], ctx[:n_text],
                         text_lens=batch["text_lens"])
         if n_text < b:
@@ -417,16 +435,36 @@ def fit_backbone(config, pairs, rows: _TextRows, log=print):
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def null_text() -> str:
-    """The sampler's CS-CFG null text (Wan's negative prompt)."""
-    from pickstyle_jax import sample
+def describe(vcfg) -> str:
+    if isinstance(vcfg, vae.VaeConfig):
+        return f"Wan VAE architecture, base_dim {vcfg.base_dim}"
+    return f"plain conv autoencoder, width {vcfg.width}"
 
-    return sample.NEGATIVE_PROMPT
+
+LEGACY_KIND = "conv_ae"  # the conv autoencoder's checkpoint kind before checkpoints recorded a "codec"
+
+
+def upgrade_checkpoint(path) -> bool:
+    """A conv autoencoder saved with the old kind "conv_ae" -> kind "vae" naming its codec, rewritten in place (the
+    weights are untouched), so a demo run pretrained before the change loads and keeps its results. True if
+    rewritten."""
+    cfg_file = Path(path) / "config.json"
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("kind") != LEGACY_KIND:
+        return False
+    meta.update(kind=checkpoints.AUTOENCODER, codec=autoencoders.config_path(conv_ae.ConvAeConfig()))
+    files.write_json(cfg_file, meta, sort_keys=True)
+    return True
 
 
 def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bool = False) -> dict:
     """Fits and saves the three base models unless they exist for these settings; returns a summary dict."""
     check_config(config)
+    if upgrade_checkpoint(config.model.vae):
+        log(f"{config.model.vae}: config.json now names its codec (kind 'vae'; the weights are unchanged)")
     if not force and is_done(config):
         log(f"pretrained models found at {Path(config.model.dit).parent} (same settings): skipping pretraining")
         meta = checkpoints.read_meta(config.model.dit)
@@ -446,7 +484,7 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
 
     # 2. autoencoder, then its latent statistics from the clips the backbone trains on
     vcfg = vae_config(config)
-    log(f"autoencoder: {autoencoders.describe(vcfg)}, {autoencoders.num_params(vcfg) / 1e6:.2f} M params, "
+    log(f"autoencoder: {describe(vcfg)}, {autoencoders.num_params(vcfg) / 1e6:.2f} M params, "
         f"{p.vae_steps} steps of batch {p.vae_batch} on {config.data.frames}x{config.data.height}x"
         f"{config.data.width} clips of {', '.join(p.styles)}")
     vcfg, vparams, vae_metrics = train_autoencoder(config, log)
@@ -459,7 +497,7 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
             + ", ".join(f"{k} {v:.1f} dB" for k, v in recon.items()))
 
     # 3. backbone on the cached latent pairs
-    rows = _TextRows(config, tcfg, tparams, tokenizer, cache_dir, pair_captions(pairs), null_text())
+    rows = _TextRows(config, tcfg, tparams, tokenizer, cache_dir, pair_captions(pairs), conditioning.null_prompt())
     log(f"{len(rows.index)} captions + the null text encoded ({rows.rows} / {rows.null_rows} text rows)")
     wcfg = dit_config(config, tcfg.d_model)
     log(f"backbone: Wan-VACE dim {wcfg.dim}, {wcfg.num_layers} blocks, VACE after {wcfg.vace_layers}; "
@@ -470,11 +508,11 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
     summary = {"fingerprint": fp, "seconds": time.perf_counter() - t_start,
                "vae": {k: v for k, v in vae_metrics.items() if k != "curve"},
                "dit": {k: v for k, v in dit_metrics.items() if k != "curve"}}
-    checkpoints.save(config.model.vae, vcfg, vparams, kind=autoencoders.kind(vcfg), extra={"pretrain": summary})
+    checkpoints.save(config.model.vae, vcfg, vparams, kind=checkpoints.AUTOENCODER, extra={"pretrain": summary})
     checkpoints.save(config.model.dit, wcfg, dparams, kind="wan", extra={"pretrain": summary})
     report = {**summary, "vae_curve": vae_metrics["curve"], "dit_curve": dit_metrics["curve"]}
     out = Path(config.model.dit).parent / "pretrain.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    files.write_json(out, report, indent=1)
     log(f"pretraining done in {summary['seconds']:.0f} s: {config.model.vae}, {config.model.dit} ({out})")
     return summary
 

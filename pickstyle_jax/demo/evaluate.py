@@ -1,0 +1,526 @@
+"""The demo's benchmark: measured style transfer on held-out synthetic clips with exact ground truth.
+
+    python -m pickstyle_jax.demo.evaluate --workdir DIR [--clips N] [--ablations] [--seed S] [--out OUT]
+
+DIR is a finished training run: DIR/config.json (the resolved training config: `model.*` checkpoints, tokenizer,
+clip geometry `data.frames/height/width`, the synthetic styles it trained on) and DIR/lora/ (the trained LoRA).
+For the run's style(s) the held-out motion world (`demo.world`: objects translating and rotating on their own under
+a moving camera) renders N source clips with their ground-truth stylisation and exact motion; the trained model
+stylises every source clip once per method:
+
+| row | what it is |
+|---|---|
+| cs_cfg | the PickStyle sampler: three branches, context-style CFG with APG |
+| text_cfg | two branches, text guidance only (mode "text") |
+| no_guidance | one branch, no guidance (mode "none") |
+| copy_source | the output is the source clip itself (a model that does nothing) |
+| per_frame | every frame stylised on its own as a one-frame video with its own noise (the flickering baseline) |
+
+Per row, averaged over clips: psnr and ssim against the ground truth, temporal_error (under the known motion),
+flicker and content against the source, style (distance to reference frames of other scenes in the style), and
+s_per_step: the stylisation's wall time (VAE encode, sampler, decode) per executed sampler step; with
+`--timing warm` (default) compile time is excluded (the first call of every compiled sampler is not timed; with a
+single clip it is rerun once for the timing; results.json says which in settings.s_per_step_excludes_compile).
+A compiled sampler serves one static setting (solver, steps, shift, skip, mode, apg, cache, cache_threshold) and
+clip shape: the guidance scales are call-time inputs of `sample.Sampler`, so all scale pairs share it.
+Definitions: `pickstyle_jax.eval.metrics`. The ground truth's own temporal error, flicker, content and style are
+reported as `reference` (what a perfect stylisation scores).
+
+Writes OUT (default DIR/eval): results.json ({"rows": [...], "reference", "ablations", "settings", "clips",
+"sampler_compiles"}), results.md (the tables), strip_<i>.png per clip (rows: source, cs_cfg, ground truth),
+plot.png (a bar chart per metric), and for the first clip stylised.mp4 (cs_cfg) and side_by_side.mp4
+(source | cs_cfg | ground truth).
+
+`--ablations` adds, on the first `--ablation-clips` clips: the text x context scale grid, skip, APG (on: PickStyle's
+absolute norm threshold; scaled: the same threshold per latent element; off), the 3-branch CS-CFG against the
+2-branch "text" and "text_context" modes, and TeaCache against uncached sampling; every row with its wall time per
+step. The 9 scale pairs run the main cs_cfg row's compiled sampler (no compile of their own); the other tables
+compile once per new static setting (skip 0, 2, 6; the other APG settings; text_context; TeaCache).
+results.json's `sampler_compiles` counts the compiled samplers (static setting x clip shape) the run used.
+
+Base models: a `model.*` path is loaded; an empty one is rebuilt as the training run built it (a random init of
+the named variant from `config.seed`, with the training script's keys), so runs on random backbones evaluate too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import jax
+from PIL import Image, ImageDraw
+
+from pickstyle_jax import checkpoints, errors, files, sample, train_base, video
+from pickstyle_jax.data.synthetic import SYNTHETIC_STYLES
+from pickstyle_jax.demo import world
+from pickstyle_jax.errors import InputError
+from pickstyle_jax.eval import features, metrics
+from pickstyle_jax.guidance import apg_setting
+from pickstyle_jax.models import tokenizer as tok_lib
+from pickstyle_jax.models import umt5, vae, wan
+
+__all__ = ["ROWS", "METRICS", "evaluate", "load_stylizer", "read_run_config", "main"]
+
+# method -> sampler settings over the defaults (None: no sampler)
+ROWS = {"cs_cfg": {"mode": "cs_cfg"}, "text_cfg": {"mode": "text"}, "no_guidance": {"mode": "none"},
+        "copy_source": None, "per_frame": {"mode": "cs_cfg"}}
+METRICS = ("psnr", "ssim", "temporal_error", "flicker", "content", "style")
+_BETTER = {"psnr": "higher", "ssim": "higher", "temporal_error": "lower", "flicker": "lower", "content": "higher",
+           "style": "lower"}
+DEFAULTS = dict(solver="dpm++", steps=20, shift=16.0, skip=4, text_scale=5.0, context_scale=4.0, apg=True,
+                mode="cs_cfg", cache=None, cache_threshold=0.2)
+CALL_TIME = sample.CALL_TIME_SETTINGS  # call-time (traced) inputs of a compiled sampler: one compile for all values
+
+
+def _log(msg: str) -> None:
+    print(f"[evaluate] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def read_run_config(workdir) -> dict:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --workdir must be a training run directory (train.py writes "
+                                f"config.json there when it starts)")
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"{path}: cannot read it as JSON ({e})") from e
+    if not isinstance(run, dict):
+        raise InputError(f"{path}: not a training run's config (a JSON object)")
+    return run
+
+
+def _get(cfg: dict, dotted: str, default=None):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _resolve(path: str, workdir: Path) -> str:
+    """A checkpoint path from config.json: as written (relative to the working directory), else under the run."""
+    if not path or Path(path).exists() or not (workdir / path).exists():
+        return path
+    return str(workdir / path)
+
+
+def load_stylizer(workdir, run: dict | None = None, lora=None):
+    """A `sample.Stylizer` for the run: its base models (loaded or re-initialised as trained) and its LoRA."""
+    workdir = Path(workdir)
+    run = read_run_config(workdir) if run is None else run
+    m = lambda k, d="": _get(run, f"model.{k}", d)  # noqa: E731
+    seed = int(run.get("seed", 0))
+    lora_dir = Path(lora) if lora else workdir / "lora"
+    if not (lora_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no trained LoRA at {lora_dir} (train.py writes DIR/lora/ when it finishes); pass "
+                                f"--lora to evaluate another one")
+    adapters = checkpoints.load_lora(lora_dir)
+    dit, vae_dir, umt5_dir = (_resolve(m(k), workdir) for k in ("dit", "vae", "umt5"))
+    runtime = {k: m(k) for k in ("dtype", "attention") if m(k)}
+    key = jax.random.key(seed)
+    if dit:
+        cfg, params = checkpoints.load_dit(dit, scan_layers=None, dtype=m("param_dtype") or None)  # as saved
+    else:  # as train.py: the named variant, text width from the encoder, the same random draw
+        cfg = wan.WanConfig.named(m("variant"), param_dtype=m("param_dtype") or "float32",
+                                  text_dim=umt5.Umt5Config.named(m("umt5_variant")).d_model)
+        params = train_base.reinit_dit(cfg.replace(scan_layers=False), seed)  # flat; stacked if the variant scans
+        params = wan.stack_layers(cfg, params) if cfg.scan_layers else params
+        _log(f"model.dit is empty: re-initialised {m('variant')!r} from seed {seed} as the training run did")
+    try:
+        cfg = cfg.replace(**runtime)
+    except (TypeError, ValueError) as e:
+        _log(f"keeping the checkpoint's compute settings ({e})")
+    if vae_dir:
+        vcfg, vparams = checkpoints.load_vae(vae_dir)
+    else:
+        vcfg = vae.VaeConfig.named(m("vae_variant"))
+        vparams = jax.jit(lambda k: vae.init(vcfg, k))(jax.random.fold_in(key, 5))
+    if umt5_dir:
+        tcfg, tparams = checkpoints.load_umt5(umt5_dir)
+    else:
+        tcfg = umt5.Umt5Config.named(m("umt5_variant"))
+        tparams = jax.jit(lambda k: umt5.init(tcfg, k))(jax.random.fold_in(key, 4))
+    tok = tok_lib.load_tokenizer(m("tokenizer") or ("bytes" if not umt5_dir else ""))
+    try:
+        return sample.Stylizer(cfg, params, adapters, vcfg, vparams, tcfg, tparams, tok)
+    except sample.CompatibilityError as e:
+        used = ", ".join(f"{k} {v or 'random'}" for k, v in (("lora", lora_dir), ("dit", dit), ("vae", vae_dir),
+                                                              ("umt5", umt5_dir)))
+        raise sample.CompatibilityError(f"{workdir / 'config.json'} ({used}): {e}") from e
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def _compile_key(settings: dict) -> tuple:
+    """The settings that select a compiled sampler (all but the call-time CALL_TIME), sorted: (name, value)."""
+    return tuple(sorted((k, v) for k, v in settings.items() if k not in CALL_TIME))
+
+
+class _Runner:
+    """Stylises clips with the Stylizer, memoising results per (settings, clip) and timing warm calls only.
+
+    A call is cold (it compiles) when its _compile_key and clip shape are new: scale pairs of one static setting
+    share one compile, so only the first call of the first of them is cold."""
+
+    def __init__(self, stylizer, base: dict, timing: str):
+        self.stylizer, self.base, self.timing = stylizer, base, timing
+        self._seen: set = set()
+        self._memo: dict = {}
+        self._warm: dict = {}  # (settings, per_frame) -> warm seconds per clip measured so far
+
+    @property
+    def compiles(self) -> int:
+        """Compiled samplers used so far: distinct (_compile_key, clip shape) of the calls made."""
+        return len(self._seen)
+
+    def _call(self, frames, prompt, settings, seed):
+        key = _compile_key(settings) + (frames.shape,)
+        first = key not in self._seen
+        self._seen.add(key)
+        f, h, w, _ = frames.shape
+        out, info = self.stylizer.run(frames, prompt, size=f"{h}x{w}", max_frames=f, seed=seed, **settings)
+        if out.shape != frames.shape:
+            raise RuntimeError(f"the stylizer returned {out.shape} for a {frames.shape} clip")
+        return out, info["timing"]["sample_s"], first
+
+    def _calls(self, clip, seed: int, per_frame: bool):
+        # per_frame: every frame alone, as a one-frame video with its own noise (its own seed)
+        if per_frame:
+            return [(clip.source[t:t + 1], seed + 7919 * (t + 1)) for t in range(len(clip.source))]
+        return [(clip.source, seed)]
+
+    def stylise(self, clip_index: int, clip, settings: dict, seed: int, per_frame: bool = False):
+        """(frames uint8 [F, H, W, 3], seconds to stylise the clip). Warm timing (the default) leaves out every
+        compiled sampler's first, compiling call: the seconds are None when only such calls were made (see
+        `timed`); cold timing is the plain total."""
+        settings = {**self.base, **settings}
+        memo_key = (tuple(sorted(settings.items())), per_frame, clip_index)
+        if memo_key in self._memo:
+            return self._memo[memo_key]
+        calls = self._calls(clip, seed, per_frame)
+        outs, times, warm = [], [], []
+        for frames, s in calls:
+            o, secs, first = self._call(frames, clip.caption, settings, s)
+            outs.append(o)
+            times.append(secs)
+            if not first:
+                warm.append(secs)
+        if self.timing == "cold":
+            total = float(sum(times))
+        else:
+            total = float(np.mean(warm)) * len(calls) if warm else None
+        if total is not None:
+            self._warm.setdefault(memo_key[:2], []).append(total)
+        self._memo[memo_key] = (np.concatenate(outs), total)
+        return self._memo[memo_key]
+
+    def timed(self, clip, settings: dict, seed: int, per_frame: bool = False) -> float:
+        """Warm seconds to stylise a clip like `clip` with these settings: the mean of those measured so far (on any
+        clip of the same size), else one more call, timed."""
+        settings = {**self.base, **settings}
+        key = (tuple(sorted(settings.items())), per_frame)
+        if not self._warm.get(key):
+            calls = self._calls(clip, seed, per_frame)
+            frames, s = calls[0]
+            self._warm[key] = [self._call(frames, clip.caption, settings, s)[1] * len(calls)]
+        return float(np.mean(self._warm[key]))
+
+
+def _scores(video, clip, reference) -> dict:
+    return {"psnr": metrics.psnr(video, clip.target), "ssim": metrics.ssim(video, clip.target),
+            "temporal_error": metrics.temporal_error(video, clip.flow, clip.valid),
+            "flicker": metrics.flicker(video, clip.source), "content": metrics.content(video, clip.source),
+            "style": metrics.style_distance(video, reference)}
+
+
+def _mean_rows(per_clip: list[dict]) -> dict:
+    keys = [k for k in per_clip[0] if isinstance(per_clip[0][k], (int, float))]
+    return {k: float(np.nanmean([r[k] for r in per_clip])) for k in keys}
+
+
+def _evaluate_setting(runner, clips, refs, settings, seed, per_frame=False, extractor=None):
+    rows, outputs, secs = [], [], []
+    n_exec = int(runner.base["steps"]) - int(settings.get("skip", runner.base["skip"]))
+    for i, clip in enumerate(clips):
+        out, s = runner.stylise(i, clip, settings, seed + i, per_frame=per_frame)
+        r = _scores(out, clip, refs[clip.style])
+        if extractor is not None:
+            r["frame_consistency"] = features.frame_consistency(extractor, out)
+            if hasattr(extractor, "encode_text"):
+                r["text_video"] = features.text_video_score(extractor, out, clip.caption)
+        rows.append(r)
+        outputs.append(out)
+        secs.append(s)
+    warm = [s for s in secs if s is not None]
+    per_clip = float(np.mean(warm)) if warm else runner.timed(clips[0], settings, seed, per_frame)
+    return {**_mean_rows(rows), "s_per_step": per_clip / n_exec, "steps": n_exec}, outputs
+
+
+def _ablations(runner, clips, refs, seed, steps: int) -> dict:
+    base = runner.base
+    grids = {
+        "scales": [{"text_scale": ts, "context_scale": cs} for ts in (1.0, 3.0, 5.0) for cs in (1.0, 2.5, 4.0)],
+        "skip": [{"skip": s} for s in sorted({0, 2, 4, 6}) if s < steps],
+        "apg": [{"apg": True}, {"apg": "scaled"}, {"apg": False}],
+        "modes": [{"mode": "cs_cfg"}, {"mode": "text"}, {"mode": "text_context"}],
+        "cache": [{"cache": None}, {"cache": "teacache", "cache_threshold": float(base["cache_threshold"])}],
+    }
+    out = {}
+    for name, settings_list in grids.items():
+        rows = []
+        for s in settings_list:
+            t0 = time.perf_counter()
+            r, _ = _evaluate_setting(runner, clips, refs, s, seed)
+            rows.append({**{k: v for k, v in s.items()}, **r})
+            _log(f"ablation {name} {s}: psnr {r['psnr']:.2f} temporal {r['temporal_error']:.4f} "
+                 f"({time.perf_counter() - t0:.1f} s)")
+        out[name] = rows
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def _fmt(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        if np.isnan(v):
+            return "nan"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], first: list[str]) -> str:
+    cols = first + [c for c in (*METRICS, "s_per_step", "steps") if c in rows[0]]
+    cols += [c for c in rows[0] if c not in cols]
+    head = [c + (" ↑" if _BETTER.get(c) == "higher" else " ↓" if _BETTER.get(c) == "lower" else "") for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(cols)]
+    def cell(c, v):  # settings read as written (5, 2.5), measurements with fixed precision
+        return f"{v:g}" if c in first and isinstance(v, float) else _fmt(v)
+
+    lines += ["| " + " | ".join(cell(c, r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _markdown(result: dict) -> str:
+    s = result["settings"]
+    parts = [f"# Evaluation of {result['run']}", "",
+             f"{len(result['clips'])} held-out clips ({s['frames']} x {s['height']} x {s['width']}, styles "
+             f"{', '.join(s['styles'])}, world seed {s['seed']}); sampler {s['solver']}, {s['steps']} steps, "
+             f"shift {s['shift']}, skip {s['skip']}, text scale {s['text_scale']}, context scale "
+             f"{s['context_scale']}, APG {_fmt(s['apg'])}. psnr/ssim against the ground truth; temporal_error "
+             f"under the known motion; flicker and content against the source; style = distance to reference "
+             f"frames of the style; s_per_step = wall seconds per executed step ({s['timing']} timing: "
+             f"{_TIMING[s['timing']]}).", "",
+             markdown_table(result["rows"], ["method"]), "",
+             "Ground truth (a perfect stylisation) scores: " +
+             ", ".join(f"{k} {_fmt(v)}" for k, v in result["reference"].items()) + "."]
+    for name, rows in result.get("ablations", {}).items():
+        first = [k for k in rows[0] if k not in (*METRICS, "s_per_step", "steps")]
+        note = [_ABLATION_NOTES[name], ""] if name in _ABLATION_NOTES else []
+        parts += ["", f"## Ablation: {name}", "", *note, markdown_table(rows, first)]
+    return "\n".join(parts) + "\n"
+
+
+_TIMING = {"warm": "each compiled sampler's first, compiling call is not timed",
+           "cold": "plain wall time, including the compile of a compiled sampler's first call"}
+_ABLATION_NOTES = {"scales": "All scale pairs run one compiled sampler (the scales are call-time inputs)."}
+
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (214, 39, 40), (140, 86, 75)]
+
+
+def plot_rows(path, rows: list[dict]) -> Path:
+    """A PNG bar chart: one panel per metric, one bar per method (PIL only; no plotting library needed)."""
+    pw, ph, pad = 220, 180, 28
+    img = Image.new("RGB", (pad + len(METRICS) * (pw + pad), ph + 3 * pad + 14 * len(rows)), "white")
+    d = ImageDraw.Draw(img)
+    for j, m in enumerate(METRICS):
+        x0 = pad + j * (pw + pad)
+        vals = np.array([r.get(m, np.nan) for r in rows], np.float64)
+        top = np.nanmax(np.abs(vals)) if np.isfinite(vals).any() else 1.0
+        top = top if top > 0 else 1.0
+        d.text((x0, 6), f"{m} ({_BETTER[m]} better)", fill="black")
+        d.rectangle([x0, pad, x0 + pw, pad + ph], outline=(180, 180, 180))
+        bw = pw / max(len(rows), 1)
+        for i, v in enumerate(vals):
+            if not np.isfinite(v):
+                continue
+            hgt = (ph - 16) * abs(v) / top
+            bx = x0 + i * bw
+            d.rectangle([bx + 4, pad + ph - hgt, bx + bw - 4, pad + ph], fill=_COLOURS[i % len(_COLOURS)])
+            d.text((bx + 4, pad + ph - hgt - 12), _fmt(float(v)), fill="black")
+    for i, r in enumerate(rows):
+        y = ph + 2 * pad + 14 * i
+        d.rectangle([pad, y + 2, pad + 10, y + 12], fill=_COLOURS[i % len(_COLOURS)])
+        d.text((pad + 16, y), r["method"], fill="black")
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+def _strip(path, rows: list[np.ndarray], n: int = 8) -> Path:
+    """PNG: one row of n evenly spaced frames per video (source / ours / ground truth), 2 px white gaps."""
+    f = len(rows[0])
+    idx = np.unique(np.round(np.linspace(0, f - 1, max(1, min(n, f)))).astype(int))
+    lines = []
+    for v in rows:
+        frames = [np.pad(fr, ((0, 2), (0, 2), (0, 0)), constant_values=255) for fr in v[idx]]
+        lines.append(np.concatenate(frames, axis=1))
+    Image.fromarray(np.concatenate(lines, axis=0)).save(path)
+    return Path(path)
+
+
+def _write_videos(out_dir: Path, clip, ours: np.ndarray, fps: float = 16.0):
+    sbs = np.concatenate([clip.source, ours, clip.target], axis=2)
+    return [video.write(out_dir / "stylized.mp4", ours, fps), video.write(out_dir / "side_by_side.mp4", sbs, fps)]
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def evaluate(workdir, *, clips: int = 2, seed: int = 0, ablations: bool = False, ablation_clips: int = 1,
+             out=None, styles=None, frames=None, height=None, width=None, timing: str = "warm", stylizer=None,
+             extractor=None, lora=None, write_videos: bool = True, **sampler) -> dict:
+    """Runs the evaluation (module docstring) and writes its files; returns the results dict.
+
+    sampler: overrides of DEFAULTS (solver, steps, shift, skip, text_scale, context_scale, apg, cache,
+    cache_threshold). extractor: an optional `eval.features.FeatureExtractor`; its frame consistency (and text-video
+    score if it encodes text) are added to every row. stylizer: a ready `sample.Stylizer` (else built from the run).
+    """
+    workdir = Path(workdir)
+    run = read_run_config(workdir)
+    if timing not in ("warm", "cold"):
+        raise InputError(f"timing must be 'warm' or 'cold', got {timing!r}")
+    unknown = set(sampler) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown sampler settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    base = {**DEFAULTS, **{k: v for k, v in sampler.items() if v is not None}}
+    base["mode"] = "cs_cfg"
+    base["apg"] = apg_setting(base["apg"])  # "on"/"off" -> True/False: one compile per APG setting
+    f = int(frames or _get(run, "data.frames", 0))
+    h, w = int(height or _get(run, "data.height", 0)), int(width or _get(run, "data.width", 0))
+    if f < 1 or (f - 1) % 4:
+        raise InputError(f"clips need 4k + 1 frames (the VAE's rule), got {f}; set --frames")
+    if h < 16 or w < 16 or h % 16 or w % 16:
+        raise InputError(f"clips need height and width that are multiples of 16, got {h}x{w}; set --height/--width")
+    if styles is None:
+        if _get(run, "data.source", "synthetic") != "synthetic":
+            raise InputError(f"the run trained on data.source={_get(run, 'data.source')!r}, which has no synthetic "
+                             f"ground truth; pass --styles with synthetic styles {SYNTHETIC_STYLES}")
+        styles = _get(run, "data.synthetic_styles") or SYNTHETIC_STYLES
+    styles = (styles,) if isinstance(styles, str) else tuple(styles)
+    unknown_styles = [x for x in styles if x not in SYNTHETIC_STYLES]
+    if unknown_styles or not styles:
+        raise InputError(f"--styles {','.join(styles)}: need synthetic styles from {SYNTHETIC_STYLES}")
+    if clips < 1:
+        raise InputError(f"--clips must be >= 1, got {clips}")
+    out_dir = Path(out) if out else workdir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    t_start = time.perf_counter()
+    held_out = world.World(clips, f, h, w, styles=styles, seed=seed)
+    items = [held_out[i] for i in range(clips)]
+    refs = {s: metrics.style_stats(held_out.reference_frames(s, clips=4)) for s in set(c.style for c in items)}
+    _log(f"{clips} held-out clips of {f} x {h} x {w} ({', '.join(styles)}) rendered in "
+         f"{time.perf_counter() - t_start:.1f} s")
+    if stylizer is None:
+        t0 = time.perf_counter()
+        stylizer = load_stylizer(workdir, run, lora=lora)
+        _log(f"models loaded in {time.perf_counter() - t0:.1f} s")
+    runner = _Runner(stylizer, base, timing)
+
+    rows, ours = [], None
+    for method, settings in ROWS.items():
+        t0 = time.perf_counter()
+        if settings is None:
+            per = [_scores(c.source, c, refs[c.style]) for c in items]
+            row = {"method": method, **_mean_rows(per), "s_per_step": 0.0, "steps": 0}
+        else:
+            row, outs = _evaluate_setting(runner, items, refs, settings, seed * 1000, per_frame=method == "per_frame",
+                                          extractor=extractor)
+            row = {"method": method, **row}
+            if method == "cs_cfg":
+                ours = outs
+        rows.append(row)
+        _log(f"{method}: psnr {row['psnr']:.2f} ssim {row['ssim']:.3f} temporal {row['temporal_error']:.4f} "
+             f"flicker {row['flicker']:.4f} content {row['content']:.3f} ({time.perf_counter() - t0:.1f} s)")
+    reference = _mean_rows([{k: v for k, v in _scores(c.target, c, refs[c.style]).items()
+                             if k in ("temporal_error", "flicker", "content", "style")} for c in items])
+
+    result = {"rows": rows, "reference": reference, "run": str(workdir),
+              "settings": {**base, "frames": f, "height": h, "width": w, "styles": list(styles), "seed": seed,
+                           "clips": clips, "timing": timing, "s_per_step_excludes_compile": timing == "warm"},
+              "clips": [{"id": c.id, "style": c.style, "caption": c.caption} for c in items]}
+    if ablations:
+        result["ablations"] = _ablations(runner, items[:max(1, ablation_clips)], refs, seed * 1000, int(base["steps"]))
+    result["sampler_compiles"] = runner.compiles
+
+    for i, (c, o) in enumerate(zip(items, ours)):
+        _strip(out_dir / f"strip_{i}.png", [c.source, o, c.target])
+    plot_rows(out_dir / "plot.png", rows)
+    if write_videos:
+        _write_videos(out_dir, items[0], ours[0])
+    files.write_json(out_dir / "results.json", _json_safe(result))
+    files.write_text(out_dir / "results.md", _markdown(result))
+    _log(f"wrote {out_dir} in {time.perf_counter() - t_start:.1f} s")
+    return result
+
+
+def _json_safe(x):
+    """NaN (no valid pixel) becomes null: strict JSON has no NaN."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pickstyle_jax.demo.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="a finished training run (config.json, lora/)")
+    p.add_argument("--clips", type=int, default=2, help="held-out clips (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="held-out world seed; sampler seeds derive from it")
+    p.add_argument("--ablations", action="store_true", help="also run the ablation tables")
+    p.add_argument("--ablation-clips", type=int, default=1)
+    p.add_argument("--out", default=None, help="output folder (default WORKDIR/eval)")
+    p.add_argument("--lora", default=None, help="LoRA checkpoint dir (default WORKDIR/lora)")
+    p.add_argument("--styles", default=None, help="comma-separated synthetic styles (default: the run's)")
+    p.add_argument("--frames", type=int, default=None, help="clip frames, 4k + 1 (default: the run's)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--timing", choices=("warm", "cold"), default="warm",
+                   help="warm: exclude compile time from s_per_step (reruns one call per setting if needed)")
+    p.add_argument("--solver", default=None, choices=("dpm++", "unipc", "euler"))
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--shift", type=float, default=None)
+    p.add_argument("--skip", type=int, default=None)
+    p.add_argument("--text-scale", type=float, default=None)
+    p.add_argument("--context-scale", type=float, default=None)
+    p.add_argument("--apg", choices=("on", "scaled", "off"), default=None,
+                   help="APG: on (norm threshold 55 at any size, as PickStyle), scaled (the threshold per latent "
+                        "element: 55 at 81 x 480 x 832), off (default: on)")
+    p.add_argument("--no-apg", action="store_true", help="the same as --apg off")
+    p.add_argument("--no-videos", action="store_true", help="skip the mp4 files")
+    errors.add_verbose_argument(p)
+    a = p.parse_args(argv)
+    try:
+        result = evaluate(a.workdir, clips=a.clips, seed=a.seed, ablations=a.ablations, ablation_clips=a.ablation_clips,
+                          out=a.out, lora=a.lora, styles=a.styles.split(",") if a.styles else None,
+                          frames=a.frames, height=a.height, width=a.width, timing=a.timing,
+                          write_videos=not a.no_videos, solver=a.solver, steps=a.steps, shift=a.shift, skip=a.skip,
+                          text_scale=a.text_scale, context_scale=a.context_scale, apg="off" if a.no_apg else a.apg)
+    except Exception as e:  # noqa: BLE001 -- report() re-raises all but user errors
+        return errors.report(e, a.verbose)
+    print(markdown_table(result["rows"], ["method"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
