@@ -1,4 +1,4 @@
-"""Paired-image sources (PICKSTYLE.md §8.1): Grain `RandomAccessDataSource`s returning one pair per index.
+"""Paired-image sources (docs/REFERENCE.md §8): Grain `RandomAccessDataSource`s returning one pair per index.
 
 Every record is {"source": uint8 [h, w, 3], "target": uint8 [h, w, 3] (original sizes, alpha dropped),
 "caption": str, "style": str, "id": str}. Resizing and motion happen later, in the pipeline.
