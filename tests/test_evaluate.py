@@ -1,9 +1,8 @@
 """The production evaluate CLI (`python -m pickstyle_jax.evaluate --source IN --stylized OUT`, eval/cli.py) on a real
 mp4 pair: its numbers are the metric functions' on the decoded frames, bad input is one line and exit 2, the old
-`--workdir` form names the demo's benchmark; and no production module reaches pickstyle_jax/demo/."""
-import ast
+`--workdir` form names the demo's benchmark. (tests/test_imports.py checks that no production module reaches
+pickstyle_jax/demo/.)"""
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -15,7 +14,6 @@ from pickstyle_jax.errors import TRACEBACK_ENV, InputError
 from pickstyle_jax.eval import cli, metrics
 
 F, H, W = 9, 32, 48
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "pickstyle_jax"
 
 
 def _clips(rng):
@@ -103,57 +101,3 @@ def test_the_old_workdir_form_imports_no_demo_code(tmp_path):
     assert r.stdout.strip() == "2 []", (r.stdout, r.stderr)
     assert "python -m pickstyle_jax.demo.evaluate --workdir run" in r.stderr
 
-
-def _module_name(path: pathlib.Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _imports(path: pathlib.Path, modules: set) -> set:
-    """The pickstyle_jax modules `path` imports anywhere in its body (functions too): static, not executed."""
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-        else:
-            continue
-        for t in targets:
-            while t and t not in modules:  # `import a.b.c` of a name inside a module: the module
-                t = t.rpartition(".")[0]
-            parts = t.split(".")
-            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in modules)
-    return found
-
-
-def test_no_production_module_reaches_the_demo():
-    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    modules = set(files)
-    graph = {m: _imports(p, modules) for m, p in files.items()}
-    assert "pickstyle_jax.demo.conv_ae" in graph["pickstyle_jax.demo.pretrain"]  # the scan sees imports
-    demo = {m for m in modules if m == "pickstyle_jax.demo" or m.startswith("pickstyle_jax.demo.")}
-    bad = {}
-    for start in sorted(modules - demo):
-        seen, todo, parent = {start}, [start], {start: None}
-        while todo:
-            m = todo.pop()
-            for n in graph[m]:
-                if n not in seen:
-                    seen.add(n)
-                    parent[n] = m
-                    todo.append(n)
-        hit = sorted(seen & demo)
-        if hit:
-            chain, m = [], hit[0]
-            while m is not None:
-                chain.append(m)
-                m = parent[m]
-            bad[start] = " <- ".join(chain)
-    assert not bad, bad
