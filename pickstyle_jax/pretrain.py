@@ -419,9 +419,9 @@ def fit_backbone(config, pairs, rows: _TextRows, log=print):
 # ------------------------------------------------------------------------------------------------ driver
 def null_text() -> str:
     """The sampler's CS-CFG null text (Wan's negative prompt)."""
-    from pickstyle_jax import sample
+    from pickstyle_jax import conditioning
 
-    return sample.NEGATIVE_PROMPT
+    return conditioning.null_prompt()
 
 
 def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bool = False) -> dict:
