@@ -11,8 +11,8 @@ ones are truncated with a warning) is checked first, and the outputs are written
 failed run leaves nothing at --out.
 
 Duration: the output lasts as long as the input and plays at its speed, by default and with --long chunked.
-By default (--frame-rule keep) the clip is resampled to the model's 16 fps: one window of the nearest 4k + 1 frames when that fits
---max-frames, else overlapping windows of --max-frames covering the whole clip (a 10 s clip gives 160 frames, never
+By default (--frame-rule keep) the clip is resampled to the model's 16 fps: one window of the nearest 4k + 1 frames
+when that fits --max-frames, else overlapping windows of --max-frames covering the whole clip (a 10 s clip gives 160 frames, never
 5 s); it is written at the rate that keeps the duration exact (33 frames at 30 fps -> 17 frames at 15.45 fps).
 --long chunked keeps every source frame and the source's rate, in windows. --frame-rule official is the paper's
 rule and the one that changes the duration: every clip resampled to --max-frames (81) frames at 16 fps. A source

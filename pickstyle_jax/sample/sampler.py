@@ -9,13 +9,13 @@
 step function `_sample_step` over the executed steps k = skip .. steps-1, carrying a `SamplerState` (latents, solver
 history, APG momentum, TeaCache). Each step runs every guidance branch as one batched DiT forward (batch
 n_branches * B, branch-major), combines them with `guidance`, and takes a solver step. The static settings are one
-frozen `_Plan`; the run's fixed inputs (weights, text, context, keys) one `_Inputs` pytree; the guidance scales
-are arguments of the step, never closed over. Parameters, adapters and inputs are
-arguments, never closed-over constants, so one compile serves any weights, and the function can be called from
-jitted user code or exported (`jax.export`). The guidance scales are traced inputs too (f32[] scalars;
-make_sampler's values are only the call-time defaults), so one compile serves any scales; everything else
-make_sampler takes (solver, steps, skip, mode, apg, cache, ...) is static and compiled in (`settings.CALL_TIME`
-says which are which). The defaults are `SamplerSettings`'.
+frozen `_Plan` bound into the jitted function; the run's fixed inputs (weights, text, context, keys) are one
+`_Inputs` pytree and the guidance scales two f32[] values, both passed to the step as arguments. Parameters,
+adapters and inputs are arguments of the jitted function, never closed-over constants, so one compile serves any
+weights, and the function can be called from jitted user code or exported (`jax.export`). The guidance scales are
+traced inputs too (make_sampler's values are only the call-time defaults), so one compile serves any scales;
+everything else make_sampler takes (solver, steps, skip, mode, apg, cache, ...) is static and compiled in
+(`settings.CALL_TIME` names the call-time settings once for the package). The defaults are `SamplerSettings`'.
 
 Branches (mode "cs_cfg"): v_c = v(text, z), v_nt = v(null text, z), v_n = v(null text, z~), where z~ permutes the
 context's latent frames, rows and columns with three independent permutations shared by all 96 channels, drawn

@@ -5,9 +5,9 @@ run on config.json and the small LoRA before the big weights are read.
 
 One clip: frames picked and resized as `sizing.plan` says, VAE-encoded to E(src); context [E(0) | E(src) | ones]
 with E(0) the latents of an all-zero video (cached per shape); null text the umT5 rows of Wan's negative prompt
-(cached); every one of these from `conditioning`; the sampler's latents decoded and rounded to uint8. The output lasts as long as the source: `sizing.plan`
-picks its frames (resampled to 16 fps by default) and the rate to write them at. A clip longer than one window is
-covered by overlapping windows (`sizing.windows`, the last one ending at the clip's end): window i samples with
+(cached); the sampler's latents decoded and rounded to uint8 (pixels, E(0), the context and the null prompt are
+`conditioning`'s). The output lasts as long as the source: `sizing.plan` picks its frames (resampled to 16 fps by
+default) and the rate to write them at. A clip longer than one window is covered by overlapping windows (`sizing.windows`, the last one ending at the clip's end): window i samples with
 fold_in(key, i), its first latent frames pinned to the result so far on the frames it shares (`keep_latents`), the
 pinned frames cross-faded linearly.
 """
