@@ -19,6 +19,7 @@ multiply-add; LoRA, guidance and solver arithmetic not counted). MFU = floor / (
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -91,7 +92,9 @@ def main(argv=None):
     t0 = time.perf_counter()
     compiled = sampler.lower(*call).compile() if hasattr(sampler, "lower") else None
     compile_s = time.perf_counter() - t0
-    fn = compiled if compiled is not None else sampler
+    # jax's Compiled takes the traced guidance scales explicitly (the Sampler fills in its defaults itself)
+    scales = dict(text_scale=sampler.text_scale, context_scale=sampler.context_scale)
+    fn = functools.partial(compiled, **scales) if compiled is not None else sampler
     out = jax.block_until_ready(fn(*call))  # warm-up (and the compile when the sampler has no .lower)
     if compiled is None:
         compile_s = time.perf_counter() - t0

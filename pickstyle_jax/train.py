@@ -501,7 +501,7 @@ def _check_path(config, key):
 def _check_checkpoints(config):
     """The DiT, VAE and text encoder the run would use (checkpoints or the named random variants) fit together;
     from config.json files only, before any weight is read."""
-    from pickstyle_jax.stylizer import CompatibilityError, check_compatible
+    from pickstyle_jax.sample import CompatibilityError, check_compatible
 
     found = {key: _check_path(config, key) for key in ("dit", "vae", "umt5")}
     wcfg, vcfg, tcfg, _ = model_configs(config)

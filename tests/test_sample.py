@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pickstyle_jax import guidance, lora, sample, schedulers
+from pickstyle_jax import conditioning, guidance, lora, sample, schedulers
+from pickstyle_jax.sample import sampler as sampler_lib
 from pickstyle_jax.models import vae, wan
 from tests.conftest import SEED  # printed, replayable with PICKSTYLE_TEST_SEED
 
@@ -177,7 +178,8 @@ def _pattern(threshold, e0s):
     """Which executed steps TeaCache's rule computes for a sequence of time modulations e0."""
     tc, out = {"e0": jnp.zeros_like(e0s[0]), "acc": jnp.zeros(())}, []
     for i, e0 in enumerate(e0s):
-        compute, acc = sample._teacache_decide(tc, e0, i, len(e0s), threshold, sample.TEACACHE_POLY_14B)
+        compute, acc = sampler_lib.teacache_decide(tc["e0"], tc["acc"], e0, i, len(e0s), threshold,
+                                                   sampler_lib.TEACACHE_POLY_14B)
         tc = {"e0": e0, "acc": acc}
         out.append(bool(compute))
     return out
@@ -191,7 +193,7 @@ def test_teacache_rule():
     # e0 that does not change: the polynomial's constant term (-0.042) makes the accumulator negative, so
     # `acc >= 0` alone skips; the rule says a threshold <= 0 never skips
     still = [jnp.full((6,), 1.0)] * 9
-    assert sample.TEACACHE_POLY_14B[-1] < 0
+    assert sampler_lib.TEACACHE_POLY_14B[-1] < 0
     assert _pattern(0.0, still) == _pattern(-1.0, still) == [True] * 9
     assert _pattern(1e-3, still) == [True] * 5 + [False] * 3 + [True]
 
@@ -348,11 +350,12 @@ def test_input_errors(world):
 
 
 def test_negative_prompt():
-    assert sample.NEGATIVE_PROMPT.startswith("色调艳丽，过曝，静态") and sample.NEGATIVE_PROMPT.endswith("倒着走")
+    prompt = conditioning.null_prompt()
+    assert prompt.startswith("色调艳丽，过曝，静态") and prompt.endswith("倒着走")
     if SHARED_PROMPT.is_file():
-        packaged = Path(sample.__file__).with_name("wan_negative_prompt.txt").read_bytes()
+        packaged = Path(conditioning.__file__).with_name("wan_negative_prompt.txt").read_bytes()
         assert packaged == SHARED_PROMPT.read_bytes()
-        assert sample.NEGATIVE_PROMPT == SHARED_PROMPT.read_text(encoding="utf-8").rstrip("\n")
+        assert prompt == SHARED_PROMPT.read_text(encoding="utf-8").rstrip("\n")
 
 
 _MESH_CHILD = textwrap.dedent("""

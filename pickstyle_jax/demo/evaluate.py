@@ -22,7 +22,7 @@ s_per_step: the stylisation's wall time (VAE encode, sampler, decode) per execut
 `--timing warm` (default) compile time is excluded (the first call of every compiled sampler is not timed; with a
 single clip it is rerun once for the timing; results.json says which in settings.s_per_step_excludes_compile).
 A compiled sampler serves one static setting (solver, steps, shift, skip, mode, apg, cache, cache_threshold) and
-clip shape: the guidance scales are call-time inputs of `sample.Sampler`, so all scale pairs share it.
+clip shape: the guidance scales are call-time inputs of `sample.Sampler` (`CALL_TIME`), so all scale pairs share it.
 Definitions: `pickstyle_jax.eval.metrics`. The ground truth's own temporal error, flicker, content and style are
 reported as `reference` (what a perfect stylisation scores).
 
@@ -62,6 +62,7 @@ from pickstyle_jax.eval import features, metrics
 from pickstyle_jax.guidance import apg_setting
 from pickstyle_jax.models import tokenizer as tok_lib
 from pickstyle_jax.models import umt5, vae, wan
+from pickstyle_jax.sample.settings import CALL_TIME, SamplerSettings
 
 __all__ = ["ROWS", "METRICS", "evaluate", "load_stylizer", "read_run_config", "main"]
 
@@ -71,9 +72,7 @@ ROWS = {"cs_cfg": {"mode": "cs_cfg"}, "text_cfg": {"mode": "text"}, "no_guidance
 METRICS = ("psnr", "ssim", "temporal_error", "flicker", "content", "style")
 _BETTER = {"psnr": "higher", "ssim": "higher", "temporal_error": "lower", "flicker": "lower", "content": "higher",
            "style": "lower"}
-DEFAULTS = dict(solver="dpm++", steps=20, shift=16.0, skip=4, text_scale=5.0, context_scale=4.0, apg=True,
-                mode="cs_cfg", cache=None, cache_threshold=0.2)
-CALL_TIME = sample.CALL_TIME_SETTINGS  # call-time (traced) inputs of a compiled sampler: one compile for all values
+DEFAULTS = SamplerSettings().sampler_kwargs()  # make_sampler's settings, the paper's defaults
 
 
 def _log(msg: str) -> None:
