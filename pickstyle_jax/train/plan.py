@@ -2,11 +2,13 @@
 
     python -m pickstyle_jax.plan --config=configs/pickstyle.py --devices=32 [--config.key=value ...]
 
-Builds the real train step (train.py) on N host CPU devices with abstract inputs (jax.ShapeDtypeStruct carrying
-their shardings: no weight is allocated), AOT-compiles it and prints the mesh, the sharding of the largest arrays,
-the compile time and XLA's per-device memory plan. The last stdout line is one JSON object:
+Builds the real train step (step.py) on N host CPU devices with abstract inputs (`setup.abstract_state`, the
+jax.ShapeDtypeStructs carrying their shardings that training places its arrays by: no weight is allocated),
+AOT-compiles it and prints the mesh, the sharding of the largest arrays, the compile time and XLA's per-device memory
+plan. The last stdout line is one JSON object:
 {"devices", "mesh", "param_bytes_per_device", "optimizer_bytes_per_device", "temp_bytes_per_device",
  "peak_bytes_per_device", "compile_s"}.
+The entry point pickstyle_jax/plan.py makes the N host devices (XLA_FLAGS) before JAX starts, then calls `main`.
 
 The plan is XLA:CPU's, for the same program a GPU or TPU would run, except the attention kernel: cuDNN flash and
 splash do not lower on CPU, so those configs are planned with the "chunked" path (query blocks with an online
@@ -14,36 +16,19 @@ softmax over key blocks), whose memory is of the same order as a flash kernel's.
 """
 from __future__ import annotations
 
-import os
-import sys
+import json
+import math
+import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-def _devices_from_argv(argv) -> int:
-    for i, a in enumerate(argv):
-        if a.startswith("--devices="):
-            return int(a.split("=", 1)[1])
-        if a == "--devices" and i + 1 < len(argv):
-            return int(argv[i + 1])
-    return 8
+from pickstyle_jax import errors, sharding
+from pickstyle_jax.models import autoencoders, wan
+from pickstyle_jax.train import setup as setup_lib, step as step_lib
 
-
-if __name__ == "__main__":  # before JAX starts: N host devices
-    _n = _devices_from_argv(sys.argv)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_n}").strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import functools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pickstyle_jax import lora as lora_lib, sharding, train  # noqa: E402
-from pickstyle_jax.models import autoencoders, wan  # noqa: E402
+__all__ = ["plan", "main"]
 
 _HOST_KERNELS = {"cudnn": "chunked", "splash": "chunked", "auto": "chunked"}
 
@@ -56,42 +41,31 @@ def _bytes_per_device(tree) -> int:
     return int(total)
 
 
-def _abstract(shapes, shardings):
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 def plan(config, n_devices: int) -> dict:
     """Compiles the step for `config` on the current (simulated) devices; returns the JSON fields."""
-    mesh_shape = train.check_config(config, n_devices=n_devices)
+    mesh_shape = setup_lib.check_config(config, n_devices=n_devices)
     rules = sharding.normalize_rules(config.rules)
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n_devices])
-    wcfg, vcfg, _, lcfg = train.model_configs(config)
+    wcfg, vcfg, _, lcfg = setup_lib.model_configs(config)
     if wcfg.attention in _HOST_KERNELS and jax.default_backend() == "cpu":
         print(f"attention {wcfg.attention!r} does not lower on CPU: planning with "
               f"{_HOST_KERNELS[wcfg.attention]!r}", flush=True)
         # key blocks too (online softmax): [B, N, 1024, 1024] logits at a time, the working set of a flash kernel
         wcfg = wcfg.replace(attention=_HOST_KERNELS[wcfg.attention], attention_chunk=1024, attention_kv_chunk=1024)
-    setup = train.setup_from_config(config, wcfg, vcfg, lcfg)
+    cfg = step_lib.step_config(config, wcfg, vcfg, lcfg)
     rep = sharding.replicated(mesh)
 
-    dit = _abstract(wan.param_shapes(wcfg),
-                    sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, wan.param_shapes(wcfg)))
+    dit_shapes = wan.param_shapes(wcfg)
+    dit_sh = sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, dit_shapes)
+    dit = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), dit_shapes, dit_sh)
     vshapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep),
                            autoencoders.param_shapes(vcfg), is_leaf=lambda x: isinstance(x, tuple))
     d = config.data
     zshape = (1, 1 + (d.frames - 1) // vcfg.temporal_factor, d.height // vcfg.spatial_factor,
               d.width // vcfg.spatial_factor, vcfg.z_dim)
     base = {"dit": dit, "vae": vshapes, "zero_latent": jax.ShapeDtypeStruct(zshape, jnp.float32, sharding=rep)}
-
-    flat = train.wan_unstacked(wcfg)
-    lora_shapes = jax.eval_shape(lambda: lora_lib.init(lcfg, wan.param_shapes(flat), jax.random.key(0)).params)
-    lora_sh = sharding.tree_shardings(train.lora_axes(lcfg, wcfg, lora_shapes), mesh, rules, lora_shapes)
-    state_shapes = jax.eval_shape(functools.partial(train.init_state, setup), lora_shapes)
-    state = _abstract(state_shapes, train.state_shardings(state_shapes, lora_sh, mesh))
-    bshapes = train.batch_shapes(config, wcfg, int(config.text.text_len))
-    batch_sh = {k: sharding.batch_sharding(mesh, len(v.shape), rules) for k, v in bshapes.items()}
-    batch = _abstract(bshapes, batch_sh)
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+    abstract = setup_lib.abstract_state(config, cfg, mesh, rules, int(config.text.text_len))
+    state, batch = abstract.state, abstract.batch
 
     print(f"mesh {dict(mesh.shape)} on {n_devices} simulated devices; model {config.model.variant} "
           f"({wcfg.param_dtype} weights, {wcfg.dtype} compute, attention {wcfg.attention}, remat "
@@ -106,9 +80,8 @@ def plan(config, n_devices: int) -> dict:
 
     t0 = time.perf_counter()
     with sharding.rules_context(mesh, rules):
-        compiled = train.jit_train_step(setup, mesh, rules, jax.tree.map(lambda x: x.sharding, base),
-                                        jax.tree.map(lambda x: x.sharding, state), batch_sh).lower(
-            base, state, batch, key).compile()
+        compiled = step_lib.jit_train_step(cfg, mesh, abstract.shardings(base), abstract.shardings(state),
+                                           abstract.shardings(batch)).lower(base, state, batch, abstract.key).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     temp = int(mem.temp_size_in_bytes)
@@ -127,10 +100,8 @@ def plan(config, n_devices: int) -> dict:
 def main(argv=None):
     """The command line (module docstring). Bad input ends in one line `error: ...` and exit status 2 (errors.py);
     --verbose or PICKSTYLE_TRACEBACK=1 shows the traceback."""
-    from absl import app, flags
+    from absl import app, flags  # the command line's own dependencies, not the library's
     from ml_collections import config_flags
-
-    from pickstyle_jax import errors
 
     config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:variant])", lock_config=True)
     flags.DEFINE_integer("devices", 8, "number of simulated devices")
@@ -148,7 +119,3 @@ def main(argv=None):
         print(json.dumps(plan(config, n)), flush=True)
 
     errors.absl_run(_main, argv)
-
-
-if __name__ == "__main__":
-    main()
