@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     # 2. the LoRA stage, exactly as for real weights
     say = clock.log("train")
     t = time.perf_counter()
-    train = _import("pickstyle_jax.train", "the LoRA trainer")
+    train = _import("pickstyle_jax.train.loop", "the LoRA trainer")
     if _trained(workdir, int(config.total_steps)):
         say(f"LoRA already trained to step {config.total_steps} in {workdir / 'lora'}: skipping")
     else:

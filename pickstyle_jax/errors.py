@@ -31,8 +31,8 @@ USER_ERRORS = (
     "pickstyle_jax.data.sources.DataError",          # training data: unreadable images, pairing, captions
     "pickstyle_jax.checkpoints.CheckpointError",     # missing, incomplete, unreadable or wrong-kind checkpoint
     "pickstyle_jax.stylizer.CompatibilityError",     # checkpoints of different variants
-    "pickstyle_jax.train.ConfigError",
-    "pickstyle_jax.train.LossNotFinite",             # names the step and the checkpoint to resume from
+    "pickstyle_jax.train.setup.ConfigError",
+    "pickstyle_jax.train.loop.LossNotFinite",            # names the step and the checkpoint to resume from
     "pickstyle_jax.sharding.ShardingError",          # a mesh the config's rules cannot use
     "pickstyle_jax.video.VideoError",
     "pickstyle_jax.guidance.ApgSettingError",

@@ -128,7 +128,7 @@ def load_stylizer(workdir, run: dict | None = None, lora=None):
     if dit:
         cfg, params = checkpoints.load_dit(dit, scan_layers=None, dtype=m("param_dtype") or None)  # as saved
     else:  # as train.py: the named variant, text width from the encoder, the same random draw
-        from pickstyle_jax import train_base
+        from pickstyle_jax.train import base as train_base
 
         cfg = wan.WanConfig.named(m("variant"), param_dtype=m("param_dtype") or "float32",
                                   text_dim=umt5.Umt5Config.named(m("umt5_variant")).d_model)

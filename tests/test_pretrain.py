@@ -6,8 +6,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from pickstyle_jax import checkpoints, pretrain, train
-from pickstyle_jax.data import pipeline
+from pickstyle_jax import checkpoints, pretrain
+from pickstyle_jax.train import config as train_config
 from pickstyle_jax.models import autoencoders, vae, wan
 from tests.conftest import SEED  # the run's seed: printed, replayable with PICKSTYLE_TEST_SEED
 
@@ -28,8 +28,8 @@ def test_demo_config_loads_locked_and_holds_a_style_out(arg):
         c.no_such_key = 1
     with pytest.raises(AttributeError):
         c.pretrain.no_such_key = 1
-    assert set(c.data.keys()) == set(pipeline.default_config().keys())
-    assert set(train.default_config().keys()) <= set(c.keys())
+    assert set(c.data.keys()) == set(train_config.data_config().keys())
+    assert set(train_config.default_config().keys()) <= set(c.keys())
     assert not set(c.pretrain.styles) & set(c.data.synthetic_styles)
     assert c.model.tokenizer == "bytes"
     wcfg = pretrain.dit_config(c, text_dim=64)
