@@ -4,7 +4,7 @@ Both sides, fp32, same random weights (the diffusers model's, mapped into our tr
   DiT       Wan VACE, D 256, FFN 1024, 2 heads, 4 blocks, VACE at 0 and 2, text 32 rows of width 256
   batch     2 samples of latents 3x16x16 (192 tokens each) + VACE context [.., 96] + text; no VAE
   LoRA      rank 16, alpha 16, on the VACE blocks' self-attention q/k/v (ours: lora.Lora; torch: peft)
-  loss      flow matching as pickstyle_jax/train/step.py: index i ~ U{0..999} on the shift-5 grid, x_t = (1 - sigma) x0 + sigma eps,
+  loss      flow matching as train/step.py: index i ~ U{0..999} on the shift-5 grid, x_t = (1 - sigma) x0 + sigma eps,
             target eps - x0, loss = mean_b(w_b * mse_b) with the grid's weights
   update    gradient w.r.t. the LoRA only, global-norm clip 1.0, AdamW (lr 5.6e-4, betas 0.9/0.999, eps 1e-8,
             weight decay 0.01): train.step.make_optimizer on ours, torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW
