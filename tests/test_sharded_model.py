@@ -24,7 +24,7 @@ _PRELUDE = textwrap.dedent("""
     jax.config.update("jax_default_matmul_precision", "highest")
     from absl import flags; flags.FLAGS.mark_as_parsed()
     from pickstyle_jax import lora, sharding
-    from pickstyle_jax.train import setup, step
+    from pickstyle_jax.train import setup, step as step_lib
     from pickstyle_jax.models import wan
     seed = int(sys.argv[2])
     rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-30))
@@ -74,7 +74,7 @@ _MODEL = _PRELUDE + textwrap.dedent("""
         p = wan.stack_layers(cfg, params) if case["scan"] else params
         p = jax.device_put(p, sharding.tree_shardings(wan.param_axes(c), mesh, sharding.DEFAULT_RULES,
                                                       wan.param_shapes(c)))
-        lora_sh = sharding.tree_shardings(step.lora_axes(lcfg, cfg, adapters.params), mesh, sharding.DEFAULT_RULES,
+        lora_sh = sharding.tree_shardings(step_lib.lora_axes(lcfg, cfg, adapters.params), mesh, sharding.DEFAULT_RULES,
                                           adapters.params)
         ad = jax.device_put(adapters, lora.Lora(lora_sh, lcfg))
         put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim) if case["batch"] else
@@ -101,11 +101,12 @@ _TRAIN = _PRELUDE + textwrap.dedent("""
     c.seed, c.model.scan_layers, c.data.batch_size = seed, sys.argv[4] == "1", 4
     c.mesh.update(dict(data=2, fsdp=2, tensor=2))
     tr = setup.prepare(c, sys.argv[3])
-    state = {**tr.state, "lora": jax.device_put(random_b(tr.state["lora"], jax.random.key(seed)), tr.abstract.shardings(tr.abstract.lora))}
+    lora_sh = tr.abstract.shardings(tr.abstract.lora)
+    state = {**tr.state, "lora": jax.device_put(random_b(tr.state["lora"], jax.random.key(seed)), lora_sh)}
     batch = setup.device_batch(tr, next(pipeline.make_iterator(c.data, seed=seed)))
     host = jax.device_get((tr.base, state, batch, tr.step_key))
     on_one = jax.device_put(host, jax.devices()[0])
-    step = lambda: jax.jit(functools.partial(step.train_step, tr.cfg))  # a plain jit: no rules_context
+    step = lambda: jax.jit(functools.partial(step_lib.train_step, tr.cfg))  # a plain jit: no rules_context
     new, m = step()(tr.base, state, batch, tr.step_key)
     ref_new, ref_m = step()(*on_one)
     check("train_step loss", m["loss"], ref_m["loss"])
@@ -134,7 +135,7 @@ _SAMPLER = _PRELUDE + textwrap.dedent("""
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     p = sharding.shard(params, wan.param_axes(cfg), mesh)
     ad = jax.device_put(adapters, lora.Lora(sharding.tree_shardings(
-        step.lora_axes(lcfg, cfg, adapters.params), mesh, sharding.DEFAULT_RULES, adapters.params), lcfg))
+        step_lib.lora_axes(lcfg, cfg, adapters.params), mesh, sharding.DEFAULT_RULES, adapters.params), lcfg))
     got = sample.make_sampler(cfg, steps=3, skip=1, mesh=mesh)(p, ad, *args, jax.random.key(0))
     check("sampler with a LoRA on data 2 x fsdp 2 x tensor 2", got, want)
     assert not errors, errors
