@@ -16,11 +16,12 @@ import time
 
 from pickstyle_jax import data
 from pickstyle_jax.data import synthetic
+from pickstyle_jax.train import config as train_config
 
 
 def measure(frames: int, height: int, width: int, workers: int, pairs: int, batch: int, source_scale: float,
             seed: int = 0) -> dict:
-    c = data.default_config()
+    c = train_config.data_config()
     c.frames, c.height, c.width = frames, height, width
     c.batch_size, c.num_workers, c.num_epochs, c.process_index, c.process_count = batch, workers, None, 0, 1
     src = synthetic.Synthetic(64, round(height * source_scale), round(width * source_scale))

@@ -1,11 +1,11 @@
-"""GPU timing of the real PickStyle LoRA training step (pickstyle_jax.train.train_step) on one accelerator.
+"""GPU timing of the real PickStyle LoRA training step (pickstyle_jax.train.step.train_step) on one accelerator.
 
 Default: VACE-1.3B, bf16 backbone (params + compute), scan_layers=True, attention "auto" (cuDNN flash attention on
 GPU), LoRA rank 128 on the VACE self-attention q/k/v (the training config's default), AdamW + global-norm clip, batch
 1 of 81x480x832 uint8 clip pairs -> latents 21x60x104 -> 32,760 video tokens. The step is the training run's own
 function, jitted with the base donated-never and the state donated: pixels to [-1, 1], fp32 VAE encode of target and
 source (stop_gradient), context [E(0) | E(source) | ones], flow draw, DiT forward with LoRA, weighted MSE,
-gradient w.r.t. the LoRA only, clip, AdamW. train.py's step takes pixels (no latent-input variant), so the step
+gradient w.r.t. the LoRA only, clip, AdamW. The step takes pixels (no latent-input variant), so the step
 time includes the fp32 VAE encode of the two clips; that encode is also timed alone and printed, so the DiT part is
 the difference. One row per remat policy ("full", then "offload" where the backend has pinned host memory).
 
@@ -40,8 +40,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.gpu_dit import _regular, forward_flops, random_params  # noqa: E402
-from pickstyle_jax import flow, lora as lora_lib, sharding, train  # noqa: E402
+from pickstyle_jax import conditioning, flow, lora as lora_lib, sharding  # noqa: E402
 from pickstyle_jax.models import autoencoders, vae, wan  # noqa: E402
+from pickstyle_jax.train import base as train_base, step as train_step  # noqa: E402
 
 PEAK_BF16 = 989e12
 
@@ -128,7 +129,8 @@ def main(argv=None):
     zero_latent = encode_c(vparams, zeros)[:1]
     base = {"dit": dit, "vae": vparams, "zero_latent": zero_latent}
     key = jax.random.key(1)
-    lora_params = lora_lib.init(lcfg, wan.param_shapes(train.wan_unstacked(wcfg)), jax.random.fold_in(key, 1)).params
+    flat_shapes = wan.param_shapes(train_base.wan_unstacked(wcfg))
+    lora_params = lora_lib.init(lcfg, flat_shapes, jax.random.fold_in(key, 1)).params
     kb = jax.random.split(jax.random.fold_in(key, 2), 3)
     text = jax.random.normal(kb[0], (1, wcfg.text_len, wcfg.text_dim), jnp.float32)
     text = jnp.where(jnp.arange(wcfg.text_len)[None, :, None] < 120, text, 0.0)  # a 120-token prompt, zero padded
@@ -141,10 +143,10 @@ def main(argv=None):
 
     for remat in args.remat.split(","):
         try:
-            setup = train.Setup(wcfg.replace(remat_policy=remat), vcfg, lcfg, flow.Grid.make(5.0, 1000), 1,
+            setup = train_step.StepConfig(wcfg.replace(remat_policy=remat), vcfg, lcfg, flow.Grid.make(5.0, 1000), 1,
                                 (5.6e-4, 0.9, 0.999, 1e-8, 0.01, 1.0))
-            state = train.init_state(setup, jax.tree.map(jnp.copy, lora_params))
-            step = jax.jit(functools.partial(train.train_step, setup), donate_argnums=(1,))
+            state = train_step.init_state(setup, jax.tree.map(jnp.copy, lora_params))
+            step = jax.jit(functools.partial(train_step.train_step, setup), donate_argnums=(1,))
             with sharding.rules_context(mesh, rules):
                 t0 = time.perf_counter()
                 compiled = step.lower(base, state, batch, step_key).compile()
@@ -162,7 +164,7 @@ def main(argv=None):
             if args.verbose:
                 traceback.print_exc()
 
-    video = train.pixels(jnp.concatenate([batch["target"], batch["source"]], axis=0))
+    video = conditioning.pixels(jnp.concatenate([batch["target"], batch["source"]], axis=0))
     sec, _ = time_compiled(encode_c, vparams, video, reps=reps)
     print(f"  of which the fp32 VAE encode of the clip pair: {sec:.3f} s (median of {reps}; the DiT part of a step "
           f"is the difference)", flush=True)

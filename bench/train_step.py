@@ -4,10 +4,10 @@ Both sides, fp32, same random weights (the diffusers model's, mapped into our tr
   DiT       Wan VACE, D 256, FFN 1024, 2 heads, 4 blocks, VACE at 0 and 2, text 32 rows of width 256
   batch     2 samples of latents 3x16x16 (192 tokens each) + VACE context [.., 96] + text; no VAE
   LoRA      rank 16, alpha 16, on the VACE blocks' self-attention q/k/v (ours: lora.Lora; torch: peft)
-  loss      flow matching as train.py: index i ~ U{0..999} on the shift-5 grid, x_t = (1 - sigma) x0 + sigma eps,
+  loss      flow matching as train/step.py: index i ~ U{0..999} on the shift-5 grid, x_t = (1 - sigma) x0 + sigma eps,
             target eps - x0, loss = mean_b(w_b * mse_b) with the grid's weights
   update    gradient w.r.t. the LoRA only, global-norm clip 1.0, AdamW (lr 5.6e-4, betas 0.9/0.999, eps 1e-8,
-            weight decay 0.01): train.make_optimizer on ours, torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW
+            weight decay 0.01): train.step.make_optimizer on ours, torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW
 Ours: one jax.jit of (forward + value_and_grad + optax update), state donated, attention "auto" (chunked on CPU),
 no remat. Torch: diffusers WanVACETransformer3DModel, 2 intra-op threads, eager. Both timed as the median of
 --steps steps after --warmup, ours with block_until_ready. First, a same-draw check: both losses at one fixed
@@ -35,8 +35,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from pickstyle_jax import flow, lora as lora_lib, train  # noqa: E402
+from pickstyle_jax import flow, lora as lora_lib  # noqa: E402
 from pickstyle_jax.models import wan  # noqa: E402
+from pickstyle_jax.train import step as train_step  # noqa: E402
 
 OPTIM = (5.6e-4, 0.9, 0.999, 1e-8, 0.01, 1.0)  # lr, b1, b2, eps, weight decay, clip
 RANK = 16
@@ -57,7 +58,7 @@ def inputs(cfg, batch, latent, seed):
 
 # ------------------------------------------------------------------------------------------------- ours
 def make_jax_step(cfg, lcfg, grid):
-    opt = train.make_optimizer(OPTIM)
+    opt = train_step.make_optimizer(OPTIM)
 
     def loss_fn(lp, dit, x0, ctx, text, rng):
         k_index, k_eps = jax.random.split(rng)

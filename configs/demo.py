@@ -34,7 +34,7 @@ drifting towards the style's average image).
 """
 import ml_collections
 
-from pickstyle_jax import train
+from pickstyle_jax.train import config as train_config
 
 HELD_OUT = "pastel"
 PRETRAIN_STYLES = ("toon", "sketch", "neon")
@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant not in ("full", "tiny"):
         raise ValueError(f"configs/demo.py takes ':tiny' or nothing, got {arg!r}")
     tiny = variant == "tiny"
-    c = train.default_config()
+    c = train_config.default_config()
     c.seed = 0
     # `variant` names are only used for random weights; the pretrained checkpoints bring their own configs.
     c.model.update(dict(

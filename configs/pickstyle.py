@@ -16,14 +16,14 @@ dimension of the 14B model (5120, 13824, 4096, 30720) divides by 32, so the rule
 """
 import ml_collections
 
-from pickstyle_jax import train
+from pickstyle_jax.train import config as train_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "full"
     if variant not in ("full", "tiny"):
         raise ValueError(f"configs/pickstyle.py takes ':tiny' or nothing, got {arg!r}")
-    c = train.default_config()
+    c = train_config.default_config()
     c.model.update(dict(variant="vace-14B", vae_variant="wan2.1", umt5_variant="umt5-xxl",
                         param_dtype="bfloat16", dtype="bfloat16", attention="cudnn", remat_policy="full",
                         scan_layers=True))

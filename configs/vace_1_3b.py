@@ -9,14 +9,14 @@ group of four devices holds one copy).
 """
 import ml_collections
 
-from pickstyle_jax import train
+from pickstyle_jax.train import config as train_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "full"
     if variant not in ("full", "tiny"):
         raise ValueError(f"configs/vace_1_3b.py takes ':tiny' or nothing, got {arg!r}")
-    c = train.default_config()
+    c = train_config.default_config()
     c.model.update(dict(variant="vace-1.3B", param_dtype="bfloat16", dtype="bfloat16", attention="cudnn",
                         remat_policy="full", scan_layers=True))
     c.data.batch_size = 8

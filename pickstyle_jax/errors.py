@@ -32,8 +32,8 @@ USER_ERRORS = (
     "pickstyle_jax.checkpoints.CheckpointError",     # missing, incomplete, unreadable or wrong-kind checkpoint
     "pickstyle_jax.sample.stylizer.CompatibilityError",  # checkpoints of different variants
     "pickstyle_jax.sample.settings.SettingsError",   # a sampler setting that cannot work
-    "pickstyle_jax.train.ConfigError",
-    "pickstyle_jax.train.LossNotFinite",             # names the step and the checkpoint to resume from
+    "pickstyle_jax.train.setup.ConfigError",
+    "pickstyle_jax.train.loop.LossNotFinite",        # names the step and the checkpoint to resume from
     "pickstyle_jax.sharding.ShardingError",          # a mesh the config's rules cannot use
     "pickstyle_jax.video.VideoError",
     "pickstyle_jax.guidance.ApgSettingError",

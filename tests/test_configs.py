@@ -1,15 +1,19 @@
-"""Every configs/*.py loads, in every variant, is locked, and names things that exist."""
+"""Every configs/*.py loads, in every variant, without importing JAX, is locked, and names things that exist."""
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
 
-from pickstyle_jax import lora, sharding, train
-from pickstyle_jax.data import pipeline
+from pickstyle_jax import lora, sharding
+from pickstyle_jax.data import sources
 from pickstyle_jax.models import umt5, vae, wan
+from pickstyle_jax.train import config as train_config
 
-CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
+ROOT = pathlib.Path(__file__).parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
 
 def _load(path):
@@ -27,8 +31,8 @@ def test_config_is_complete_and_locked(path, arg):
         c.no_such_key = 1  # a typo in --config.x=... must fail
     with pytest.raises(AttributeError):
         c.data.no_such_key = 1
-    assert set(c.data.keys()) == set(pipeline.default_config().keys())
-    schema = train.default_config()
+    assert set(c.data.keys()) == set(train_config.data_config().keys())
+    schema = train_config.default_config()
     assert set(schema.keys()) <= set(c.keys())  # the training schema complete (configs may add sections)
     for section in ("model", "lora", "schedule", "optim", "distributed", "text"):
         assert set(c[section].keys()) == set(schema[section].keys()), section
@@ -48,3 +52,29 @@ def test_unknown_variant_is_an_error():
     for path in CONFIGS:
         with pytest.raises(ValueError, match="nope"):
             _load(path).get_config("nope")
+
+
+def test_loading_a_config_does_not_import_jax():
+    """configs/*.py and pickstyle_jax.train.config are ml_collections only: each variant loads in a fresh
+    interpreter without JAX (or anything that imports it) in sys.modules."""
+    code = (
+        "import importlib.util, sys\n"
+        "path, arg = sys.argv[1], sys.argv[2] or None\n"
+        "spec = importlib.util.spec_from_file_location('cfg', path)\n"
+        "mod = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(mod)\n"
+        "mod.get_config(arg).lock()\n"
+        "heavy = sorted(m for m in ('jax', 'jaxlib', 'flax', 'grain', 'orbax', 'optax') if m in sys.modules)\n"
+        "assert not heavy, f'{path}:{arg} imported {heavy}'\n")
+    for path in CONFIGS:
+        for arg in ("", "tiny"):
+            r = subprocess.run([sys.executable, "-c", code, str(path), arg], cwd=ROOT, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_stated_defaults_match_the_library_defaults():
+    """train/config.py states the paper's choices literally (it may not import JAX); they are the library's."""
+    c = train_config.default_config()
+    assert c.lora.targets == lora.LoraConfig().targets
+    assert {**c.rules.to_dict(), "allow_replicate": True} == {**sharding.DEFAULT_RULES, "allow_replicate": True}
+    assert tuple(c.data.synthetic_styles) == sources.SYNTHETIC_STYLES

@@ -16,6 +16,7 @@ from PIL import Image
 
 from pickstyle_jax import data
 from pickstyle_jax.data import motion, pipeline, sources, synthetic, tfds_pairs
+from pickstyle_jax.train import config as train_config
 
 tfds_pairs.tfds.disable_progress_bar()
 SEED = int(np.random.SeedSequence().entropy % 2**31)
@@ -24,7 +25,7 @@ SIZES = [(40, 60), (44, 60), (48, 80), (40, 66)]  # all >= the 32 x 48 test crop
 
 
 def small_config(**kw):
-    c = data.default_config()
+    c = train_config.data_config()
     c.frames, c.height, c.width = 5, 32, 48
     c.batch_size, c.num_epochs, c.shift_range, c.prefetch = 2, 1, (5, 15), 0
     c.update(kw)

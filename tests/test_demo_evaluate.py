@@ -18,7 +18,7 @@ F, H, W = 5, 32, 48
 
 
 def _run_config(models: dict, styles=("toon",)) -> dict:
-    """config.json as train.py writes it (ConfigDict.to_json of the training schema), the fields evaluate reads."""
+    """config.json as training writes it (ConfigDict.to_json of the training schema), the fields evaluate reads."""
     return {"seed": 0,
             "model": {"variant": "tiny", "dit": models.get("dit", ""), "vae_variant": "tiny",
                       "vae": models.get("vae", ""),
@@ -109,22 +109,23 @@ def test_cli_on_the_released_layout(tmp_path, monkeypatch):
 
 
 def test_reinitialised_dit_is_the_trained_base(tmp_path):
-    """A run trained without model.dit is evaluated on the base train.py drew (random_dit from fold_in(seed, 3)),
+    """A run trained without model.dit is evaluated on the base the training run drew (random_dit from fold_in(seed, 3)),
     not on another init of the variant."""
     import importlib.util
     import pathlib
 
     import jax
 
-    from pickstyle_jax import checkpoints, lora, sharding, train
+    from pickstyle_jax import checkpoints, lora, sharding
+    from pickstyle_jax.train import base as train_base, setup
 
     spec = importlib.util.spec_from_file_location(
         "pickstyle_cfg", pathlib.Path(__file__).resolve().parents[1] / "configs" / "pickstyle.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config("tiny")
-    wcfg = train.model_configs(c)[0]
-    _, trained = train.load_dit(c, wcfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]), c.rules)
+    wcfg = setup.model_configs(c)[0]
+    _, trained = train_base.load_dit(c, wcfg, sharding.make_mesh({"data": 1}, jax.devices()[:1]), c.rules)
     checkpoints.save_lora(tmp_path / "lora", lora.init(lora.LoraConfig(rank=4, alpha=4), wan.param_shapes(wcfg),
                                                        jax.random.key(0)))
     saved = tiny_models.save_models(tmp_path / "models", tmp_path / "unused", CFG, SEED)  # cheap VAE and umT5

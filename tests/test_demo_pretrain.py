@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from pickstyle_jax import checkpoints, train
-from pickstyle_jax.data import pipeline
+from pickstyle_jax import checkpoints
 from pickstyle_jax.demo import conv_ae, pretrain
 from pickstyle_jax.models import vae, wan
+from pickstyle_jax.train import config as train_config
 from tests.conftest import SEED  # the run's seed: printed, replayable with PICKSTYLE_TEST_SEED
 
 CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "demo.py"
@@ -31,8 +31,8 @@ def test_demo_config_loads_locked_and_holds_a_style_out(arg):
         c.no_such_key = 1
     with pytest.raises(AttributeError):
         c.pretrain.no_such_key = 1
-    assert set(c.data.keys()) == set(pipeline.default_config().keys())
-    assert set(train.default_config().keys()) <= set(c.keys())
+    assert set(c.data.keys()) == set(train_config.data_config().keys())
+    assert set(train_config.default_config().keys()) <= set(c.keys())
     assert not set(c.pretrain.styles) & set(c.data.synthetic_styles)
     assert c.model.tokenizer == "bytes"
     wcfg = pretrain.dit_config(c, text_dim=64)

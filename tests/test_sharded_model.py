@@ -1,5 +1,5 @@
 """Sharded = one device, under a plain `jax.jit` and no `sharding.rules_context`: the DiT forward, both LoRA
-gradients (B started non-zero, so the A gradients are not zero), a full `train.train_step` and the sampler with a
+gradients (B started non-zero, so the A gradients are not zero), a full `step.train_step` and the sampler with a
 LoRA. Weights are sharded by the project's own rules (`wan.param_axes` + `sharding.tree_shardings`), inputs
 replicated or split over the batch axes, flat and scanned layouts, on the production mesh shapes (fsdp 32 as in
 configs/pickstyle.py, data 2 x fsdp 4 as in configs/vace_1_3b.py) and on data 2 x fsdp 2 x tensor 2 at the sizes
@@ -23,7 +23,8 @@ _PRELUDE = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from absl import flags; flags.FLAGS.mark_as_parsed()
-    from pickstyle_jax import lora, sharding, train
+    from pickstyle_jax import lora, sharding
+    from pickstyle_jax.train import setup, step as step_lib
     from pickstyle_jax.models import wan
     seed = int(sys.argv[2])
     rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-30))
@@ -73,7 +74,7 @@ _MODEL = _PRELUDE + textwrap.dedent("""
         p = wan.stack_layers(cfg, params) if case["scan"] else params
         p = jax.device_put(p, sharding.tree_shardings(wan.param_axes(c), mesh, sharding.DEFAULT_RULES,
                                                       wan.param_shapes(c)))
-        lora_sh = sharding.tree_shardings(train.lora_axes(lcfg, cfg, adapters.params), mesh, sharding.DEFAULT_RULES,
+        lora_sh = sharding.tree_shardings(step_lib.lora_axes(lcfg, cfg, adapters.params), mesh, sharding.DEFAULT_RULES,
                                           adapters.params)
         ad = jax.device_put(adapters, lora.Lora(lora_sh, lcfg))
         put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim) if case["batch"] else
@@ -99,12 +100,13 @@ _TRAIN = _PRELUDE + textwrap.dedent("""
     c = mod.get_config("tiny")
     c.seed, c.model.scan_layers, c.data.batch_size = seed, sys.argv[4] == "1", 4
     c.mesh.update(dict(data=2, fsdp=2, tensor=2))
-    tr = train.prepare(c, sys.argv[3])
-    state = {**tr.state, "lora": jax.device_put(random_b(tr.state["lora"], jax.random.key(seed)), tr.state_sh["lora"])}
-    batch = train.device_batch(tr, next(pipeline.make_iterator(c.data, seed=seed)))
+    tr = setup.prepare(c, sys.argv[3])
+    lora_sh = tr.abstract.shardings(tr.abstract.lora)
+    state = {**tr.state, "lora": jax.device_put(random_b(tr.state["lora"], jax.random.key(seed)), lora_sh)}
+    batch = setup.device_batch(tr, next(pipeline.make_iterator(c.data, seed=seed)))
     host = jax.device_get((tr.base, state, batch, tr.step_key))
     on_one = jax.device_put(host, jax.devices()[0])
-    step = lambda: jax.jit(functools.partial(train.train_step, tr.setup))  # a plain jit: no rules_context
+    step = lambda: jax.jit(functools.partial(step_lib.train_step, tr.cfg))  # a plain jit: no rules_context
     new, m = step()(tr.base, state, batch, tr.step_key)
     ref_new, ref_m = step()(*on_one)
     check("train_step loss", m["loss"], ref_m["loss"])
@@ -133,7 +135,7 @@ _SAMPLER = _PRELUDE + textwrap.dedent("""
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     p = sharding.shard(params, wan.param_axes(cfg), mesh)
     ad = jax.device_put(adapters, lora.Lora(sharding.tree_shardings(
-        train.lora_axes(lcfg, cfg, adapters.params), mesh, sharding.DEFAULT_RULES, adapters.params), lcfg))
+        step_lib.lora_axes(lcfg, cfg, adapters.params), mesh, sharding.DEFAULT_RULES, adapters.params), lcfg))
     got = sample.make_sampler(cfg, steps=3, skip=1, mesh=mesh)(p, ad, *args, jax.random.key(0))
     check("sampler with a LoRA on data 2 x fsdp 2 x tensor 2", got, want)
     assert not errors, errors

@@ -4,6 +4,7 @@
 Runs of `python -m pickstyle_jax.train` are subprocesses on the tiny config; they share one persistent compilation
 cache so that only the first pays for compiling.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -18,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pickstyle_jax import flow, lora as lora_lib, sharding, train
+from pickstyle_jax import flow, lora as lora_lib, sharding
 from pickstyle_jax.data import pipeline
+from pickstyle_jax.train import loop, setup, step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,11 +64,11 @@ def test_tiny_model_loss_falls_on_a_fixed_batch(tmp_path, seed):
     c = _config()
     c.seed = seed % 1000
     c.optim.lr = 1e-2
-    tr = train.prepare(c, tmp_path)
+    tr = setup.prepare(c, tmp_path)
     it = pipeline.make_iterator(c.data, seed=c.seed)
-    batch = train.device_batch(tr, next(it))
+    batch = setup.device_batch(tr, next(it))
     keys = jax.random.split(jax.random.key(seed), 4)
-    evaluate = jax.jit(lambda lp, b: jnp.mean(jax.vmap(lambda k: train.loss_fn(tr.setup, lp, tr.base, b, k))(keys)))
+    evaluate = jax.jit(lambda lp, b: jnp.mean(jax.vmap(lambda k: step.loss_fn(tr.cfg, lp, tr.base, b, k))(keys)))
     before = float(evaluate(tr.state["lora"], batch))
     base_before = jax.tree.map(np.asarray, tr.base)
     state, losses = tr.state, []
@@ -84,14 +86,14 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     """accumulate=2 over micro-batches {0, 2}, {1, 3} equals the mean of the two half-batch gradients."""
     c = _config()
     c.data.batch_size = 4
-    tr = train.prepare(c, tmp_path)
+    tr = setup.prepare(c, tmp_path)
     it = pipeline.make_iterator(c.data, seed=0)
-    batch = jax.device_get(train.device_batch(tr, next(it)))
+    batch = jax.device_get(setup.device_batch(tr, next(it)))
     rng = jax.random.key(3)
-    acc = tr.setup.__class__(**{**tr.setup.__dict__, "accumulate": 2})
-    loss, g = jax.jit(lambda lp: train._grads(acc, lp, tr.base, batch, rng))(tr.state["lora"])
+    acc = dataclasses.replace(tr.cfg, accumulate=2)
+    loss, g = jax.jit(lambda lp: step.grads(acc, lp, tr.base, batch, rng))(tr.state["lora"])
     halves = [jax.tree.map(lambda x, m=m: x[m::2], batch) for m in range(2)]
-    parts = [jax.jit(lambda lp, b, m=m: train._grads(tr.setup, lp, tr.base, b, jax.random.fold_in(rng, m)))(
+    parts = [jax.jit(lambda lp, b, m=m: step.grads(tr.cfg, lp, tr.base, b, jax.random.fold_in(rng, m)))(
         tr.state["lora"], h) for m, h in enumerate(halves)]
     np.testing.assert_allclose(loss, (parts[0][0] + parts[1][0]) / 2, rtol=1e-5)
     jax.tree.map(lambda a, b0, b1: np.testing.assert_allclose(a, (b0 + b1) / 2, rtol=1e-4, atol=1e-9),
@@ -105,27 +107,27 @@ def test_bad_configs_fail_before_compiling(tmp_path):
         c.optim.learning_rate = 1.0  # locked: a typo is an error
     c = _config()
     c.mesh.data = 3
-    with pytest.raises(train.ConfigError, match="does not fit 8 devices"):
-        train.check_config(c, n_devices=8)
+    with pytest.raises(setup.ConfigError, match="does not fit 8 devices"):
+        setup.check_config(c, n_devices=8)
     c = _config()
     c.mesh.update(dict(data=2, fsdp=2))
     c.data.batch_size = 6
-    with pytest.raises(train.ConfigError, match="batch_size=6 .* not divisible by the 4 ways"):
-        train.check_config(c, n_devices=4)
+    with pytest.raises(setup.ConfigError, match="batch_size=6 .* not divisible by the 4 ways"):
+        setup.check_config(c, n_devices=4)
     c = _config()
     c.model.dit = str(tmp_path / "nowhere")
-    with pytest.raises(train.ConfigError, match="model.dit=.*nowhere.*convert.wan_dit"):
-        train.run(c, tmp_path / "run")
+    with pytest.raises(setup.ConfigError, match="model.dit=.*nowhere.*convert.wan_dit"):
+        loop.run(c, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     c = _config()
     c.optim.accumulate = 3
-    with pytest.raises(train.ConfigError, match="accumulate=3"):
-        train.check_config(c, n_devices=1)
+    with pytest.raises(setup.ConfigError, match="accumulate=3"):
+        setup.check_config(c, n_devices=1)
     c = _config()
     c.rules.allow_replicate = False  # strict rules: nothing may stay replicated that the rules split
     c.mesh.update(dict(data=1, fsdp=1, tensor=3))
-    mesh = sharding.make_mesh(dict(train.check_config(c, n_devices=3)), [jax.devices()[0]] * 3)
-    wcfg = train.model_configs(c)[0]
+    mesh = sharding.make_mesh(dict(setup.check_config(c, n_devices=3)), [jax.devices()[0]] * 3)
+    wcfg = setup.model_configs(c)[0]
     from pickstyle_jax.models import wan
     # the 2 heads are refused first: a head must stay whole on one device (the widths would not split 3 ways either)
     with pytest.raises(sharding.ShardingError, match=r"blocks\.0\..*num_heads=2 does not split over mesh axes"):
@@ -262,7 +264,7 @@ def test_kill_and_resume_match_the_straight_run(tmp_path):
 def test_nan_loss_names_the_step(tmp_path, monkeypatch):
     c = _config()
     c.total_steps = 3
-    real = train.prepare
+    real = setup.prepare
 
     def poisoned(*a, **k):
         tr = real(*a, **k)
@@ -274,12 +276,11 @@ def test_nan_loss_names_the_step(tmp_path, monkeypatch):
             state, m = step_fn(base, state, batch, key)
             return state, {**m, "loss": m["loss"] * (np.nan if len(calls) == 2 else 1.0)}
 
-        tr.step_fn = bad
-        return tr
+        return dataclasses.replace(tr, step_fn=bad)
 
-    monkeypatch.setattr(train, "prepare", poisoned)
+    monkeypatch.setattr(setup, "prepare", poisoned)
     with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
-        train.run(c, tmp_path)
+        loop.run(c, tmp_path)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == []  # checkpoint_every=2: step 2 was never saved
 
 

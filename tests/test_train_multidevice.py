@@ -20,7 +20,8 @@ _PRELUDE = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from absl import flags; flags.FLAGS.mark_as_parsed()
-    from pickstyle_jax import sharding, train
+    from pickstyle_jax import sharding
+    from pickstyle_jax.train import checkpointing, setup, step
     from pickstyle_jax.data import pipeline
     assert jax.device_count() == 8, jax.devices()
     spec = importlib.util.spec_from_file_location("cfg", "configs/pickstyle.py")
@@ -35,18 +36,18 @@ _SHARDED = _PRELUDE + textwrap.dedent("""
     c.model.scan_layers = sys.argv[3] == "1"
     c.mesh.update(dict(data=2, fsdp=2, tensor=2))
     c.data.batch_size = 4
-    tr = train.prepare(c, workdir)
+    tr = setup.prepare(c, workdir)
     a = tr.state["lora"]["vace_blocks"]["0"]["self_attn"]["q"]["A"]
     assert a.sharding.spec == jax.sharding.PartitionSpec("fsdp", None), a.sharding.spec
     q = tr.base["dit"]["blocks"]["self_attn"]["q"]["kernel"] if c.model.scan_layers else \
         tr.base["dit"]["blocks"]["0"]["self_attn"]["q"]["kernel"]
     assert q.sharding.spec[-2:] == ("fsdp", "tensor"), q.sharding.spec
-    batch = train.device_batch(tr, next(pipeline.make_iterator(c.data, seed=seed)))
+    batch = setup.device_batch(tr, next(pipeline.make_iterator(c.data, seed=seed)))
     host = jax.device_get((tr.base, tr.state, batch, tr.step_key))
     dev0 = jax.devices()[0]
-    ref_state, ref_m = jax.jit(functools.partial(train.train_step, tr.setup))(*jax.device_put(host, dev0))
+    ref_state, ref_m = jax.jit(functools.partial(step.train_step, tr.cfg))(*jax.device_put(host, dev0))
     # the LoRA gradients themselves (what a mis-partitioned backward gets wrong), then the full step
-    grads = lambda base, st, bt, key: train._grads(tr.setup, st["lora"], base, bt, jax.random.fold_in(key, st["step"]))
+    grads = lambda base, st, bt, key: step.grads(tr.cfg, st["lora"], base, bt, jax.random.fold_in(key, st["step"]))
     _, g_ref = jax.jit(grads)(*jax.device_put(host, dev0))
     with sharding.rules_context(tr.mesh, tr.rules):
         _, g_got = jax.jit(grads)(tr.base, tr.state, batch, tr.step_key)
@@ -74,7 +75,7 @@ _REFERENCE = _PRELUDE + textwrap.dedent("""
     workdir, other = sys.argv[1], sys.argv[2]
     c = mod.get_config("tiny")
     c.data.batch_size, c.total_steps = 8, 3
-    tr = train.prepare(c, workdir)
+    tr = setup.prepare(c, workdir)
     # The global batch of a 2-process run: process 0's share, then process 1's.
     its = []
     for p in range(2):
@@ -84,18 +85,15 @@ _REFERENCE = _PRELUDE + textwrap.dedent("""
     for step in range(3):
         parts = [next(it) for it in its]
         host = {k: np.concatenate([p[k] for p in parts]) for k in ("source", "target", "caption")}
-        state, m = tr.step_fn(tr.base, state, train.device_batch(tr, host), tr.step_key)
+        state, m = tr.step_fn(tr.base, state, setup.device_batch(tr, host), tr.step_key)
         losses.append(float(m["loss"]))
     got = [json.loads(l)["loss"] for l in open(os.path.join(other, "metrics.jsonl")) if l.strip()]
     print("single process", losses, "two processes", got)
     np.testing.assert_allclose(got, losses, rtol=1e-5)
     # the two processes' checkpoint restores here, in one process on 8 devices
-    mgr = train._checkpoint_manager(other, 3)
+    mgr = checkpointing.checkpoint_manager(other, 3)
     assert mgr.latest_step() == 3, mgr.all_steps()
-    abstract = {"train": jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                      tr.state_shapes, tr.state_sh),
-                "key": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=tr.step_key.sharding)}
-    restored = train.restore_state(mgr, 3, abstract)
+    restored = checkpointing.restore_state(mgr, 3, {"train": tr.abstract.state, "key": tr.abstract.key})
     errs = jax.tree.leaves(jax.tree.map(rel, restored["train"]["lora"], jax.device_get(state["lora"])))
     print("max relative LoRA difference:", max(errs))
     assert max(errs) < 1e-5 and int(restored["train"]["step"]) == 3

@@ -5,8 +5,7 @@ Imports only numpy, PIL, grain, tensorflow_datasets (TF-free array_record mode, 
 ml_collections and jax; never models or torch.
 """
 from pickstyle_jax.data import motion, sources, synthetic
-from pickstyle_jax.data.pipeline import default_config, fit, make_dataset, make_iterator, make_source
+from pickstyle_jax.data.pipeline import fit, make_dataset, make_iterator, make_source
 from pickstyle_jax.data.sources import DataError
 
-__all__ = ["DataError", "default_config", "fit", "make_dataset", "make_iterator", "make_source", "motion", "sources",
-           "synthetic"]
+__all__ = ["DataError", "fit", "make_dataset", "make_iterator", "make_source", "motion", "sources", "synthetic"]

@@ -3,7 +3,8 @@
     it = make_iterator(config.data, seed=0)
     batch = next(it)  # {"source", "target": uint8 [B, T, H, W, 3], "caption": str [B], "id": str [B]}
 
-B is the per-host batch (config.data.batch_size // process_count). Pixels stay uint8 until the device
+`config.data` is the data section of the training config; its schema and defaults are
+`pickstyle_jax.train.config.data_config()`. B is the per-host batch (config.data.batch_size // process_count). Pixels stay uint8 until the device
 (x / 127.5 - 1 there). The returned object is a Grain `DatasetIterator`: `get_state()` / `set_state()` give exact
 resume (a restored iterator yields exactly the next batch) and `grain.checkpoint.CheckpointSave(it)` /
 `CheckpointRestore(it)` work with Orbax.
@@ -36,52 +37,12 @@ import logging
 import os
 
 import grain
-import ml_collections
 import numpy as np
 from PIL import Image
 
 from pickstyle_jax.data import motion, sources, synthetic
 
 SOURCES = ("synthetic", "folder_v1", "folder_v2", "tfds")
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """`config.data` with the official settings (81 x 480 x 832 clips, docs/REFERENCE.md §8) and a synthetic source."""
-    c = ml_collections.ConfigDict()
-    # What to read.
-    c.source = "synthetic"         # one of SOURCES, or several folder layouts joined by "+" (make_source)
-    c.root = ""                    # folder_*: the layout root (os.pathsep-separated, one per source); tfds: data_dir
-    c.tfds_layout = "v2"           # tfds: the builder config(s) built into root: "v1", "v2" or "v1+v2"
-    c.styles = ()                  # style folders (v1: "anime", v2: "Clay_Toy") or tfds style names; () = all
-    c.strict_names = True          # folders: paired files must share stems (False = sorted index only, official)
-    c.synthetic_examples = 64      # synthetic: number of pairs, drawn at height x width
-    c.synthetic_styles = synthetic.SYNTHETIC_STYLES
-    c.synthetic_seed = 0
-    # Clip geometry.
-    c.frames = 81
-    c.height = 480
-    c.width = 832
-    c.allow_upscale = False        # images smaller than height x width: error/skip (False) or upsample (official)
-    # Motion augmentation (§8.2); one draw per example, shared by source and target.
-    c.move_prob = 0.8
-    c.zoom_range = (1.2, 2.0)
-    c.shift_range = (100, 200)     # integer pixels, inclusive (official values assume 480 x 832)
-    c.angle_range = (-20.0, 20.0)  # degrees
-    # Batching and order.
-    c.batch_size = 32              # global; each host gets batch_size // process_count
-    c.shuffle = True
-    c.num_epochs = 57              # None = repeat forever
-    # Throughput.
-    c.num_workers = 0              # Grain worker processes (0 = render in this process)
-    c.worker_buffer = 1            # batches (on_error="skip": examples) buffered per worker; ~194 MB per example
-                                   # at 81x480x832
-    c.read_threads = 1             # threads per process reading + rendering examples
-    c.prefetch = 2                 # batches assembled ahead in a background thread (0 = off)
-    # Robustness and multi-host.
-    c.on_error = "raise"           # "raise": bad input is an error naming the file; "skip": warn, count, drop
-    c.process_index = -1           # -1: jax.process_index(); set both (e.g. in tests) to simulate hosts
-    c.process_count = -1           # -1: jax.process_count()
-    return c
 
 
 def make_source(config) -> object:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from absl import logging as absl_logging
 
-from pickstyle_jax import files, train
+from pickstyle_jax import files
 from pickstyle_jax.demo import evaluate, pretrain
+from pickstyle_jax.train import loop as train_loop
 from pickstyle_jax.sample.settings import APG_NAMES, SamplerSettings
 
 _SAMPLER = SamplerSettings()  # the paper's sampler ...
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     # 1. base models
     say = clock.log("pretrain")
     t = time.perf_counter()
-    summary = pretrain.run(config, log=say, cache_dir=config.text.cache_dir)
+    summary = pretrain_loop.run(config, log=say, cache_dir=config.text.cache_dir)
     t_pre = time.perf_counter() - t
     clear_stale_run(workdir, summary["fingerprint"], say)
 
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     else:
         say(f"LoRA rank {config.lora.rank} on {config.lora.targets} for {config.total_steps} steps, held-out style "
             f"{', '.join(config.data.synthetic_styles)}")
-        code = train.run(config, workdir)
+        code = train_loop.run(config, workdir)
         if code:
             print(f"training stopped (exit code {code}); run the demo again to resume", file=sys.stderr)
             return code

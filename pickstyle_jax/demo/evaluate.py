@@ -54,7 +54,8 @@ import numpy as np
 import jax
 from PIL import Image, ImageDraw
 
-from pickstyle_jax import checkpoints, errors, files, sample, train_base, video
+from pickstyle_jax import checkpoints, errors, files, sample, video
+from pickstyle_jax.train import base as train_base
 from pickstyle_jax.data.synthetic import SYNTHETIC_STYLES
 from pickstyle_jax.demo import world
 from pickstyle_jax.errors import InputError
@@ -83,7 +84,7 @@ def _log(msg: str) -> None:
 def read_run_config(workdir) -> dict:
     path = Path(workdir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --workdir must be a training run directory (train.py writes "
+        raise FileNotFoundError(f"{path} not found: --workdir must be a training run directory (training writes "
                                 f"config.json there when it starts)")
     try:
         run = json.loads(path.read_text())
@@ -118,7 +119,7 @@ def load_stylizer(workdir, run: dict | None = None, lora=None):
     seed = int(run.get("seed", 0))
     lora_dir = Path(lora) if lora else workdir / "lora"
     if not (lora_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no trained LoRA at {lora_dir} (train.py writes DIR/lora/ when it finishes); pass "
+        raise FileNotFoundError(f"no trained LoRA at {lora_dir} (training writes DIR/lora/ when it finishes); pass "
                                 f"--lora to evaluate another one")
     adapters = checkpoints.load_lora(lora_dir)
     dit, vae_dir, umt5_dir = (_resolve(m(k), workdir) for k in ("dit", "vae", "umt5"))
@@ -126,7 +127,7 @@ def load_stylizer(workdir, run: dict | None = None, lora=None):
     key = jax.random.key(seed)
     if dit:
         cfg, params = checkpoints.load_dit(dit, scan_layers=None, dtype=m("param_dtype") or None)  # as saved
-    else:  # as train.py: the named variant, text width from the encoder, the same random draw
+    else:  # as training does: the named variant, text width from the encoder, the same random draw
         cfg = wan.WanConfig.named(m("variant"), param_dtype=m("param_dtype") or "float32",
                                   text_dim=umt5.Umt5Config.named(m("umt5_variant")).d_model)
         params = train_base.reinit_dit(cfg.replace(scan_layers=False), seed)  # flat; stacked if the variant scans

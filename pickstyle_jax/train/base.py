@@ -1,4 +1,4 @@
-"""The frozen `base` of the train step (train.py): the DiT and the VAE, loaded from converted checkpoints or
+"""The frozen `base` of the train step (step.py): the DiT and the VAE, loaded from converted checkpoints or
 randomly initialised, straight into their shardings, and E(zero clip), PickStyle's inactive context. Nothing here
 is trained, differentiated or donated.
 """
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pickstyle_jax import sharding
+from pickstyle_jax import conditioning, sharding
 from pickstyle_jax.models import autoencoders, wan
 
 f32 = jnp.float32
@@ -97,6 +97,5 @@ def load_vae(config, vcfg, mesh):
 def zero_latent(config, vcfg, vparams, mesh):
     """E(zero clip) [1, f, h, w, 16]: PickStyle's inactive context, a constant (non-zero: normalised) latent."""
     d = config.data
-    zeros = jnp.zeros((1, d.frames, d.height, d.width, 3), f32)
     encode = jax.jit(functools.partial(autoencoders.encode, vcfg), out_shardings=sharding.replicated(mesh))
-    return encode(vparams, zeros)
+    return encode(vparams, conditioning.zero_clip(d.frames, d.height, d.width))

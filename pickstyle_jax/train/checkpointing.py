@@ -1,6 +1,6 @@
-"""What a training run keeps on disk, and how it stops and resumes (train.py's `run`): the Orbax checkpoint
-manager over the train state, the step key and the Grain iterator; SIGTERM/SIGINT as a flag the loop reads between
-steps; on resume, the metrics a killed run logged past its checkpoint dropped; at the end, the LoRA exported.
+"""What a training run keeps on disk, and how it stops and resumes (loop.py): the Orbax checkpoint manager over the
+train state, the step key and the Grain iterator; SIGTERM/SIGINT as a flag the loop reads between steps; on resume,
+the metrics a killed run logged past its checkpoint dropped; at the end, the LoRA exported.
 """
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ import json
 import signal
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from pickstyle_jax import lora as lora_lib
+from pickstyle_jax import checkpoints, files, lora as lora_lib, lora_export
+
+__all__ = ["Signals", "checkpoint_manager", "save", "restore_state", "trim_metrics", "export_lora"]
 
 
-class _Signals:
+class Signals:
     """SIGTERM/SIGINT set a flag the loop reads between steps (save, then exit)."""
 
     def __init__(self):
@@ -41,20 +45,16 @@ class _Signals:
         return int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))
 
 
-def _checkpoint_manager(workdir, keep):
-    import grain
-    import orbax.checkpoint as ocp
-
+def checkpoint_manager(workdir, keep) -> ocp.CheckpointManager:
+    """WORKDIR/checkpoints, the last `keep` steps, synchronous saves (a save returns when it is on disk)."""
     return ocp.CheckpointManager(
         Path(workdir).absolute() / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True, enable_async_checkpointing=False),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
 
 
-def _save(mgr, step, state, key_data, it):
-    import grain
-    import orbax.checkpoint as ocp
-
+def save(mgr, step, state, key_data, it) -> None:
+    """Checkpoint `step`: {"train": state, "key": key data} and the data iterator's position (collective)."""
     mgr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave({"train": state, "key": key_data}),
         data=grain.checkpoint.CheckpointSave(it)), force=True)
@@ -64,27 +64,22 @@ def _save(mgr, step, state, key_data, it):
 def restore_state(mgr, step, abstract, it=None):
     """{"train": state, "key": key data} of a checkpoint step, placed as `abstract` says; the data iterator too
     when given."""
-    import grain
-    import orbax.checkpoint as ocp
-
     items = {"state": ocp.args.StandardRestore(abstract)}
     if it is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(it)
     return mgr.restore(int(step), args=ocp.args.Composite(**items))["state"]
 
 
-def _trim_metrics(path: Path, last_step: int):
+def trim_metrics(path: Path, last_step: int) -> None:
     """A resumed run re-logs the steps after its checkpoint: drop what a killed run logged beyond it."""
     if path.is_file():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= last_step))
+        files.write_text(path, "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= last_step))
 
 
-def export_lora(workdir, adapters: lora_lib.Lora):
+def export_lora(workdir, adapters: lora_lib.Lora) -> Path:
     """DIR/lora (our checkpoint), DIR/pickstyle_lora.pth (PickStyle's layout) and DIR/lora.safetensors (PEFT/diffusers
     layout with alpha/rank metadata, as `convert.lora --export` writes), the last two without torch (lora_export)."""
-    from pickstyle_jax import checkpoints, lora_export
-
     workdir = Path(workdir)
     adapters = lora_lib.Lora(jax.tree.map(lambda x: np.asarray(x, np.float32), adapters.params), adapters.config)
     checkpoints.save_lora(workdir / "lora", adapters)  # collective: every process calls export_lora
