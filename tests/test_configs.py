@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from pickstyle_jax import lora, sharding
-from pickstyle_jax.data import sources
+from pickstyle_jax.data import synthetic
 from pickstyle_jax.models import umt5, vae, wan
 from pickstyle_jax.train import config as train_config
 
@@ -77,4 +77,4 @@ def test_stated_defaults_match_the_library_defaults():
     c = train_config.default_config()
     assert c.lora.targets == lora.LoraConfig().targets
     assert {**c.rules.to_dict(), "allow_replicate": True} == {**sharding.DEFAULT_RULES, "allow_replicate": True}
-    assert tuple(c.data.synthetic_styles) == sources.SYNTHETIC_STYLES
+    assert tuple(c.data.synthetic_styles) == synthetic.SYNTHETIC_STYLES

@@ -2,7 +2,7 @@
 
 Imports only ml_collections, so that loading a config never imports JAX (tests/test_configs.py checks it). Values
 that have a library-side default elsewhere (the LoRA targets of lora.LoraConfig, the logical-axis rules of
-sharding.DEFAULT_RULES, the synthetic styles of data.sources) are the experiment's choice here, stated literally as
+sharding.DEFAULT_RULES, the synthetic styles of data.synthetic) are the experiment's choice here, stated literally as
 big_vision configs do; tests/test_configs.py checks that they still equal those defaults.
 """
 import ml_collections
