@@ -33,6 +33,7 @@ if __name__ == "__main__":  # before JAX starts: N host devices
                                f" --xla_force_host_platform_device_count={_n}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -66,16 +67,20 @@ def plan(config, n_devices: int) -> dict:
     rules = sharding.normalize_rules(config.rules)
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n_devices])
     wcfg, vcfg, _, lcfg = train.model_configs(config)
-    if wcfg.attention in _HOST_KERNELS and jax.default_backend() == "cpu":
-        print(f"attention {wcfg.attention!r} does not lower on CPU: planning with "
-              f"{_HOST_KERNELS[wcfg.attention]!r}", flush=True)
-        # key blocks too (online softmax): [B, N, 1024, 1024] logits at a time, the working set of a flash kernel
-        wcfg = wcfg.replace(attention=_HOST_KERNELS[wcfg.attention], attention_chunk=1024, attention_kv_chunk=1024)
     setup = train.setup_from_config(config, wcfg, vcfg, lcfg)
+    opts = setup.options
+    if opts.attention in _HOST_KERNELS and jax.default_backend() == "cpu":
+        print(f"attention {opts.attention!r} does not lower on CPU: planning with "
+              f"{_HOST_KERNELS[opts.attention]!r}", flush=True)
+        # key blocks too (online softmax): [B, N, 1024, 1024] logits at a time, the working set of a flash kernel
+        opts = opts.replace(attention=_HOST_KERNELS[opts.attention], attention_chunk=1024, attention_kv_chunk=1024)
+        setup = dataclasses.replace(setup, options=opts)
     rep = sharding.replicated(mesh)
 
-    dit = _abstract(wan.param_shapes(wcfg),
-                    sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, wan.param_shapes(wcfg)))
+    # the base as train.py's base.load_base places it, abstract: no weight is allocated
+    shapes = wan.param_shapes(wcfg, stacked=opts.scan_layers)
+    dit = _abstract(shapes, sharding.tree_shardings(wan.param_axes(wcfg, stacked=opts.scan_layers), mesh, rules,
+                                                    shapes))
     vshapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep),
                            autoencoders.param_shapes(vcfg), is_leaf=lambda x: isinstance(x, tuple))
     d = config.data
@@ -83,8 +88,7 @@ def plan(config, n_devices: int) -> dict:
               d.width // vcfg.spatial_factor, vcfg.z_dim)
     base = {"dit": dit, "vae": vshapes, "zero_latent": jax.ShapeDtypeStruct(zshape, jnp.float32, sharding=rep)}
 
-    flat = train.wan_unstacked(wcfg)
-    lora_shapes = jax.eval_shape(lambda: lora_lib.init(lcfg, wan.param_shapes(flat), jax.random.key(0)).params)
+    lora_shapes = jax.eval_shape(lambda: lora_lib.init(lcfg, wan.param_shapes(wcfg), jax.random.key(0)).params)
     lora_sh = sharding.tree_shardings(train.lora_axes(lcfg, wcfg, lora_shapes), mesh, rules, lora_shapes)
     state_shapes = jax.eval_shape(functools.partial(train.init_state, setup), lora_shapes)
     state = _abstract(state_shapes, train.state_shardings(state_shapes, lora_sh, mesh))
@@ -94,8 +98,8 @@ def plan(config, n_devices: int) -> dict:
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
 
     print(f"mesh {dict(mesh.shape)} on {n_devices} simulated devices; model {config.model.variant} "
-          f"({wcfg.param_dtype} weights, {wcfg.dtype} compute, attention {wcfg.attention}, remat "
-          f"{wcfg.remat_policy}, scan_layers {getattr(wcfg, 'scan_layers', 'n/a (unrolled)')}); batch "
+          f"({wcfg.param_dtype} weights, {opts.dtype} compute, attention {opts.attention}, remat "
+          f"{opts.remat_policy}, scan_layers {opts.scan_layers}); batch "
           f"{d.batch_size} x {d.frames}x{d.height}x{d.width}", flush=True)
     leaves = jax.tree_util.tree_flatten_with_path({"base": base, "state": state})[0]
     leaves.sort(key=lambda kv: -math.prod(kv[1].shape) * np.dtype(kv[1].dtype).itemsize)

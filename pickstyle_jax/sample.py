@@ -257,7 +257,8 @@ def _teacache_decide(tc, e0, i, n_exec, threshold, poly):
 def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shift: float = 16.0, skip: int = 4,
                  text_scale: float = 5.0, context_scale: float = 4.0, apg: bool | str = True, mesh=None,
                  mode: str = "cs_cfg", cache: str | None = None, cache_threshold: float = 0.2, rules=None,
-                 progress: Callable[[np.ndarray], None] | None = None, teacache_poly=TEACACHE_POLY_14B):
+                 progress: Callable[[np.ndarray], None] | None = None, teacache_poly=TEACACHE_POLY_14B,
+                 options: wan.Options | None = None):
     """The compiled sampler (a `Sampler`) `sampler(params, adapters, source_latents, context, text, null_text, key,
     text_lens=None, null_text_lens=None, null_context=None, keep_latents=None, text_scale=None,
     context_scale=None) -> latents [B, f, h, w, 16]` (fp32).
@@ -286,7 +287,10 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
     (`sharding.DEFAULT_RULES` if None) layout: several devices then run the CFG branches in parallel.
     progress: a host callback called with the grid index after every step (jax.debug.callback); keep it None for
     jax.export, which cannot serialise host callbacks.
+    options: how the DiT runs (`wan.Options`, static; None: the backend default). The params' layout (flat or
+    stacked) is read from the params themselves.
     """
+    options = wan.Options.default() if options is None else options
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     apg = guidance.apg_setting(apg)
@@ -320,8 +324,9 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
              null_context, keep_latents, scales):
         s_text, s_ctx = scales
         if mesh is not None:
-            params = jax.lax.with_sharding_constraint(
-                params, sharding.tree_shardings(wan.param_axes(cfg), mesh, rules, wan.param_shapes(cfg)))
+            stacked = wan.is_stacked(cfg, params)
+            params = jax.lax.with_sharding_constraint(params, sharding.tree_shardings(
+                wan.param_axes(cfg, stacked=stacked), mesh, rules, wan.param_shapes(cfg, stacked=stacked)))
         key = _as_key(key)
         k_noise, k_perm = jax.random.split(key)
         x_src = source_latents.astype(f32)
@@ -364,7 +369,7 @@ def make_sampler(cfg: wan.WanConfig, solver: str = "dpm++", steps: int = 20, shi
             x_all = constrain_batch(jnp.concatenate([x] * n_branches, axis=0))
             t_all = jnp.full((n_branches * b,), ts_j[k], f32)
             v = wan.forward(cfg, params, x_all, t_all, text_all, constrain_batch(ctx), lora=adapters,
-                            text_lens=lens_all)
+                            text_lens=lens_all, options=options)
             return v.astype(f32)
 
         def body(carry, k):

@@ -41,14 +41,15 @@ from pickstyle_jax import flow, lora as lora_lib, sharding
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.data.sources import DataError
 from pickstyle_jax.models import autoencoders, umt5, vae, wan
-from pickstyle_jax.train_base import _has_field, count, load_dit, load_vae, random_dit, wan_unstacked, zero_latent
+from pickstyle_jax.base import options_from
+from pickstyle_jax.train_base import count, load_dit, load_vae, random_dit, zero_latent
 from pickstyle_jax.train_checkpoints import (_checkpoint_manager, _save, _Signals, _trim_metrics, export_lora,
                                              restore_state)
 from pickstyle_jax.train_text import TextTable, build_text_table, dataset_captions
 
 __all__ = ["ConfigError", "LossNotFinite", "default_config", "model_configs", "check_config", "Setup", "make_optimizer",
            "setup_from_config", "init_state", "pixels", "vace_context", "encode_pair", "loss_fn", "train_step",
-           "lora_axes", "wan_unstacked", "state_shardings", "batch_shapes", "jit_train_step", "init_distributed",
+           "lora_axes", "state_shardings", "batch_shapes", "jit_train_step", "init_distributed",
            "dataset_captions", "TextTable", "build_text_table", "load_dit", "random_dit", "load_vae", "zero_latent",
            "count", "tokens_per_sample", "total_steps", "restore_state", "export_lora", "prepare", "device_batch",
            "run", "main"]
@@ -98,10 +99,8 @@ def model_configs(config):
     m = config.model
     try:
         tcfg = umt5.Umt5Config.named(m.umt5_variant)
-        kw = dict(param_dtype=m.param_dtype, dtype=m.dtype, attention=m.attention, remat_policy=m.remat_policy)
-        if _has_field(wan.WanConfig, "scan_layers"):
-            kw["scan_layers"] = bool(m.scan_layers)
-        wcfg = wan.WanConfig.named(m.variant).replace(**kw)
+        wcfg = wan.WanConfig.named(m.variant, param_dtype=m.param_dtype)
+        options_from(m)  # the run-time keys (dtype, attention, remat_policy, scan_layers) are checked here too
         vcfg = vae.VaeConfig.named(m.vae_variant)  # fp32: encodes the targets the loss is measured against
         lcfg = lora_lib.LoraConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
                                    targets=config.lora.targets)
@@ -168,6 +167,7 @@ class Setup:
     grid: flow.Grid
     accumulate: int = 1
     optim: tuple = ()  # (lr, b1, b2, eps, weight_decay, grad_clip)
+    options: wan.Options | None = None  # how the DiT runs (config.model's run-time keys); None: backend default
 
 
 def make_optimizer(optim) -> optax.GradientTransformation:
@@ -181,7 +181,7 @@ def setup_from_config(config, wcfg, vcfg, lcfg) -> Setup:
     o = config.optim
     return Setup(wcfg, vcfg, lcfg, flow.Grid.make(config.schedule.shift, config.schedule.num_train_timesteps),
                  int(o.accumulate), (float(o.lr), float(o.b1), float(o.b2), float(o.eps), float(o.weight_decay),
-                                     float(o.grad_clip)))
+                                     float(o.grad_clip)), options_from(config.model))
 
 
 def init_state(setup: Setup, lora_params) -> dict:
@@ -217,7 +217,7 @@ def loss_fn(setup: Setup, lora_params, base, batch, rng):
     eps = jax.random.normal(k_eps, x0.shape, f32)
     x_t, target = flow.noise(x0, eps, sigma)
     v = wan.forward(setup.wcfg, base["dit"], x_t, t, batch["text"], vace_context(base["zero_latent"], z_src),
-                    lora=lora_lib.Lora(lora_params, setup.lcfg), text_lens=batch["text_lens"])
+                    lora=lora_lib.Lora(lora_params, setup.lcfg), text_lens=batch["text_lens"], options=setup.options)
     return flow.weighted_mse(v, target, w)
 
 
@@ -252,7 +252,7 @@ def train_step(setup: Setup, base, state, batch, rng):
 # ------------------------------------------------------------------------------------------------- shardings
 def lora_axes(lcfg, wcfg, lora_shapes):
     """Logical axes of the LoRA leaves: A [in, r] takes the kernel's input axis, B [r, out] its output axis."""
-    axes = wan.param_axes(wan_unstacked(wcfg))
+    axes = wan.param_axes(wcfg)
 
     def walk(tree, kernel_axes):
         if "A" in tree and "B" in tree and not isinstance(tree["A"], dict):
@@ -342,7 +342,9 @@ def prepare(config, workdir, say=lambda msg: None) -> types.SimpleNamespace:
     wcfg, vcfg, _, lcfg = model_configs(config)
     setup_grid = setup_from_config(config, wcfg, vcfg, lcfg)
     # Shardings are checked on abstract shapes before any weight exists.
-    sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, wan.param_shapes(wcfg))
+    stacked = setup_grid.options.scan_layers
+    sharding.tree_shardings(wan.param_axes(wcfg, stacked=stacked), mesh, rules,
+                            wan.param_shapes(wcfg, stacked=stacked))
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -359,9 +361,9 @@ def prepare(config, workdir, say=lambda msg: None) -> types.SimpleNamespace:
     base = {"dit": dit, "vae": vparams, "zero_latent": zero_latent(config, vcfg, vparams, mesh)}
 
     key = jax.random.key(config.seed)
-    lora_shapes = jax.eval_shape(lambda: lora_lib.init(lcfg, wan.param_shapes(wan_unstacked(wcfg)), key).params)
+    lora_shapes = jax.eval_shape(lambda: lora_lib.init(lcfg, wan.param_shapes(wcfg), key).params)
     lora_sh = sharding.tree_shardings(lora_axes(lcfg, wcfg, lora_shapes), mesh, rules, lora_shapes)
-    lora_params = jax.jit(lambda k: lora_lib.init(lcfg, wan.param_shapes(wan_unstacked(wcfg)), k).params,
+    lora_params = jax.jit(lambda k: lora_lib.init(lcfg, wan.param_shapes(wcfg), k).params,
                           out_shardings=lora_sh)(jax.random.fold_in(key, 1))
     state_shapes = jax.eval_shape(functools.partial(init_state, setup), lora_shapes)
     state_sh = state_shardings(state_shapes, lora_sh, mesh)
