@@ -50,9 +50,10 @@ _BACKEND_DEFAULTS = {"cpu": dict(attention_chunk=256, scan_layers=False)}
 _ACCELERATOR_DEFAULTS = dict(scan_layers=True)
 
 
+@jax.tree_util.register_static  # a pytree without leaves: passed through jax.jit as a static (hashed) value
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """How `wan.forward` runs (module docstring); frozen and hashable, so it can be a static jit argument."""
+    """How `wan.forward` runs (module docstring); frozen and hashable, static under jax.jit."""
     dtype: str = "float32"
     attention: str = "auto"
     attention_chunk: int = 1024
