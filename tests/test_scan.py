@@ -262,3 +262,22 @@ def test_attention_auto_resolution_and_refusals():
                          key_bias=jnp.zeros(8))
     with pytest.raises(ValueError, match="no key_bias"):
         layers.attention(q, q, q, implementation="splash", key_bias=jnp.zeros(8))
+
+
+def test_load_base_gives_the_asked_layout(tmp_path):
+    """base.load_base: the seeded random DiT of a run without a checkpoint (train's reinit_dit) or a checkpoint, in
+    the layout options.scan_layers asks for; the parts not asked for are None."""
+    from pickstyle_jax import base
+
+    cfg = wan.WanConfig.named("tiny")
+    flat = base.load_base(dit_config=cfg, seed=3, options=wan.Options(scan_layers=False))
+    stacked = base.load_base(dit_config=cfg, seed=3, options=wan.Options(scan_layers=True))
+    assert flat.vae_params is None and flat.text_params is None and flat.cfg == stacked.cfg == cfg
+    assert not wan.is_stacked(cfg, flat.params) and wan.is_stacked(cfg, stacked.params)
+    jax.tree.map(np.testing.assert_array_equal, flat.params, base.reinit_dit(cfg, 3))
+    jax.tree.map(np.testing.assert_array_equal, stacked.params, wan.stack_layers(cfg, flat.params))
+    checkpoints.save(tmp_path / "dit", cfg, flat.params, kind="wan")
+    loaded = base.load_base(str(tmp_path / "dit"), options=wan.Options(scan_layers=True))
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, stacked.params)
+    assert base.options_from({"attention": "xla", "scan_layers": True, "dtype": ""}) == wan.Options.default(
+        attention="xla", scan_layers=True)
