@@ -1,7 +1,6 @@
 """`Stylizer.load(..., mesh=..., options=wan.Options(scan_layers=True))`, the layout accelerators run the released
 variants in (the weights are read flat and stacked on load), with a LoRA, on 4 simulated CPU devices (data 2 x
-fsdp 2): the
-weights land stacked and sharded, and the stylised frames equal the single-device Stylizer's.
+fsdp 2): the weights land stacked and sharded, and the stylised frames equal the single-device Stylizer's.
 
 XLA_FLAGS must be set before JAX starts, so the check runs in its own Python process.
 """
