@@ -22,14 +22,15 @@ from pickstyle_jax.models import wan
 
 
 def compile_one(name, scan, args):
-    cfg = wan.WanConfig.named(name, param_dtype="bfloat16", dtype="bfloat16", attention=args.attention,
-                              attention_chunk=args.chunk, remat_policy=args.remat, scan_layers=scan)
+    cfg = wan.WanConfig.named(name, param_dtype="bfloat16")
+    opts = wan.Options(dtype="bfloat16", attention=args.attention, attention_chunk=args.chunk,
+                       remat_policy=args.remat, scan_layers=scan)
     if args.layers:  # the first N main blocks only (how the plan grows with depth)
         cfg = cfg.replace(num_layers=args.layers, vace_layers=tuple(v for v in cfg.vace_layers if v < args.layers))
     f, h, w = (int(v) for v in args.latent.split("x"))
     sds = jax.ShapeDtypeStruct
-    params = wan.param_shapes(cfg)
-    flat = wan.param_shapes(cfg.replace(scan_layers=False))
+    params = wan.param_shapes(cfg, stacked=scan)
+    flat = wan.param_shapes(cfg)
     lcfg = lora.LoraConfig(rank=args.rank, alpha=float(args.rank))
     adapters = jax.eval_shape(lambda k: lora.init(lcfg, flat, k), jax.random.key(0))
     x = sds((args.batch, f, h, w, cfg.in_dim), jnp.float32)
@@ -38,7 +39,7 @@ def compile_one(name, scan, args):
     text = sds((args.batch, cfg.text_len, cfg.text_dim), jnp.float32)
 
     def loss(p, a, x, t, text, ctx):
-        return jnp.mean(jnp.square(wan.forward(cfg, p, x, t, text, ctx, lora=a)))
+        return jnp.mean(jnp.square(wan.forward(cfg, p, x, t, text, ctx, lora=a, options=opts)))
 
     fn = loss if args.forward_only else jax.grad(loss, argnums=1)
     t0 = time.perf_counter()

@@ -72,8 +72,8 @@ def rel_err(pred, tgt) -> float:
     return float(np.mean((pred - tgt) ** 2) / np.mean((tgt - tgt.mean(0)) ** 2))
 
 
-def x0_table(wcfg, params, rows, hold, zero) -> dict:
-    fwd = jax.jit(lambda p, x, t, e, c, n: wan.forward(wcfg, p, x, t, e, c, text_lens=n))
+def x0_table(wcfg, params, rows, hold, zero, options=None) -> dict:
+    fwd = jax.jit(lambda p, x, t, e, c, n: wan.forward(wcfg, p, x, t, e, c, text_lens=n, options=options))
     table = {}
     for kind, h in hold.items():
         emb, lens = rows(h["caps"])
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         wcfg, params, m = pretrain.fit_backbone(vconf, vpairs, rows, log=lambda msg: None)
         secs = time.perf_counter() - t
         steps = int(vconf.pretrain.dit_steps)
-        table = x0_table(wcfg, params, rows, hold, pairs["zero"])
+        table = x0_table(wcfg, params, rows, hold, pairs["zero"], pretrain.dit_options(vconf))
         results["variants"][spec] = {"train_s": secs, "final_loss": m["curve"][-1]["loss"], "rel_err": table}
         print(f"\n{spec}: {steps} steps in {secs:.0f} s ({secs / steps:.3f} s/step), "
               f"final loss {m['curve'][-1]['loss']:.3f}", flush=True)

@@ -43,8 +43,8 @@ def main(argv=None):
     from tests import wan_ref
 
     torch.set_num_threads(args.threads)
-    cfg = wan.WanConfig(dim=512, ffn_dim=2048, num_heads=4, num_layers=8, vace_layers=(0, 2, 4, 6), text_dim=4096,
-                        attention=args.attention, attention_chunk=args.chunk, scan_layers=args.scan)
+    cfg = wan.WanConfig(dim=512, ffn_dim=2048, num_heads=4, num_layers=8, vace_layers=(0, 2, 4, 6), text_dim=4096)
+    opts = wan.Options(attention=args.attention, attention_chunk=args.chunk, scan_layers=args.scan)
     model = wan_ref.make_diffusers_vace(cfg, seed=0)
     params = wan_ref.flax_params_from_diffusers(model)
     if args.scan:
@@ -57,8 +57,8 @@ def main(argv=None):
     tokens = f * h * w // 4
     forward = jax.jit(wan.forward, static_argnums=0)
     print(f"config D={cfg.dim} heads={cfg.num_heads} ffn={cfg.ffn_dim} layers={cfg.num_layers} vace={cfg.vace_layers} "
-          f"S={tokens} attention={cfg.attention} (-> {wan.layers.resolve_attention(cfg.attention, np.float32)}"
-          f"/{cfg.attention_chunk}) scan_layers={cfg.scan_layers} threads={args.threads}")
+          f"S={tokens} attention={opts.attention} (-> {wan.layers.resolve_attention(opts.attention, np.float32)}"
+          f"/{opts.attention_chunk}) scan_layers={opts.scan_layers} threads={args.threads}")
 
     cases = {"like-for-like, 512 real text tokens": (r.standard_normal((1, 512, cfg.text_dim), dtype=np.float32),
                                                       None)}
@@ -67,7 +67,7 @@ def main(argv=None):
     cases[f"real prompt, {args.prompt_len} tokens padded to 512, text_lens + fold"] = (
         text, np.array([args.prompt_len], np.int32))
     for name, (text, lens) in cases.items():
-        run_jax = lambda: jax.block_until_ready(forward(cfg, params, x, t, text, ctx, text_lens=lens))
+        run_jax = lambda: jax.block_until_ready(forward(cfg, params, x, t, text, ctx, text_lens=lens, options=opts))
         run_torch = lambda: wan_ref.diffusers_forward(model, x, t, text, ctx)
         t0 = time.perf_counter()
         ours = np.asarray(run_jax())

@@ -54,11 +54,11 @@ def _random_leaf(key, shape, dtype, kind):
     return v.astype(dtype)
 
 
-def random_params(cfg: wan.WanConfig, key):
+def random_params(cfg: wan.WanConfig, key, stacked: bool = False):
     """Every leaf random (zero-init layers would hide numerics): kernels N(0, 1/in), norm scales 1 + N(0, 0.1^2),
     everything else N(0, 0.1^2); created on the device in cfg.param_dtype. One small jitted generator per distinct
     (shape, kind): a single jit over all ~1,000 leaves spends minutes compiling random-number code."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(wan.param_shapes(cfg))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(wan.param_shapes(cfg, stacked=stacked))
     out = []
     for (path, sds), k in zip(leaves, jax.random.split(key, len(leaves))):
         name = getattr(path[-1], "key", "")
@@ -76,10 +76,10 @@ def make_inputs(cfg, latent, key):
     return x, jnp.array([637.0], jnp.float32), text, ctx
 
 
-def time_forward(cfg, params, inputs, reps):
+def time_forward(cfg, params, inputs, reps, options=None):
     fn = jax.jit(wan.forward, static_argnums=0)
     t0 = time.perf_counter()
-    compiled = fn.lower(cfg, params, *inputs).compile()
+    compiled = fn.lower(cfg, params, *inputs, options=options).compile()
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(compiled(params, *inputs))  # warm-up
     times = []
@@ -93,21 +93,23 @@ def time_forward(cfg, params, inputs, reps):
 
 
 def bench_speed(args):
-    cfg = wan.WanConfig.named(args.config, param_dtype="bfloat16", dtype="bfloat16", attention_chunk=args.chunk)
+    cfg = wan.WanConfig.named(args.config, param_dtype="bfloat16")
     if args.layers:  # fewer blocks of the real width (a smoke test of the script, or a smaller device)
         cfg = cfg.replace(num_layers=args.layers, vace_layers=tuple(v for v in cfg.vace_layers if v < args.layers))
-    cfg = cfg.replace(scan_layers=not args.unrolled and cfg.num_layers > 1 and _regular(cfg))
+    opts = wan.Options(dtype="bfloat16", attention_chunk=args.chunk,
+                       scan_layers=not args.unrolled and cfg.num_layers > 1 and _regular(cfg))
     latent = tuple(int(v) for v in args.latent.split("x"))
     tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(wan.param_shapes(cfg)))
     flops = forward_flops(cfg, tokens)
-    print(f"{args.config}: scan_layers={cfg.scan_layers}, {n_params / 1e9:.3f} B params (bf16), latent {latent}, S = {tokens}, "
+    print(f"{args.config}: scan_layers={opts.scan_layers}, {n_params / 1e9:.3f} B params (bf16), latent {latent}, "
+          f"S = {tokens}, "
           f"{flops / 1e12:.1f} TFLOP per forward, device {jax.devices()[0].device_kind}", flush=True)
-    params = random_params(cfg, jax.random.key(0))
+    params = random_params(cfg, jax.random.key(0), stacked=opts.scan_layers)
     inputs = make_inputs(cfg, latent, jax.random.key(1))
     for impl in args.impls.split(","):
         try:
-            compile_s, sec, temp_gb = time_forward(cfg.replace(attention=impl), params, inputs, args.reps)
+            compile_s, sec, temp_gb = time_forward(cfg, params, inputs, args.reps, opts.replace(attention=impl))
             impl = f"{impl}->{wan.layers.resolve_attention(impl, jnp.bfloat16)}" if impl == "auto" else impl
             print(f"  attention={impl:8s} {sec * 1e3:9.1f} ms/forward  {flops / sec / 1e12:7.1f} TFLOP/s  "
                   f"(compile {compile_s:.0f} s, temp {temp_gb:.1f} GiB)", flush=True)
@@ -137,15 +139,15 @@ def check_numerics(args):
     fwd = jax.jit(wan.forward, static_argnums=0)
     with jax.default_matmul_precision("highest"):  # a true fp32 reference (TF32 otherwise on GPU)
         ref = fwd(cfg, params, *inputs)
-    cfg16 = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
+    cfg16, opts16 = cfg.replace(param_dtype="bfloat16"), wan.Options.default(dtype="bfloat16")
     params16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
-    out = fwd(cfg16, params16, *inputs)
+    out = fwd(cfg16, params16, *inputs, options=opts16)
     cos = float(jnp.vdot(out, ref) / (jnp.linalg.norm(out) * jnp.linalg.norm(ref)))
     print(f"numerics (D 256, 2x128 heads, 4+2 blocks, S 192): bf16 vs fp32 rel L2 {rel_l2(out, ref):.2e}, "
           f"cosine {cos:.6f}", flush=True)
     for impl in ("chunked", "cudnn"):
         try:
-            other = fwd(cfg16.replace(attention=impl, attention_chunk=64), params16, *inputs)
+            other = fwd(cfg16, params16, *inputs, options=opts16.replace(attention=impl, attention_chunk=64))
             print(f"  bf16 attention={impl} vs xla: rel L2 {rel_l2(other, out):.2e}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"  bf16 attention={impl} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)

@@ -52,28 +52,27 @@ def main(argv=None):
     steps = args.steps or (4 if tiny else 20)
     skip = args.skip if args.skip is not None else (1 if tiny else 4)
     reps = args.reps or (1 if args.quick else 2)
-    cfg = wan.WanConfig.named("tiny" if tiny else args.config).replace(
-        param_dtype="bfloat16", dtype="bfloat16", attention=args.attention)
+    cfg = wan.WanConfig.named("tiny" if tiny else args.config, param_dtype="bfloat16")
     if args.quick and not tiny:
         cfg = cfg.replace(num_layers=4, vace_layers=tuple(v for v in cfg.vace_layers if v < 4))
-    cfg = cfg.replace(scan_layers=cfg.num_layers > 1 and _regular(cfg))
+    opts = wan.Options(dtype="bfloat16", attention=args.attention,
+                       scan_layers=cfg.num_layers > 1 and _regular(cfg))
     lat = (2, 4, 4) if tiny else (5, 30, 52) if args.quick else (21, 60, 104)
     tokens = lat[0] * (lat[1] // cfg.patch_size[1]) * (lat[2] // cfg.patch_size[2])
     n_exec, branches = steps - skip, guidance.MODES["cs_cfg"]
     floor = n_exec * branches * forward_flops(cfg, tokens)
     print(f"sampler: DiT {'tiny' if tiny else args.config} ({cfg.num_layers}+{len(cfg.vace_layers)} blocks, bf16, "
-          f"scan_layers={cfg.scan_layers}, attention={args.attention}->"
+          f"scan_layers={opts.scan_layers}, attention={args.attention}->"
           f"{wan.layers.resolve_attention(args.attention, jnp.bfloat16)}), LoRA rank {args.rank if not tiny else 8}; "
           f"dpm++ {steps} steps skip {skip} cs_cfg+APG = {n_exec} steps x {branches} batched branches; latents "
           f"{lat[0]}x{lat[1]}x{lat[2]}, S = {tokens}; FLOP floor {n_exec * branches} forwards = {floor / 1e12:.3g} "
           f"TFLOP; peak {args.peak / 1e12:.0f} TFLOP/s bf16 dense; device {jax.devices()[0].device_kind}", flush=True)
 
     t0 = time.perf_counter()
-    params = random_params(cfg, jax.random.key(0))
+    params = random_params(cfg, jax.random.key(0), stacked=opts.scan_layers)
     rank = 8 if tiny else args.rank
     lcfg = lora_lib.LoraConfig(rank=rank, alpha=float(rank))
-    flat = cfg.replace(scan_layers=False)
-    adapters = lora_lib.init(lcfg, wan.param_shapes(flat), jax.random.key(1))
+    adapters = lora_lib.init(lcfg, wan.param_shapes(cfg), jax.random.key(1))
     # B = 0 at init; give it values so the run is a trained adapter's, not an exact no-op.
     adapters = lora_lib.Lora(jax.tree.map(lambda a: a + 1e-3, adapters.params), lcfg)
     k = jax.random.split(jax.random.key(2), 4)
@@ -87,7 +86,7 @@ def main(argv=None):
     print(f"  weights + inputs ready in {time.perf_counter() - t0:.1f} s", flush=True)
 
     sampler = sample.make_sampler(cfg, solver="dpm++", steps=steps, shift=16.0, skip=skip, text_scale=5.0,
-                                  context_scale=4.0, apg=True, mode="cs_cfg")
+                                  context_scale=4.0, apg=True, mode="cs_cfg", options=opts)
     call = (params, adapters, src, ctx, text, null, key, *lens)
     t0 = time.perf_counter()
     compiled = sampler.lower(*call).compile() if hasattr(sampler, "lower") else None

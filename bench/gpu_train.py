@@ -55,15 +55,15 @@ def attention_core_flops(cfg: wan.WanConfig, tokens: int) -> float:
 def build(args):
     on_cpu = jax.default_backend() == "cpu"
     tiny = args.quick and on_cpu
-    wcfg = wan.WanConfig.named("tiny" if tiny else args.config).replace(
-        param_dtype="bfloat16", dtype="bfloat16", attention=args.attention)
+    wcfg = wan.WanConfig.named("tiny" if tiny else args.config, param_dtype="bfloat16")
     if args.quick and not tiny:
         wcfg = wcfg.replace(num_layers=4, vace_layers=tuple(v for v in wcfg.vace_layers if v < 4))
-    wcfg = wcfg.replace(scan_layers=wcfg.num_layers > 1 and _regular(wcfg))
+    opts = wan.Options(dtype="bfloat16", attention=args.attention,
+                       scan_layers=wcfg.num_layers > 1 and _regular(wcfg))
     vcfg = vae.VaeConfig.named("tiny" if tiny else "wan2.1")
     lcfg = lora_lib.LoraConfig(rank=8 if tiny else args.rank, alpha=8.0 if tiny else float(args.rank))
     frames, height, width = (5, 32, 32) if tiny else (17, 240, 416) if args.quick else (81, 480, 832)
-    return wcfg, vcfg, lcfg, (frames, height, width)
+    return wcfg, opts, vcfg, lcfg, (frames, height, width)
 
 
 def time_compiled(compiled, *call_args, reps, donate_state=None):
@@ -99,7 +99,7 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     reps = args.reps or (2 if args.quick else 5)
-    wcfg, vcfg, lcfg, (frames, height, width) = build(args)
+    wcfg, opts, vcfg, lcfg, (frames, height, width) = build(args)
     lat = (1 + (frames - 1) // vcfg.temporal_factor, height // vcfg.spatial_factor, width // vcfg.spatial_factor)
     tokens = lat[0] * (lat[1] // wcfg.patch_size[1]) * (lat[2] // wcfg.patch_size[2])
     fwd = forward_flops(wcfg, tokens)
@@ -107,7 +107,7 @@ def main(argv=None):
     useful = 2 * fwd + attn
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(wan.param_shapes(wcfg)))
     print(f"train step: DiT {args.config if wcfg.dim > 48 else 'tiny'} ({wcfg.num_layers}+{len(wcfg.vace_layers)} "
-          f"blocks, {n_params / 1e9:.3f} B params bf16, scan_layers={wcfg.scan_layers}, attention={args.attention}->"
+          f"blocks, {n_params / 1e9:.3f} B params bf16, scan_layers={opts.scan_layers}, attention={args.attention}->"
           f"{wan.layers.resolve_attention(args.attention, jnp.bfloat16)}), LoRA rank {lcfg.rank} on {lcfg.targets}; "
           f"batch 1 of {frames}x{height}x{width} pixels -> latents {lat[0]}x{lat[1]}x{lat[2]}, S = {tokens} tokens; "
           f"device {jax.devices()[0].device_kind}", flush=True)
@@ -118,7 +118,7 @@ def main(argv=None):
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     rules = sharding.normalize_rules(sharding.DEFAULT_RULES)
     t0 = time.perf_counter()
-    dit = random_params(wcfg, jax.random.key(0))
+    dit = random_params(wcfg, jax.random.key(0), stacked=opts.scan_layers)
     vparams = jax.device_put(autoencoders.random_params(vcfg, 0))
     # One VAE executable serves E(zero clip) (the constant inactive context) and the timing of the step's encode.
     encode = jax.jit(functools.partial(vae.encode, vcfg))
@@ -129,8 +129,7 @@ def main(argv=None):
     zero_latent = encode_c(vparams, zeros)[:1]
     base = {"dit": dit, "vae": vparams, "zero_latent": zero_latent}
     key = jax.random.key(1)
-    flat_shapes = wan.param_shapes(train_base.wan_unstacked(wcfg))
-    lora_params = lora_lib.init(lcfg, flat_shapes, jax.random.fold_in(key, 1)).params
+    lora_params = lora_lib.init(lcfg, wan.param_shapes(wcfg), jax.random.fold_in(key, 1)).params
     kb = jax.random.split(jax.random.fold_in(key, 2), 3)
     text = jax.random.normal(kb[0], (1, wcfg.text_len, wcfg.text_dim), jnp.float32)
     text = jnp.where(jnp.arange(wcfg.text_len)[None, :, None] < 120, text, 0.0)  # a 120-token prompt, zero padded
@@ -143,8 +142,8 @@ def main(argv=None):
 
     for remat in args.remat.split(","):
         try:
-            setup = train_step.StepConfig(wcfg.replace(remat_policy=remat), vcfg, lcfg, flow.Grid.make(5.0, 1000), 1,
-                                (5.6e-4, 0.9, 0.999, 1e-8, 0.01, 1.0))
+            setup = train_step.StepConfig(wcfg, vcfg, lcfg, flow.Grid.make(5.0, 1000), 1,
+                                          (5.6e-4, 0.9, 0.999, 1e-8, 0.01, 1.0), opts.replace(remat_policy=remat))
             state = train_step.init_state(setup, jax.tree.map(jnp.copy, lora_params))
             step = jax.jit(functools.partial(train_step.train_step, setup), donate_argnums=(1,))
             with sharding.rules_context(mesh, rules):

@@ -37,8 +37,8 @@ def bench_step(args):
     from pickstyle_jax.models import wan
     from tests import wan_ref
 
-    cfg = wan.WanConfig(dim=512, ffn_dim=2048, num_heads=4, num_layers=8, vace_layers=(0, 2, 4, 6), text_dim=4096,
-                        attention="chunked", attention_chunk=256)
+    cfg = wan.WanConfig(dim=512, ffn_dim=2048, num_heads=4, num_layers=8, vace_layers=(0, 2, 4, 6), text_dim=4096)
+    options = wan.Options(attention="chunked", attention_chunk=256)
     if args.quick:
         cfg = cfg.replace(num_layers=2, vace_layers=(0,))
     model = wan_ref.make_diffusers_vace(cfg, seed=0)
@@ -50,7 +50,7 @@ def bench_step(args):
     text = r.standard_normal((1, 40, cfg.text_dim), dtype=np.float32)
     null = r.standard_normal((1, 120, cfg.text_dim), dtype=np.float32)
     # one executed step of the 20-step grid (skip 19): the cost of a step of the loop
-    sampler = sample.make_sampler(cfg, steps=20, skip=19)
+    sampler = sample.make_sampler(cfg, steps=20, skip=19, options=options)
     key = jax.random.key(0)
     ours = lambda: jax.block_until_ready(sampler(params, None, src, ctx, text, null, key))  # noqa: E731
     t0 = time.perf_counter()

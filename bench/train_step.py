@@ -45,7 +45,7 @@ RANK = 16
 
 def config():
     return wan.WanConfig(dim=256, ffn_dim=1024, num_heads=2, num_layers=4, vace_layers=(0, 2), text_dim=256,
-                         text_len=32, attention="auto")
+                         text_len=32)
 
 
 def inputs(cfg, batch, latent, seed):

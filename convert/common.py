@@ -363,8 +363,9 @@ class _Renamed(StateDict):
 
 DTYPE_HELP = ("dtype the parameters are stored in (default: the source's: bfloat16 if every stored floating tensor "
               "is bfloat16, else float32; float16/float8 sources become float32)")
-COMPUTE_DTYPE_HELP = ("compute dtype written to config.json (default: the same as the stored parameter dtype); "
-                      "checkpoints.load_*(dtype=...) or cfg.replace(dtype=...) can still change it at load time")
+COMPUTE_DTYPE_HELP = ("compute dtype written to config.json (VAE, umT5; default: the same as the stored parameter "
+                      "dtype; cfg.replace(dtype=...) can still change it at load time). The DiT refuses it: its "
+                      "compute dtype is a run-time option (wan.Options.dtype)")
 
 
 def fail(e: BaseException):

@@ -76,10 +76,11 @@ RELEASED = ("vace-14B", "vace-1.3B", "t2v-14B", "t2v-1.3B")
 
 
 def _as_variant(cfg: wan.WanConfig) -> wan.WanConfig:
-    """The released variant with cfg's architecture, with its run-time defaults (attention, scan_layers ...);
-    cfg itself when no release has that architecture."""
+    """The released variant with cfg's architecture (its param_dtype kept); cfg itself when no release has that
+    architecture."""
     arch = lambda c: tuple(getattr(c, f) for f in _ARCHITECTURE)  # noqa: E731
-    return next((v for v in map(wan.WanConfig.named, RELEASED) if arch(v) == arch(cfg)), cfg)
+    named = (wan.WanConfig.named(v, param_dtype=cfg.param_dtype) for v in RELEASED)
+    return next((v for v in named if arch(v) == arch(cfg)), cfg)
 
 
 def _config_from_official(c: dict, base: wan.WanConfig) -> wan.WanConfig:
@@ -173,14 +174,17 @@ def read_source(src, config: str | None = None):
 def convert(src, dst, *, dtype=None, compute_dtype=None, config: str | None = None, verbose: bool = True):
     """Converts `src` and writes the checkpoint `dst`; returns (cfg, params).
 
-    dtype: stored parameter dtype (None: the source's, see `common.resolve_dtypes`); compute_dtype: the config's
-    `dtype` (None: the stored dtype).
+    dtype: stored parameter dtype (None: the source's, see `common.resolve_dtypes`). compute_dtype: refused; the
+    DiT's compute dtype is a run-time option (`wan.Options.dtype`), never saved with the weights.
     """
+    if compute_dtype is not None:
+        raise common.ConversionError("--compute-dtype: a DiT checkpoint saves no compute dtype; it is a run-time "
+                                     "option (wan.Options(dtype=...), config.model.dtype for training)")
     cfg, sd, layout = read_source(src, config)
     table, expected = key_table(cfg, diffusers=layout == "diffusers")
     params = common.convert_strict(sd, table, expected, dtype=common.parse_dtype(dtype))
-    params, stored, compute = common.resolve_dtypes(params, dtype, compute_dtype)
-    cfg = dataclasses.replace(cfg, param_dtype=stored, dtype=compute)
+    params, stored, _ = common.resolve_dtypes(params, dtype)
+    cfg = dataclasses.replace(cfg, param_dtype=stored)
     checkpoints.save(dst, cfg, params, kind="wan", extra={"source": str(src), "source_layout": layout})
     if verbose:
         n = sum(int(np.prod(s)) for s in expected.values())

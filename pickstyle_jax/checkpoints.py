@@ -5,6 +5,9 @@ Layout of a checkpoint directory `DIR`:
                     An autoencoder ("vae") checkpoint also names its config class, "codec": "module:Class"
                     (models/autoencoders.py); without it, the Wan2.1 VAE's `VaeConfig`.
   DIR/params/       Orbax (OCDBT) pytree of arrays, paths mirroring the official PyTorch key names.
+A config holds the architecture only; run-time choices (a DiT's `wan.Options`: attention, chunks, remat, compute
+dtype, scan) are never saved, and a DiT is always stored flat (`save` unstacks a stacked tree). config.json files
+written before that split carry those run-time fields: they are ignored on load.
 
 Writes are atomic: everything goes to a hidden sibling directory that is renamed into place only when complete,
 so an interrupted conversion never leaves a half-written checkpoint where a good one was.
@@ -12,7 +15,6 @@ so an interrupted conversion never leaves a half-written checkpoint where a good
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import shutil
@@ -25,19 +27,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from pickstyle_jax.models import autoencoders
+from pickstyle_jax import lora
+from pickstyle_jax.models import autoencoders, umt5, vae, wan
 
 FORMAT = 1
 
 AUTOENCODER = "vae"  # the kind of every autoencoder checkpoint; config.json's "codec" names which one
 
-# kind -> (module, config class); imported lazily so loading a VAE does not import the DiT.
+# kind -> config class
 _KINDS = {
-    "wan": ("pickstyle_jax.models.wan", "WanConfig"),
-    AUTOENCODER: ("pickstyle_jax.models.vae", "VaeConfig"),  # the built-in autoencoder (no "codec")
-    "umt5": ("pickstyle_jax.models.umt5", "Umt5Config"),
-    "lora": ("pickstyle_jax.lora", "LoraConfig"),
+    "wan": wan.WanConfig,
+    AUTOENCODER: vae.VaeConfig,  # the built-in autoencoder (no "codec")
+    "umt5": umt5.Umt5Config,
+    "lora": lora.LoraConfig,
 }
+# kind -> the options class whose fields older config.json files saved with the architecture; ignored on load
+_LEGACY_RUNTIME = {"wan": wan.Options}
 
 
 class CheckpointError(ValueError):
@@ -49,7 +54,8 @@ def config_to_dict(cfg) -> dict:
 
 
 def config_from_dict(kind: str, d: dict, codec: str | None = None):
-    """Rebuilds a config dataclass; JSON lists become tuples, unknown fields are an error. codec: an autoencoder's
+    """Rebuilds a config dataclass; JSON lists become tuples, unknown fields are an error (run-time fields that
+    older versions saved with the architecture are dropped). codec: an autoencoder's
     config class as "module:Class" (config.json's "codec"), imported here; None: the kind's built-in class."""
     if codec is not None and kind != AUTOENCODER:
         raise CheckpointError(f"a {kind!r} checkpoint names a codec ({codec!r}); only autoencoder checkpoints do")
@@ -60,9 +66,12 @@ def config_from_dict(kind: str, d: dict, codec: str | None = None):
             raise CheckpointError(f"config.json: {e}") from e
         name = cls.__name__
     else:
-        module, name = _KINDS[kind]
-        cls = getattr(importlib.import_module(module), name)
+        cls = _KINDS[kind]
+        name = cls.__name__
     fields = {f.name for f in dataclasses.fields(cls)}
+    if kind in _LEGACY_RUNTIME:
+        legacy = {f.name for f in dataclasses.fields(_LEGACY_RUNTIME[kind])}
+        d = {k: v for k, v in d.items() if k in fields or k not in legacy}
     unknown = sorted(set(d) - fields)
     if unknown:
         raise CheckpointError(f"config.json has fields {unknown} that {name} does not know; "
@@ -95,6 +104,8 @@ def save(path, cfg, params, *, kind: str, extra: dict | None = None, overwrite: 
         raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {sorted(_KINDS)}")
     codec = {"codec": autoencoders.config_path(cfg)} if kind == AUTOENCODER else {}
     path = Path(path).absolute()
+    if kind == "wan":  # one layout on disk: the flat tree with the official key names
+        params = wan.unstack_layers(cfg, params) if wan.is_stacked(cfg, params) else params
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True or choose another --dst")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +197,8 @@ def read_config(path, kind: str | tuple[str, ...]):
 def load(path, kind: str | tuple[str, ...], *, dtype=None, sharding: Callable[[tuple, Any], Any] | Any = None):
     """Returns (config, params) of a checkpoint of `kind` (or of one of a tuple of kinds).
 
-    dtype: cast floating parameters to this dtype while reading; the config's param_dtype and compute dtype follow.
+    dtype: cast floating parameters to this dtype while reading; the config's param_dtype (and a compute dtype
+      field, for the configs that still have one) follows.
     sharding: a `jax.sharding.Sharding` for every leaf, a function (path_tuple, ShapeDtypeStruct) -> Sharding, or
       a tree of Shardings shaped like the params (e.g. `sharding.tree_shardings(...)`); default: the first local
       device.
@@ -214,7 +226,7 @@ def load(path, kind: str | tuple[str, ...], *, dtype=None, sharding: Callable[[t
 
     target = jax.tree_util.tree_map_with_path(abstract, tree_meta)
     params = ckptr.restore(path / "params", target)
-    if dtype is not None:  # weights read in `dtype` also compute in it unless the caller says otherwise
+    if dtype is not None:  # weights read in `dtype` (VAE, umT5: also compute in it unless the caller says otherwise)
         name = np.dtype(dtype).name
         cfg = dataclasses.replace(cfg, **{f: name for f in ("param_dtype", "dtype") if hasattr(cfg, f)})
     return cfg, params
@@ -228,30 +240,27 @@ def _unstacked_sharding(sh):
     return sh
 
 
-def load_dit(path, *, scan_layers: bool | None = False, sharding=None, **kw):
-    """(WanConfig, params) of a converted Wan DiT (T2V or VACE).
+def load_dit(path, dtype=None, sharding=None, scan_layers: bool | None = False):
+    """(WanConfig, params) of a converted Wan DiT (T2V or VACE), params in the layout asked for.
 
-    Checkpoints hold the flat tree. scan_layers=True returns the stacked tree (`wan.stack_layers`) and a config
-    with scan_layers=True; False the flat tree and scan_layers=False, so the config always describes the tree.
-    scan_layers=None takes the layout config.json names (the converter writes True for the released variants).
-    With scan_layers, `sharding` describes the stacked tree (a tree from `sharding.tree_shardings(
-    wan.param_axes(cfg), ...)`, one Sharding, or a callable on stacked paths): each layer is read with that
-    sharding minus its leading axis, then stacked one leaf at a time, freeing the layers as it goes.
+    Checkpoints hold the flat tree. scan_layers=True returns the stacked tree (`wan.stack_layers`), False the flat
+    one, None the layout of `wan.Options.default()` on this backend. dtype: cast the floating weights while
+    reading (the config's param_dtype follows). With scan_layers, `sharding` describes the stacked tree (a tree
+    from `sharding.tree_shardings(wan.param_axes(cfg, stacked=True), ...)`, one Sharding, or a callable on stacked
+    paths): each layer is read with that sharding minus its leading axis, then stacked one leaf at a time, freeing
+    the layers as it goes.
     """
     if scan_layers is None:
-        scan_layers = config_from_dict("wan", read_meta(path)["config"]).scan_layers
+        scan_layers = wan.Options.default().scan_layers
     if not scan_layers:
-        cfg, params = load(path, "wan", sharding=sharding, **kw)
-        return cfg.replace(scan_layers=False), params
-    from pickstyle_jax.models import wan
-
-    cfg = config_from_dict("wan", read_meta(path)["config"]).replace(scan_layers=True)
+        return load(path, "wan", dtype=dtype, sharding=sharding)
+    cfg = read_config(path, "wan")
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     stacked_sh = jax.tree_util.tree_map_with_path(
         lambda kp, sds: _leaf_sharding(sharding, tuple(getattr(k, "key", k) for k in kp), sds, default),
-        wan.param_shapes(cfg))  # raises for irregular vace_layers
+        wan.param_shapes(cfg, stacked=True))  # raises for irregular vace_layers
     flat_sh = wan.unstack_layers(cfg, jax.tree.map(_unstacked_sharding, stacked_sh, is_leaf=_is_sharding))
-    cfg_read, flat = load(path, "wan", sharding=flat_sh, **kw)
+    cfg_read, flat = load(path, "wan", dtype=dtype, sharding=flat_sh)
     fns = {}
 
     def stack(leaves, sh):
@@ -265,7 +274,7 @@ def load_dit(path, *, scan_layers: bool | None = False, sharding=None, **kw):
     is_list = lambda x: isinstance(x, list)
     lists, treedef = jax.tree.flatten(wan.stack_layers(cfg, flat, stack=list), is_leaf=is_list)
     leaves = [stack(ls, sh) if is_list(ls) else ls for ls, sh in zip(lists, treedef.flatten_up_to(stacked_sh))]
-    return cfg_read.replace(scan_layers=True), treedef.unflatten(leaves)
+    return cfg_read, treedef.unflatten(leaves)
 
 
 AUTOENCODER_KINDS = (AUTOENCODER,)  # for callers that check a kind tuple: one kind for every autoencoder
@@ -284,8 +293,6 @@ def load_umt5(path, **kw):
 
 def load_lora(path, **kw):
     """A `lora.Lora` (config + A/B arrays) from a converted or trained adapter checkpoint."""
-    from pickstyle_jax import lora
-
     cfg, params = load(path, "lora", **kw)
     return lora.Lora(params=params, config=cfg)
 

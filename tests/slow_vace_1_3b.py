@@ -9,7 +9,7 @@
 2. A rank-128 PickStyle LoRA `.pth` in the official key layout (`module.vace_blocks.{j}.self_attn.{q,k,v}.lora_{A,B}
    .default.weight`, as PickStyle's training saves it).
 3. `python -m convert.wan_dit` and `python -m convert.lora --config vace-1.3B` convert them (the LoRA checked
-   against the variant): the DiT's config.json gets scan_layers=True, the layout every released variant runs in.
+   against the variant): the DiT's config.json holds the architecture only (the layout is a run-time option).
 4. `python -m pickstyle_jax.train` (configs/vace_1_3b.py on one CPU device) trains 2 steps on that checkpoint.
 5. `python -m pickstyle_jax.stylize` stylises a 5-frame 64 x 112 clip with the converted LoRA.
 
@@ -187,7 +187,7 @@ def test_vace_1_3b_release_through_the_clis(tmp_path):
     _timed("convert.wan_dit", ["convert.wan_dit", "--src", str(tmp_path / "Wan2.1-VACE-1.3B"), "--dst", str(dit)],
            log)
     meta = checkpoints.read_meta(dit)
-    assert meta["config"]["scan_layers"] is True and meta["config"]["param_dtype"] == "bfloat16"
+    assert "scan_layers" not in meta["config"] and meta["config"]["param_dtype"] == "bfloat16"
     assert meta["config"]["dim"] == 1536 and meta["source_layout"] == "official"
     _timed("convert.lora", ["convert.lora", "--src", str(tmp_path / "pickstyle_lora.pth"), "--dst", str(lora),
                            "--config", "vace-1.3B"], log)

@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-from pickstyle_jax import lora, sharding
+from pickstyle_jax import base, lora, sharding
 from pickstyle_jax.data import synthetic
 from pickstyle_jax.models import umt5, vae, wan
 from pickstyle_jax.train import config as train_config
@@ -38,9 +38,10 @@ def test_config_is_complete_and_locked(path, arg):
         assert set(c[section].keys()) == set(schema[section].keys()), section
     assert set(c.mesh.keys()) <= {"data", "fsdp", "tensor", "context"}
     sharding.normalize_rules(c.rules)
-    wcfg = wan.WanConfig.named(c.model.variant).replace(param_dtype=c.model.param_dtype, dtype=c.model.dtype,
-                                                        attention=c.model.attention,
-                                                        remat_policy=c.model.remat_policy)
+    wcfg = wan.WanConfig.named(c.model.variant, param_dtype=c.model.param_dtype)
+    opts = base.options_from(c.model)  # the run-time keys become wan.Options (never saved)
+    assert (opts.dtype, opts.attention, opts.remat_policy, opts.scan_layers) == (
+        c.model.dtype, c.model.attention, c.model.remat_policy, c.model.scan_layers)
     vae.VaeConfig.named(c.model.vae_variant)
     umt5.Umt5Config.named(c.model.umt5_variant)
     lcfg = lora.LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=c.lora.targets)

@@ -92,17 +92,19 @@ def test_end_to_end_tiny_run(run_dir, capsys, monkeypatch):
 
 
 def test_cli_on_the_released_layout(tmp_path, monkeypatch):
-    """A run whose DiT checkpoint names the stacked layout (scan_layers=True, as every converted release does)
-    evaluates in that layout, with its LoRA."""
-    models = tiny_models.save_models(tmp_path / "models", tmp_path / "lora", CFG.replace(scan_layers=True), SEED)
-    (tmp_path / "config.json").write_text(json.dumps(_run_config(models)))
+    """A run that trained scanned (config.model.scan_layers=True, as the released variants' configs do) evaluates
+    in that layout, the flat checkpoint stacked on load, with its LoRA."""
+    models = tiny_models.save_models(tmp_path / "models", tmp_path / "lora", CFG, SEED)
+    run = _run_config(models)
+    run["model"]["scan_layers"] = True
+    (tmp_path / "config.json").write_text(json.dumps(run))
     built = []
     load = evaluate.load_stylizer
     monkeypatch.setattr(evaluate, "load_stylizer", lambda *a, **k: built.append(load(*a, **k)) or built[-1])
     assert evaluate.main(["--workdir", str(tmp_path), "--clips", "1", "--steps", "2", "--skip", "0",
                           "--timing", "cold", "--no-videos"]) == 0
     (stylizer,) = built
-    assert stylizer.cfg.scan_layers and "0" not in stylizer.params["blocks"]  # stacked, as config.json says
+    assert stylizer.options.scan_layers and "0" not in stylizer.params["blocks"]  # stacked, as the run trained
     assert stylizer.adapters is not None
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
     assert all(np.isfinite(r["psnr"]) for r in rows) and len({r["psnr"] for r in rows}) == len(rows)

@@ -1,4 +1,7 @@
 """Scanned layers, the offload remat policy, per-sample text folding and attention dispatch (tiny configs, CPU)."""
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,12 +48,12 @@ def _tree_rel(g, g_ref):
     return _rel(flat(g), flat(g_ref)), max(_rel(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)))
 
 
-def _value_and_lora_grad(cfg, params, adapters, inputs):
+def _value_and_lora_grad(cfg, params, adapters, inputs, options=None):
     x, t, text, ctx, lens = inputs
 
     def loss(a):
         return jnp.mean(jnp.square(wan.forward(cfg, params, x, t, text, ctx, lora=a, context_scale=0.7,
-                                               text_lens=lens)))
+                                               text_lens=lens, options=options)))
 
     return jax.jit(jax.value_and_grad(loss))(adapters)
 
@@ -61,9 +64,9 @@ def _check_scan_equals_unrolled(cfg, seed, policies):
     inputs = _inputs(cfg, seed + 7)
     stacked = wan.stack_layers(cfg, params)
     for policy in policies:
-        flat_cfg = cfg.replace(remat_policy=policy)
-        v_ref, g_ref = _value_and_lora_grad(flat_cfg, params, adapters, inputs)
-        v, g = _value_and_lora_grad(flat_cfg.replace(scan_layers=True), stacked, adapters, inputs)
+        opts = wan.Options(remat_policy=policy)
+        v_ref, g_ref = _value_and_lora_grad(cfg, params, adapters, inputs, opts)
+        v, g = _value_and_lora_grad(cfg, stacked, adapters, inputs, opts)  # the layout comes from the tree
         assert _rel(v, v_ref) <= 1e-6, (policy, seed)
         assert jax.tree.structure(g) == jax.tree.structure(g_ref)
         whole, worst_leaf = _tree_rel(g, g_ref)
@@ -86,21 +89,21 @@ def test_offload_policy_same_output_and_grad(seed):
     cfg = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0, 1))
     if wan._host_memory_kind() is None:
         with pytest.raises(ValueError, match="pinned_host"):
-            _value_and_lora_grad(cfg.replace(remat_policy="offload"), _params(cfg, seed), None, _inputs(cfg, seed))
+            _value_and_lora_grad(cfg, _params(cfg, seed), None, _inputs(cfg, seed), wan.Options(remat_policy="offload"))
         return
     params = _params(cfg, seed)
     adapters = _adapters(params, seed + 1)
     inputs = _inputs(cfg, seed + 2)
-    v_ref, g_ref = _value_and_lora_grad(cfg.replace(remat_policy="none"), params, adapters, inputs)
-    scan_cfg = cfg.replace(remat_policy="offload", scan_layers=True)
-    v, g = _value_and_lora_grad(scan_cfg, wan.stack_layers(cfg, params), adapters, inputs)
+    v_ref, g_ref = _value_and_lora_grad(cfg, params, adapters, inputs, wan.Options(remat_policy="none"))
+    offload = wan.Options(remat_policy="offload")
+    v, g = _value_and_lora_grad(cfg, wan.stack_layers(cfg, params), adapters, inputs, offload)
     assert _rel(v, v_ref) <= 1e-6
     whole, worst_leaf = _tree_rel(g, g_ref)
     assert whole <= 1e-6 and worst_leaf <= 1e-5
     # the block inputs really go to host memory: the scan's saved residuals live in host memory space
     x, t, text, ctx, lens = inputs
-    jaxpr = jax.make_jaxpr(jax.grad(lambda a: jnp.sum(wan.forward(scan_cfg, wan.stack_layers(cfg, params), x, t,
-                                                                  text, ctx, lora=a))))(adapters)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a: jnp.sum(wan.forward(cfg, wan.stack_layers(cfg, params), x, t,
+                                                                  text, ctx, lora=a, options=offload))))(adapters)
     assert "f32<host>" in str(jaxpr)
 
 
@@ -116,7 +119,7 @@ def test_offload_needs_host_memory():
 
 
 def test_stack_unstack_bit_exact_and_layout(seed):
-    cfg = wan.WanConfig.named("tiny").replace(scan_layers=True)
+    cfg = wan.WanConfig.named("tiny")
     flat = jax.tree.map(np.asarray, _params(cfg, seed))
     stacked = wan.stack_layers(cfg, flat)
     assert stacked["blocks"]["self_attn"]["q"]["kernel"].shape == (4, 48, 48)
@@ -129,10 +132,12 @@ def test_stack_unstack_bit_exact_and_layout(seed):
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(flat)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    # the stacked tree is what param_shapes / param_axes describe for a scanned config
+    # the stacked tree is what param_shapes / param_axes describe with stacked=True
     shape_of = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
-    assert shape_of(wan.param_shapes(cfg)) == shape_of(stacked)
-    axes = wan.param_axes(cfg)
+    assert shape_of(wan.param_shapes(cfg, stacked=True)) == shape_of(stacked)
+    assert shape_of(wan.param_shapes(cfg)) == shape_of(flat)
+    assert wan.is_stacked(cfg, stacked) and not wan.is_stacked(cfg, flat)
+    axes = wan.param_axes(cfg, stacked=True)
     assert axes["blocks"]["self_attn"]["q"]["kernel"] == (wan.STACKED_AXIS, "embed", "heads")
     assert axes["vace_before_proj"]["kernel"] == ("embed", "heads")
     assert axes["head"]["head"]["kernel"] == ("embed", None)
@@ -142,38 +147,80 @@ def test_stack_unstack_bit_exact_and_layout(seed):
         wan.unstack_layers(cfg, flat)
 
 
-def test_layout_and_spacing_errors(seed):
+def test_layout_is_read_from_the_tree_and_spacing_errors(seed):
+    """A stacked tree runs scanned and a flat tree unrolled whatever options.scan_layers says (it only tells loaders
+    which layout to produce); an irregular VACE spacing cannot be stacked."""
     cfg = wan.WanConfig.named("tiny")
     params = _params(cfg, seed)
     x, t, text, ctx, _ = _inputs(cfg, seed, b=1, text_lens=(3,))
-    with pytest.raises(ValueError, match="flat tree"):
-        wan.forward(cfg.replace(scan_layers=True), params, x, t, text, ctx)
-    with pytest.raises(ValueError, match="stacked tree but this config has scan_layers=False"):
-        wan.forward(cfg, wan.stack_layers(cfg, params), x, t, text, ctx)
-    irregular = cfg.replace(num_layers=5, vace_layers=(0, 1, 3), scan_layers=True)
-    for fn in (lambda: wan.param_shapes(irregular), lambda: wan.stack_layers(irregular, wan.init(irregular, jax.random.key(0))),
-               lambda: wan.forward(irregular, params, x, t, text, ctx)):
+    flat_out = wan.forward(cfg, params, x, t, text, ctx, options=wan.Options(scan_layers=True))
+    stacked_out = wan.forward(cfg, wan.stack_layers(cfg, params), x, t, text, ctx, options=wan.Options())
+    np.testing.assert_array_equal(flat_out, wan.forward(cfg, params, x, t, text, ctx, options=wan.Options()))
+    assert _rel(stacked_out, flat_out) <= 1e-6
+    irregular = cfg.replace(num_layers=5, vace_layers=(0, 1, 3))
+    stacked_regular = wan.stack_layers(cfg, params)
+    for fn in (lambda: wan.param_shapes(irregular, stacked=True),
+               lambda: wan.stack_layers(irregular, wan.init(irregular, jax.random.key(0))),
+               lambda: wan.forward(irregular, stacked_regular, x, t, text, ctx)):
         with pytest.raises(ValueError, match="regularly spaced vace_layers"):
             fn()
     for name in ("vace-14B", "vace-1.3B", "t2v-14B", "t2v-1.3B"):
-        real = wan.WanConfig.named(name)
-        assert real.scan_layers and real.attention == "auto"
-        wan.scan_period(real)  # every real variant scans
-    assert not wan.WanConfig.named("tiny").scan_layers and wan.WanConfig.named("tiny").attention == "auto"
+        wan.scan_period(wan.WanConfig.named(name))  # every real variant scans
+
+
+def test_options_defaults_and_validation():
+    assert wan.Options.default("cpu") == wan.Options(attention_chunk=256, scan_layers=False)
+    for backend in ("gpu", "tpu"):
+        assert wan.Options.default(backend) == wan.Options(scan_layers=True)  # every real variant scans
+    assert wan.Options.default("cpu", remat_policy="full").remat_policy == "full"
+    opts = wan.Options()
+    assert dataclasses.replace(opts, dtype="bfloat16").dtype == "bfloat16" and hash(opts) == hash(wan.Options())
+    with pytest.raises(ValueError, match="remat_policy"):
+        wan.Options(remat_policy="sometimes")
+    with pytest.raises(ValueError, match="attention"):
+        wan.Options(attention="flash")
+    with pytest.raises(TypeError):
+        wan.WanConfig.named("tiny", attention="xla")  # architecture only
 
 
 def test_load_dit_scan_layers(tmp_path, seed):
     cfg = wan.WanConfig.named("tiny")
     params = jax.tree.map(np.asarray, _params(cfg, seed))
-    checkpoints.save(tmp_path / "dit", cfg.replace(scan_layers=True), params, kind="wan")
+    checkpoints.save(tmp_path / "dit", cfg, wan.stack_layers(cfg, params), kind="wan")  # stored flat anyway
+    meta = checkpoints.read_meta(tmp_path / "dit")
+    assert set(meta["config"]) == {f.name for f in dataclasses.fields(wan.WanConfig)}
     flat_cfg, flat = checkpoints.load_dit(tmp_path / "dit")
-    assert not flat_cfg.scan_layers and "0" in flat["blocks"]
+    assert flat_cfg == cfg and "0" in flat["blocks"]
+    for a, b in zip(jax.tree.leaves(flat), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
     scan_cfg, stacked = checkpoints.load_dit(tmp_path / "dit", scan_layers=True)
-    assert scan_cfg.scan_layers
+    assert scan_cfg == cfg
     want = wan.stack_layers(cfg, params)
     assert jax.tree.structure(stacked) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_old_config_json_with_run_time_fields_loads(tmp_path, seed):
+    """Checkpoints converted before the architecture/options split carry dtype, attention, scan_layers ... in
+    config.json: they are ignored, never an error; unknown fields still are."""
+    cfg = wan.WanConfig.named("tiny")
+    params = jax.tree.map(np.asarray, _params(cfg, seed))
+    checkpoints.save(tmp_path / "dit", cfg, params, kind="wan")
+    path = tmp_path / "dit" / "config.json"
+    meta = json.loads(path.read_text())
+    meta["config"].update(dtype="bfloat16", attention="cudnn", attention_chunk=1024, attention_kv_chunk=0,
+                          splash_block_q=512, splash_block_kv=512, remat_policy="full", fold_text_padding=True,
+                          scan_layers=True)
+    path.write_text(json.dumps(meta))
+    for scan in (False, True):
+        got_cfg, got = checkpoints.load_dit(tmp_path / "dit", scan_layers=scan)
+        assert got_cfg == cfg and wan.is_stacked(cfg, got) == scan
+    assert checkpoints.read_config(tmp_path / "dit", "wan") == cfg
+    meta["config"]["colour"] = "blue"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(checkpoints.CheckpointError, match="colour"):
+        checkpoints.load_dit(tmp_path / "dit")
 
 
 def test_text_fold_per_sample_lengths(seed):
@@ -183,14 +230,14 @@ def test_text_fold_per_sample_lengths(seed):
     x, t, text, ctx, lens = _inputs(cfg, seed + 1, text_lens=(4, 17))
     fwd = jax.jit(wan.forward, static_argnums=0, static_argnames=())
     folded = fwd(cfg, params, x, t, text, ctx, text_lens=lens)
-    unfolded = fwd(cfg.replace(fold_text_padding=False), params, x, t, text, ctx, text_lens=lens)
+    nofold = wan.Options.default(fold_text_padding=False)
+    unfolded = fwd(cfg, params, x, t, text, ctx, text_lens=lens, options=nofold)
     assert _rel(folded, unfolded) <= 1e-5
     for i, n in enumerate(lens):  # each sample alone, its text trimmed to its true length
-        alone = fwd(cfg.replace(fold_text_padding=False), params, x[i:i + 1], t[i:i + 1], text[i:i + 1, :n],
-                    ctx[i:i + 1])
+        alone = fwd(cfg, params, x[i:i + 1], t[i:i + 1], text[i:i + 1, :n], ctx[i:i + 1], options=nofold)
         assert _rel(folded[i:i + 1], alone) <= 1e-5
     # the fold under scan
-    scanned = fwd(cfg.replace(scan_layers=True), wan.stack_layers(cfg, params), x, t, text, ctx, text_lens=lens)
+    scanned = fwd(cfg, wan.stack_layers(cfg, params), x, t, text, ctx, text_lens=lens)
     assert _rel(scanned, folded) <= 1e-6
 
 
@@ -206,7 +253,7 @@ def test_attention_auto_resolution_and_refusals():
     with pytest.raises(ValueError, match="must be one of"):
         layers.resolve_attention("flash", bf16)
     with pytest.raises(ValueError, match="bfloat16 compute dtype"):
-        wan.WanConfig.named("tiny", attention="cudnn")
+        wan.Options(attention="cudnn")
     q = jnp.zeros((1, 8, 2, 8), fp32)
     with pytest.raises(ValueError, match="bfloat16/float16"):
         layers.attention(q, q, q, implementation="cudnn")
@@ -215,3 +262,22 @@ def test_attention_auto_resolution_and_refusals():
                          key_bias=jnp.zeros(8))
     with pytest.raises(ValueError, match="no key_bias"):
         layers.attention(q, q, q, implementation="splash", key_bias=jnp.zeros(8))
+
+
+def test_load_base_gives_the_asked_layout(tmp_path):
+    """base.load_base: the seeded random DiT of a run without a checkpoint (train's reinit_dit) or a checkpoint, in
+    the layout options.scan_layers asks for; the parts not asked for are None."""
+    from pickstyle_jax import base
+
+    cfg = wan.WanConfig.named("tiny")
+    flat = base.load_base(dit_config=cfg, seed=3, options=wan.Options(scan_layers=False))
+    stacked = base.load_base(dit_config=cfg, seed=3, options=wan.Options(scan_layers=True))
+    assert flat.vae_params is None and flat.text_params is None and flat.cfg == stacked.cfg == cfg
+    assert not wan.is_stacked(cfg, flat.params) and wan.is_stacked(cfg, stacked.params)
+    jax.tree.map(np.testing.assert_array_equal, flat.params, base.reinit_dit(cfg, 3))
+    jax.tree.map(np.testing.assert_array_equal, stacked.params, wan.stack_layers(cfg, flat.params))
+    checkpoints.save(tmp_path / "dit", cfg, flat.params, kind="wan")
+    loaded = base.load_base(str(tmp_path / "dit"), options=wan.Options(scan_layers=True))
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, stacked.params)
+    assert base.options_from({"attention": "xla", "scan_layers": True, "dtype": ""}) == wan.Options.default(
+        attention="xla", scan_layers=True)

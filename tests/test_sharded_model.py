@@ -70,16 +70,16 @@ _MODEL = _PRELUDE + textwrap.dedent("""
     for case in cases:
         cfg, params, adapters, inputs, (want_v, want_g) = reference(case.get("cfg", {}), case.get("clips", b))
         mesh = sharding.make_mesh(case["mesh"], jax.devices()[:case.get("devices", jax.device_count())])
-        c = cfg.replace(scan_layers=case["scan"])
         p = wan.stack_layers(cfg, params) if case["scan"] else params
-        p = jax.device_put(p, sharding.tree_shardings(wan.param_axes(c), mesh, sharding.DEFAULT_RULES,
-                                                      wan.param_shapes(c)))
+        p = jax.device_put(p, sharding.tree_shardings(wan.param_axes(cfg, stacked=case["scan"]), mesh,
+                                                      sharding.DEFAULT_RULES,
+                                                      wan.param_shapes(cfg, stacked=case["scan"])))
         lora_sh = sharding.tree_shardings(step_lib.lora_axes(lcfg, cfg, adapters.params), mesh, sharding.DEFAULT_RULES,
                                           adapters.params)
         ad = jax.device_put(adapters, lora.Lora(lora_sh, lcfg))
         put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim) if case["batch"] else
                                        sharding.replicated(mesh))
-        got_v, got_g = jax.jit(functools.partial(run, c))(p, ad, *map(put, inputs))
+        got_v, got_g = jax.jit(functools.partial(run, cfg))(p, ad, *map(put, inputs))  # layout from the tree
         name = (f"{dict(mesh.shape)} dim {cfg.dim} {'scanned' if case['scan'] else 'flat'} "
                 f"{'batch-sharded' if case['batch'] else 'replicated'} inputs")
         check(name + ", forward", got_v, want_v)

@@ -74,11 +74,11 @@ _CHILD = textwrap.dedent("""
 
     # scanned layers: the stacked tree (leading "layers" axis, replicated) sharded by the same rules
     rules = {**sharding.DEFAULT_RULES, "layers": None}
-    scfg = cfg.replace(scan_layers=True)
+    s_axes = wan.param_axes(cfg, stacked=True)
     s_sh = jax.device_put(wan.stack_layers(cfg, params),
-                          sharding.tree_shardings(wan.param_axes(scfg), mesh, rules, wan.param_shapes(scfg)))
-    check_every_leaf(s_sh, wan.param_axes(scfg))
-    sfwd = lambda p, a, *args: wan.forward(scfg, p, *args, lora=a)
+                          sharding.tree_shardings(s_axes, mesh, rules, wan.param_shapes(cfg, stacked=True)))
+    check_every_leaf(s_sh, s_axes)
+    sfwd = lambda p, a, *args: wan.forward(cfg, p, *args, lora=a)  # the stacked tree runs scanned
     plain = jax.jit(sfwd).lower(s_sh, adapters, *inputs).as_text()
     got = jax.jit(sfwd)(s_sh, adapters, *inputs)  # FSDP x tensor sharded stacked weights, a plain jit
     err = float(np.abs(np.asarray(got) - want).max())

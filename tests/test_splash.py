@@ -110,7 +110,7 @@ def test_wan_forward_and_lora_grad_splash_vs_xla(seed):
     adapters = lora.init(lora.LoraConfig(rank=4, alpha=4, targets=r"blocks\.\d+\.self_attn\.(q|k|v|o)"), params,
                          jax.random.key(seed + 1))
     adapters = jax.tree.map(lambda a: a + 0.1, adapters)  # B starts at zero: make the adapters do something
-    cfg = flat.replace(scan_layers=True)
+    cfg = flat
     params = wan.stack_layers(cfg, params)
     b, f, h, w = 2, 3, 6, 10  # 45 tokens
     x = jnp.asarray(rng.standard_normal((b, f, h, w, 16)), jnp.float32)
@@ -119,10 +119,10 @@ def test_wan_forward_and_lora_grad_splash_vs_xla(seed):
     lens = jnp.asarray([11, int(rng.integers(1, 11))], jnp.int32)
 
     def run(attention):
-        c = cfg.replace(attention=attention)
+        opts = wan.Options(attention=attention)
 
         def loss(a):
-            out = wan.forward(c, params, x, t, text, lora=a, text_lens=lens)
+            out = wan.forward(cfg, params, x, t, text, lora=a, text_lens=lens, options=opts)
             return jnp.mean(out ** 2), out
         (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(adapters)
         return out, jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])

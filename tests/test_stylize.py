@@ -27,15 +27,14 @@ def _clip(f, h=32, w=48, seed=0):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """layout -> the tiny models saved with config.json naming that layout: "flat" or "scanned" (scan_layers=True,
-    what `convert.wan_dit` writes for every released variant); built on first use."""
+    """name -> a set of the tiny models saved as checkpoints (always the flat tree and an architecture-only
+    config.json, as `convert.wan_dit` writes them); built on first use."""
     built = {}
 
     def get(layout="flat"):
         if layout not in built:
             root = tmp_path_factory.mktemp(f"models_{layout}")
-            cfg = CFG.replace(scan_layers=layout == "scanned")
-            paths = tiny_models.save_models(root, root / "lora", cfg, SEED)
+            paths = tiny_models.save_models(root, root / "lora", CFG, SEED)
             other = CFG.replace(dim=64, ffn_dim=96)  # "another variant": same layer names, other widths
             checkpoints.save_lora(root / "lora_other", lora.init(lora.LoraConfig(rank=4, alpha=4),
                                                                  wan.param_shapes(other), jax.random.key(0)))
@@ -53,6 +52,14 @@ def models(saved):
 LAYOUTS = pytest.mark.parametrize("layout", ["flat", "scanned"])
 
 
+def _default_layout(monkeypatch, layout):
+    """The stylizer loads in the layout of the backend's default options: flat on CPU, stacked on an accelerator
+    (simulated here by the defaults with scan_layers=True)."""
+    default = wan.Options.default.__func__
+    monkeypatch.setattr(wan.Options, "default", classmethod(
+        lambda cls, backend=None, **kw: default(cls, backend, **{"scan_layers": layout == "scanned", **kw})))
+
+
 def _argv(m, video_path, out, *extra):
     return ["--video", str(video_path), "--prompt", "Anime style. A cat.", "--dit", m["dit"], "--vae", m["vae"],
             "--umt5", m["umt5"], "--tokenizer", m["tokenizer"], "--lora", m["lora"], "--out", str(out), *extra]
@@ -65,8 +72,9 @@ def stylizer(models):
 
 
 @LAYOUTS
-def test_cli_end_to_end(saved, layout, tmp_path):
-    models = saved(layout)
+def test_cli_end_to_end(saved, layout, tmp_path, monkeypatch):
+    models = saved()
+    _default_layout(monkeypatch, layout)
     # the issue's clip: 1.1 s at 30 fps came out as 81 frames at 16 fps (5.1 s); now 17 frames at 15.45 fps
     src = video.write(tmp_path / "in.mp4", _clip(33), fps=30)
     out = tmp_path / "res" / "out.mp4"
@@ -169,9 +177,8 @@ def test_window_depends_on_the_previous_windows_overlap(stylizer):
     assert diff.max() > 0
 
 
-@LAYOUTS
-def test_bad_input(saved, layout, tmp_path, capsys, monkeypatch):
-    models = saved(layout)
+def test_bad_input(saved, tmp_path, capsys, monkeypatch):
+    models = saved()
     src = video.write(tmp_path / "in.mp4", _clip(9), fps=12)
     out = tmp_path / "out.mp4"
 
@@ -205,11 +212,10 @@ def test_bad_input(saved, layout, tmp_path, capsys, monkeypatch):
     fails(_argv(models, src, out, "--size", "100x100"), "multiples of 16")
 
 
-@LAYOUTS
-def test_check_lora_reads_adapters_in_either_layout(layout):
-    """Adapters carry the official (flat) paths; the DiT config may name either layout. A LoRA that fits passes,
-    and a real mismatch (other widths, a layer the DiT lacks) is still named."""
-    cfg = CFG.replace(scan_layers=layout == "scanned")
+def test_check_lora_reads_adapters_in_either_layout():
+    """Adapters carry the official (flat) paths, whatever layout the DiT runs in. A LoRA that fits passes, and a
+    real mismatch (other widths, a layer the DiT lacks) is still named."""
+    cfg = CFG
     flat = wan.param_shapes(CFG)
     lcfg = lora.LoraConfig(rank=4, alpha=4)
     sample.check_lora(cfg, lora.init(lcfg, flat, jax.random.key(0)))  # PickStyle's targets: no error

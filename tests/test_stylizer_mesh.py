@@ -1,6 +1,6 @@
-"""`Stylizer.load(..., mesh=...)` on the layout released checkpoints convert to (config.json with scan_layers=True:
-the weights are read flat and stacked on load) with a LoRA, on 4 simulated CPU devices (data 2 x fsdp 2): the
-weights land stacked and sharded, and the stylised frames equal the single-device Stylizer's.
+"""`Stylizer.load(..., mesh=..., options=wan.Options(scan_layers=True))`, the layout accelerators run the released
+variants in (the weights are read flat and stacked on load), with a LoRA, on 4 simulated CPU devices (data 2 x
+fsdp 2): the weights land stacked and sharded, and the stylised frames equal the single-device Stylizer's.
 
 XLA_FLAGS must be set before JAX starts, so the check runs in its own Python process.
 """
@@ -25,13 +25,14 @@ _SCRIPT = textwrap.dedent("""
 
     seed, root = int(sys.argv[1]), pathlib.Path(sys.argv[2])
     cfg = wan.WanConfig.named("tiny").replace(num_layers=4, vace_layers=(0, 2), text_dim=64)  # umT5 tiny: 64 wide
-    saved = {**tiny_models.save_models(root, root / "lora", cfg.replace(scan_layers=True), seed), "tokenizer": "bytes"}
+    saved = {**tiny_models.save_models(root, root / "lora", cfg, seed), "tokenizer": "bytes"}
+    scanned = wan.Options.default(scan_layers=True)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2})
 
     # without a LoRA: the shardings follow the stacked tree that is loaded
-    st = sample.Stylizer.load(**{k: v for k, v in saved.items() if k != "lora"}, mesh=mesh)
+    st = sample.Stylizer.load(**{k: v for k, v in saved.items() if k != "lora"}, mesh=mesh, options=scanned)
     q = st.params["blocks"]["self_attn"]["q"]["kernel"]
-    assert st.cfg.scan_layers and q.shape == (4, 48, 48), q.shape
+    assert st.options.scan_layers and q.shape == (4, 48, 48), q.shape
     assert q.sharding.spec == P(None, "fsdp", None), q.sharding.spec
 
     y, x = np.mgrid[0:32, 0:48]
@@ -39,8 +40,8 @@ _SCRIPT = textwrap.dedent("""
                        for t in range(5)]).astype(np.uint8)
     kw = dict(steps=3, skip=1, max_frames=5, seed=7)
     prompt = "Anime style. A cat."
-    on_mesh = sample.Stylizer.load(**saved, mesh=mesh)
-    assert on_mesh.cfg.scan_layers and on_mesh.adapters is not None
+    on_mesh = sample.Stylizer.load(**saved, mesh=mesh, options=scanned)
+    assert wan.is_stacked(on_mesh.cfg, on_mesh.params) and on_mesh.adapters is not None
     assert on_mesh.params["vace_blocks"]["self_attn"]["k"]["kernel"].sharding.spec == P(None, "fsdp", None)
     got = on_mesh(clip, prompt, **kw)
     want = sample.Stylizer.load(**saved)(clip, prompt, **kw)

@@ -97,10 +97,10 @@ _MODEL = _PRELUDE + textwrap.dedent("""
 
     # head dim 128 as in Wan; bf16 compute as on TPU; every block scanned and fully rematerialised
     small = dict(dim=256, num_heads=2, ffn_dim=256)
-    cfg = wan.WanConfig.named("tiny", **small, attention="splash", scan_layers=True, dtype="bfloat16",
-                              remat_policy="full")
-    shapes = wan.param_shapes(cfg)
-    shardings = sharding.tree_shardings(wan.param_axes(cfg), mesh, RULES, shapes)
+    cfg = wan.WanConfig.named("tiny", **small)
+    opts = wan.Options(attention="splash", scan_layers=True, dtype="bfloat16", remat_policy="full")
+    shapes = wan.param_shapes(cfg, stacked=opts.scan_layers)
+    shardings = sharding.tree_shardings(wan.param_axes(cfg, stacked=opts.scan_layers), mesh, RULES, shapes)
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     assert any(sh.spec != P() for sh in jax.tree.leaves(shardings)), "nothing sharded: the test would prove little"
     lcfg = lora.LoraConfig(rank=4, alpha=4, targets=r"(blocks|vace_blocks)\\.\\d+\\.(self_attn|cross_attn)\\.(q|k|v|o)")
@@ -116,7 +116,7 @@ _MODEL = _PRELUDE + textwrap.dedent("""
 
     def loss_and_lora_grad(adapters, params, x, t, text, context, text_lens):
         def loss(a):
-            v = wan.forward(cfg, params, x, t, text, context, lora=a, text_lens=text_lens)
+            v = wan.forward(cfg, params, x, t, text, context, lora=a, text_lens=text_lens, options=opts)
             return jnp.mean(v ** 2)
         return jax.value_and_grad(loss)(adapters)
 

@@ -286,9 +286,10 @@ def test_nan_loss_names_the_step(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 def test_cli_trains_on_saved_checkpoints_in_either_layout(tmp_path):
-    """`python -m pickstyle_jax.train` on converted tiny checkpoints whose config.json names the flat layout, then
-    the stacked one the released variants convert to (scan_layers=True), unrolled and scanned: the same weights
-    give the same losses whatever the saved or the run's layout."""
+    """`python -m pickstyle_jax.train` on converted tiny checkpoints (stored flat, config.json the architecture
+    only), unrolled and scanned (config.model.scan_layers, what the released variants' configs set; a checkpoint
+    converted before the run-time fields left config.json naming scan_layers=True): the same weights give the
+    same losses whatever the run's layout."""
     from pickstyle_jax.models import wan
     from tests import tiny_models
     from tests.conftest import SEED
@@ -296,9 +297,12 @@ def test_cli_trains_on_saved_checkpoints_in_either_layout(tmp_path):
     cfg = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0,), text_dim=64)  # umT5 tiny: 64 wide
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    models = {saved: tiny_models.save_models(tmp_path / saved, tmp_path / saved / "lora",
-                                             cfg.replace(scan_layers=saved == "scanned"), SEED)
+    models = {saved: tiny_models.save_models(tmp_path / saved, tmp_path / saved / "lora", cfg, SEED)
               for saved in ("flat", "scanned")}
+    old = pathlib.Path(models["scanned"]["dit"]) / "config.json"  # as converted before Options left WanConfig
+    meta = json.loads(old.read_text())
+    meta["config"].update(dtype="float32", attention="auto", remat_policy="none", scan_layers=True)
+    old.write_text(json.dumps(meta))
     losses = {}
     for saved, run_scanned in (("flat", False), ("scanned", False), ("scanned", True)):
         m = models[saved]

@@ -92,12 +92,14 @@ def test_vace_per_layer_context_scale(vace_setup, jit_forward):
 
 
 def test_t2v_parity_with_diffusers(jit_forward):
-    cfg = wan.WanConfig.named("tiny-t2v", fold_text_padding=False)  # also covers the unfolded 512-row text path
+    cfg = wan.WanConfig.named("tiny-t2v")
     model = wan_ref.make_diffusers_t2v(cfg, SEED + 1)
     params = wan_ref.flax_params_from_diffusers(model)
     _assert_same_tree(cfg, params)
     x, t, text, _ = make_inputs(cfg)
-    max_abs, rel = wan_ref.errors(jit_forward(cfg, params, x, t, text), wan_ref.diffusers_forward(model, x, t, text))
+    unfolded = wan.Options.default(fold_text_padding=False)  # also covers the unfolded 512-row text path
+    max_abs, rel = wan_ref.errors(jit_forward(cfg, params, x, t, text, options=unfolded),
+                                  wan_ref.diffusers_forward(model, x, t, text))
     print(f"T2V parity: max abs {max_abs:.2e}, rel L2 {rel:.2e}")
     assert max_abs <= 1e-4 and rel <= 1e-5, seed_msg()
 
@@ -121,11 +123,11 @@ BF16_REL_L2_BOUND = 1e-2  # measured 3.6e-3 .. 4.5e-3 over 6 seeds (bf16 params 
 
 def test_bf16_forward_close_to_fp32(vace_setup, jit_forward):
     cfg, _, params = vace_setup
-    cfg16 = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
+    cfg16 = cfg.replace(param_dtype="bfloat16")
     params16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
     x, t, text, ctx = make_inputs(cfg, **SMALL)
     ref = jit_forward(cfg, params, x, t, text, ctx)
-    out = jit_forward(cfg16, params16, x, t, text, ctx)
+    out = jit_forward(cfg16, params16, x, t, text, ctx, options=wan.Options.default(dtype="bfloat16"))
     assert out.dtype == jnp.float32
     _, rel = wan_ref.errors(out, ref)
     print(f"bf16 vs fp32 rel L2 {rel:.2e}")
@@ -139,8 +141,8 @@ def test_chunked_attention_forward_equals_xla(vace_setup, jit_forward):
     # query blocks of 5 over S = 12 (padded last block) in self- and cross-attention (with the text fold's
     # bias), keys streamed in blocks of 5 (each key step rematerialised); plain query chunking
     # is covered by test_chunked_attention_equals_xla
-    out = jit_forward(cfg.replace(attention="chunked", attention_chunk=5, attention_kv_chunk=5),
-                      params, x, t, text, ctx)
+    out = jit_forward(cfg, params, x, t, text, ctx,
+                      options=wan.Options(attention="chunked", attention_chunk=5, attention_kv_chunk=5))
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5, err_msg=seed_msg())
 
 
@@ -152,12 +154,12 @@ def test_remat_policies_same_output_and_grad(vace_setup):
     params = treedef.unflatten([0.1 * r.standard_normal(l.shape).astype(np.float32) for l in leaves])
     x, t, text, ctx = make_inputs(cfg, b=1, f=1, h=4, w=4, text_lens=(4,))
 
-    def loss(p, c):
-        return jnp.mean(jnp.square(wan.forward(c, p, x, t, text, ctx)))
+    def loss(p, opts):
+        return jnp.mean(jnp.square(wan.forward(cfg, p, x, t, text, ctx, options=opts)))
 
     results = {}
     for policy in ("none", "full"):
-        results[policy] = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg.replace(remat_policy=policy))
+        results[policy] = jax.jit(jax.value_and_grad(loss))(params, wan.Options.default(remat_policy=policy))
     (value, grads), (value_ref, grads_ref) = results["full"], results["none"]
     np.testing.assert_allclose(value, value_ref, rtol=1e-6)
     for g, g_ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
@@ -186,7 +188,7 @@ def test_bad_inputs_raise(vace_setup):
     with pytest.raises(ValueError, match="no VACE layers"):
         wan.forward(t2v, None, x, t, text, ctx)  # inputs are checked before params are touched
     with pytest.raises(ValueError):
-        wan.WanConfig.named("tiny", remat_policy="sometimes")
+        wan.Options(remat_policy="sometimes")
 
 
 def test_named_configs():

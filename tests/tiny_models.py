@@ -22,16 +22,15 @@ def save_models(models_dir, lora_dir, cfg, seed: int) -> dict:
     """Random tiny DiT (`cfg`), VAE, umT5 and a non-zero LoRA saved as checkpoint dirs; returns their paths.
 
     The DiT and LoRA are drawn with numpy (no compile); the DiT is scaled so the random model is not ~zero. As
-    `convert.wan_dit` does, the weights are the flat tree (official paths) and config.json records `cfg` as given:
-    with scan_layers=True it names the stacked layout the released variants load in. The draws do not depend on
-    the layout, so the two layouts of one seed hold the same model.
+    `convert.wan_dit` does, the weights are the flat tree (official paths) and config.json records the
+    architecture `cfg`; the layout they load in is the loader's choice (`wan.Options.scan_layers`).
     """
     from pickstyle_jax import checkpoints, lora
     from pickstyle_jax.models import umt5, wan
 
     rng = np.random.default_rng(seed)
     models_dir, lora_dir = Path(models_dir), Path(lora_dir)
-    flat = wan.param_shapes(cfg.replace(scan_layers=False))
+    flat = wan.param_shapes(cfg)
     params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, dtype=np.float32), flat)
     checkpoints.save(models_dir / "dit", cfg, params, kind="wan")
     adapters = lora.init(lora.LoraConfig(rank=4, alpha=4), flat, jax.random.key(seed))

@@ -50,12 +50,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-import jax
 from PIL import Image, ImageDraw
 
+from pickstyle_jax import base as base_lib
 from pickstyle_jax import checkpoints, errors, files, sample, video
-from pickstyle_jax.train import base as train_base
 from pickstyle_jax.data.synthetic import SYNTHETIC_STYLES
 from pickstyle_jax.demo import world
 from pickstyle_jax.errors import InputError
@@ -123,33 +121,24 @@ def load_stylizer(workdir, run: dict | None = None, lora=None):
                                 f"--lora to evaluate another one")
     adapters = checkpoints.load_lora(lora_dir)
     dit, vae_dir, umt5_dir = (_resolve(m(k), workdir) for k in ("dit", "vae", "umt5"))
-    runtime = {k: m(k) for k in ("dtype", "attention") if m(k)}
-    key = jax.random.key(seed)
-    if dit:
-        cfg, params = checkpoints.load_dit(dit, scan_layers=None, dtype=m("param_dtype") or None)  # as saved
-    else:  # as training does: the named variant, text width from the encoder, the same random draw
-        cfg = wan.WanConfig.named(m("variant"), param_dtype=m("param_dtype") or "float32",
-                                  text_dim=umt5.Umt5Config.named(m("umt5_variant")).d_model)
-        params = train_base.reinit_dit(cfg.replace(scan_layers=False), seed)  # flat; stacked if the variant scans
-        params = wan.stack_layers(cfg, params) if cfg.scan_layers else params
+    try:  # the run's model.* run-time keys (layout, compute dtype, attention), as training ran them
+        options = base_lib.options_from(run.get("model") or {})
+    except ValueError as e:
+        _log(f"keeping the default run-time options ({e})")
+        options = wan.Options.default()
+    # an empty path: the named variant, text width from the encoder, the same random draw as training
+    b = base_lib.load_base(
+        dit, vae_dir, umt5_dir, options=options, dtype=m("param_dtype") or None, seed=seed,
+        dit_config=None if dit else wan.WanConfig.named(m("variant"), param_dtype=m("param_dtype") or "float32",
+                                                        text_dim=umt5.Umt5Config.named(m("umt5_variant")).d_model),
+        vae_config=None if vae_dir else vae.VaeConfig.named(m("vae_variant")),
+        umt5_config=None if umt5_dir else umt5.Umt5Config.named(m("umt5_variant")))
+    if not dit:
         _log(f"model.dit is empty: re-initialised {m('variant')!r} from seed {seed} as the training run did")
-    try:
-        cfg = cfg.replace(**runtime)
-    except (TypeError, ValueError) as e:
-        _log(f"keeping the checkpoint's compute settings ({e})")
-    if vae_dir:
-        vcfg, vparams = checkpoints.load_vae(vae_dir)
-    else:
-        vcfg = vae.VaeConfig.named(m("vae_variant"))
-        vparams = jax.jit(lambda k: vae.init(vcfg, k))(jax.random.fold_in(key, 5))
-    if umt5_dir:
-        tcfg, tparams = checkpoints.load_umt5(umt5_dir)
-    else:
-        tcfg = umt5.Umt5Config.named(m("umt5_variant"))
-        tparams = jax.jit(lambda k: umt5.init(tcfg, k))(jax.random.fold_in(key, 4))
     tok = tok_lib.load_tokenizer(m("tokenizer") or ("bytes" if not umt5_dir else ""))
     try:
-        return sample.Stylizer(cfg, params, adapters, vcfg, vparams, tcfg, tparams, tok)
+        return sample.Stylizer(b.cfg, b.params, adapters, b.vae_cfg, b.vae_params, b.text_cfg, b.text_params, tok,
+                               options=b.options)
     except sample.CompatibilityError as e:
         used = ", ".join(f"{k} {v or 'random'}" for k, v in (("lora", lora_dir), ("dit", dit), ("vae", vae_dir),
                                                               ("umt5", umt5_dir)))

@@ -100,8 +100,12 @@ def vae_config(config):
 def dit_config(config, text_dim: int) -> wan.WanConfig:
     """The backbone: WanConfig.named(model.variant) with pretrain.dit's fields, fp32, text_dim = umT5 width."""
     over = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.pretrain.dit.items()}
-    return wan.WanConfig.named(config.model.variant).replace(
-        **over, text_dim=int(text_dim), param_dtype="float32", dtype="float32", attention=config.model.attention)
+    return wan.WanConfig.named(config.model.variant).replace(**over, text_dim=int(text_dim), param_dtype="float32")
+
+
+def dit_options(config) -> wan.Options:
+    """How the backbone runs while it is fitted: fp32, config.model.attention, the flat tree."""
+    return wan.Options(dtype="float32", attention=config.model.attention)
 
 
 def data_config(config, batch: int, seed_offset: int = 0, styles=None) -> ml_collections.ConfigDict:
@@ -351,7 +355,7 @@ class _TextRows:
 
 
 # ------------------------------------------------------------------------------------------------ backbone
-def make_dit_step(wcfg: wan.WanConfig, optimizer, grid: flow.Grid):
+def make_dit_step(wcfg: wan.WanConfig, optimizer, grid: flow.Grid, options: wan.Options | None = None):
     """A pure jitted full-parameter flow-matching step (params, opt_state, batch, key) -> (params, opt_state,
     metrics). batch: "target", "source" latents [B, f, h, w, z], "zero" [1, f, h, w, z], "text" [B - n, L, D] and
     "text_lens" [B - n] for the captioned samples, "null_text" [1, L', D], "null_lens" [1] for the last n samples
@@ -366,12 +370,12 @@ def make_dit_step(wcfg: wan.WanConfig, optimizer, grid: flow.Grid):
         x_t, target = flow.noise(x0, eps, sigma)
         ctx = conditioning.vace_context(batch["zero"], batch["source"])  # as the LoRA stage and the sampler
         v = wan.forward(wcfg, params, x_t[:n_text], t[:n_text], batch["text"], ctx[:n_text],
-                        text_lens=batch["text_lens"])
+                        text_lens=batch["text_lens"], options=options)
         if n_text < b:
             m = b - n_text
             null = jnp.broadcast_to(batch["null_text"], (m,) + batch["null_text"].shape[1:])
             v_null = wan.forward(wcfg, params, x_t[n_text:], t[n_text:], null, ctx[n_text:],
-                                 text_lens=jnp.broadcast_to(batch["null_lens"], (m,)))
+                                 text_lens=jnp.broadcast_to(batch["null_lens"], (m,)), options=options)
             v = jnp.concatenate([v, v_null])
         per = flow.per_sample_mse(v, target)
         loss = jnp.mean(per * w)
@@ -413,7 +417,7 @@ def fit_backbone(config, pairs, rows: _TextRows, log=print):
     opt = _optimizer(float(p.dit_lr), steps, int(p.warmup), weight_decay=0.01)
     opt_state = opt.init(params)
     grid = flow.Grid.make(float(config.schedule.shift), int(config.schedule.num_train_timesteps))
-    step_fn = make_dit_step(wcfg, opt, grid)
+    step_fn = make_dit_step(wcfg, opt, grid, dit_options(config))
     rng = np.random.default_rng((int(p.seed), 13))
     key = jax.random.key(int(p.seed) + 8)
     progress = _Progress(log, "backbone", steps, int(p.log_every))

@@ -16,9 +16,17 @@ Block equations (m = modulation + e0, chunks 0..5 = shift/scale/gate for attenti
 VACE: c = before_proj(PatchEmbed_vace(z)) + x0; c = vace_block_j(c); hint_j = after_proj_j(c); hint_j is added
 (times context_scale[j]) to the main stream right after main block vace_layers[j].
 
-Scanned layers (`scan_layers=True`, the default of the four real variants). The flat tree compiles every block
-on its own, forward and backward; the stacked tree runs them under `lax.scan`, so one block is traced and
-compiled, and remat is realised per block (XLA cannot merge the buffers of scanned iterations). Stacked layout:
+Architecture vs run-time options. `WanConfig` holds only what fixes the parameters (sizes, heads, layers, VACE
+layers, rope theta, eps, param_dtype: the dtype the weights are created and stored in); it is what a checkpoint's
+config.json saves. How a forward computes is an `Options` value (models/wan_options.py, exported here as
+`wan.Options`): compute dtype, attention kernel and its blocks, remat policy, the text-padding fold, and the layout
+loaders produce (scan_layers). It is never saved; `Options.default(backend)` gives per-backend defaults, and
+`forward(..., options=None)` uses them.
+
+Scanned layers. The flat tree compiles every block on its own, forward and backward; the stacked tree runs them
+under `lax.scan`, so one block is traced and compiled, and remat is realised per block (XLA cannot merge the
+buffers of scanned iterations). `forward` reads the layout from the tree it is given (`is_stacked`): a stacked tree
+always runs scanned, a flat one unrolled. Stacked layout:
     params["blocks"]            every main-block leaf stacked: [num_layers, ...]   (blocks.i -> index i)
     params["vace_blocks"]       every VACE-block leaf stacked: [J, ...], after_proj included
     params["vace_before_proj"]  {kernel, bias} of vace_blocks.0.before_proj (only block 0 has one: hoisted)
@@ -28,11 +36,12 @@ without an adapter get zero A and B, which add exactly nothing). The stacked axe
 "layers" (replicated unless the sharding rules say otherwise). The scan runs over VACE super-blocks: main block
 vace_layers[j], VACE block j and its hint, then the main blocks up to vace_layers[j + 1] (an inner scan), which
 needs vace_layers = (0, P, 2P, ...) with num_layers = J * P (true of every real variant); T2V is one scan over
-the blocks. Checkpoints stay flat on disk (`checkpoints.load_dit(path, scan_layers=True)` stacks on load), and
-`init` always returns the flat tree (the converters' and LoRA's layout); stack it for a scanned config.
+the blocks. Checkpoints are always flat on disk (`checkpoints.load_dit(path, scan_layers=True)` stacks on load),
+and `init` always returns the flat tree (the converters' and LoRA's layout); stack it to run scanned.
 
 The plain tree and array code lives beside this file and is importable from here: models/wan_stacking.py (the
-flat <-> stacked conversions, `scan_period`) and models/wan_inputs.py (patch tokens, `fold_text`, input checks).
+flat <-> stacked conversions, `scan_period`, `is_stacked`), models/wan_inputs.py (patch tokens, `fold_text`, input
+checks) and models/wan_options.py (`Options`, `REMAT_POLICIES`).
 """
 from __future__ import annotations
 
@@ -48,29 +57,17 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pickstyle_jax import sharding
 from pickstyle_jax.models import layers
-from pickstyle_jax.models.wan_inputs import _check_inputs, _patchify, _unpatchify, fold_text
-from pickstyle_jax.models.wan_stacking import (STACKED_AXIS, _STACKED_KEYS, _check_layout, _leaf_paths, _stack,
-                                               scan_period, stack_layers, stack_lora, unstack_layers)
+from pickstyle_jax.models.wan_inputs import check_inputs, fold_text, patchify, unpatchify
+from pickstyle_jax.models.wan_options import REMAT_POLICIES, Options
+from pickstyle_jax.models.wan_stacking import (STACKED_AXIS, STACKED_KEYS, is_stacked, leaf_paths, scan_period,
+                                               stack_layers, stack_lora, stack_tree, unstack_layers)
 
-__all__ = ["REMAT_POLICIES", "STACKED_AXIS", "WanConfig", "scan_period", "Attention", "WanBlock", "VaceBlock", "Head",
-           "WanModel", "init", "param_axes", "param_shapes", "stack_layers", "unstack_layers", "stack_lora",
-           "fold_text", "forward"]
+__all__ = ["REMAT_POLICIES", "STACKED_AXIS", "WanConfig", "Options", "scan_period", "Attention", "WanBlock",
+           "VaceBlock", "Head", "WanModel", "init", "param_axes", "param_shapes", "stack_layers", "unstack_layers",
+           "stack_lora", "is_stacked", "fold_text", "forward"]
 
 f32 = jnp.float32
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": "nothing_saveable",
-    "nothing_saveable": "nothing_saveable",
-    "everything_saveable": "everything_saveable",
-    "dots_saveable": "dots_saveable",
-    "checkpoint_dots": "checkpoint_dots",
-    "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
-    "checkpoint_dots_with_no_batch_dims": "checkpoint_dots_with_no_batch_dims",
-    # recompute everything, but keep each block's input in pinned host memory instead of on the device (the
-    # official trainer's activation offload); needs a backend with a "pinned_host" memory kind
-    "offload": "offload",
-}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _RESIDUAL_AXES = ("batch", "length", "embed")  # sharding of the [B, S, D] streams at block boundaries
 _HEAD_AXES = ("batch", "length", "heads", None)  # [B, S, N, K]: whole heads per device
@@ -93,22 +90,7 @@ class WanConfig:
     rope_theta: float = 10000.0
     vace_layers: tuple[int, ...] = (0, 5, 10, 15, 20, 25, 30, 35)  # () for T2V
     vace_in_dim: int = 96
-    param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype of the matmuls
-    # self-attention implementation (layers.attention): "auto" = cudnn on GPU in bf16/fp16 (chunked in fp32),
-    # splash on TPU, chunked on CPU | "xla" | "cudnn" | "chunked" | "splash". Cross-attention over the <= 513 text
-    # keys always takes the plain "xla" path (it needs the fold's logit bias, which cudnn and splash cannot take).
-    attention: str = "auto"
-    attention_chunk: int = 1024  # query block of the "chunked" implementation
-    attention_kv_chunk: int = 0  # > 0: also stream keys with an online softmax in "chunked"
-    splash_block_q: int = 512  # splash kernel tiles (multiples of 128)
-    splash_block_kv: int = 512
-    remat_policy: str = "none"  # per-block jax.checkpoint policy, see REMAT_POLICIES
-    # The zero rows that pad the text to text_len all embed to one constant key/value. Attending to that row once
-    # with a log(count) logit bias is exact and skips (text_len - L - 1) rows of text MLP, k/v projections and
-    # cross-attention.
-    fold_text_padding: bool = True
-    scan_layers: bool = False  # params are the stacked tree and the blocks run under lax.scan (module docstring)
+    param_dtype: str = "float32"  # the dtype the weights are created and stored in
 
     def __post_init__(self):
         for name in ("patch_size", "vace_layers"):  # JSON round trips give lists
@@ -118,22 +100,16 @@ class WanConfig:
         if self.vace_layers and (self.vace_layers[0] != 0 or list(self.vace_layers) != sorted(set(self.vace_layers))
                                  or self.vace_layers[-1] >= self.num_layers):
             raise ValueError(f"vace_layers {self.vace_layers} must be increasing, start at 0 and be < num_layers")
-        for name, allowed in (("param_dtype", _DTYPES), ("dtype", _DTYPES), ("remat_policy", REMAT_POLICIES),
-                              ("attention", layers.ATTENTION_IMPLEMENTATIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(self, name)!r}")
-        if self.attention == "cudnn" and self.dtype == "float32":
-            raise ValueError("attention='cudnn' needs a bfloat16 compute dtype (cuDNN flash attention has no fp32 "
-                             "kernel); set dtype='bfloat16', or use attention 'auto' or 'chunked'")
+        if self.param_dtype not in _DTYPES:
+            raise ValueError(f"param_dtype must be one of {tuple(_DTYPES)}, got {self.param_dtype!r}")
 
     @classmethod
     def named(cls, name: str, **overrides) -> "WanConfig":
         presets = {
-            "vace-14B": dict(scan_layers=True),
-            "t2v-14B": dict(vace_layers=(), scan_layers=True),
-            "vace-1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, vace_layers=tuple(range(0, 30, 2)),
-                              scan_layers=True),
-            "t2v-1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, vace_layers=(), scan_layers=True),
+            "vace-14B": dict(),
+            "t2v-14B": dict(vace_layers=()),
+            "vace-1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, vace_layers=tuple(range(0, 30, 2))),
+            "t2v-1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, vace_layers=()),
             "tiny": dict(dim=48, ffn_dim=64, text_dim=32, num_heads=2, num_layers=4, vace_layers=(0, 2)),
             "tiny-t2v": dict(dim=48, ffn_dim=64, text_dim=32, num_heads=2, num_layers=4, vace_layers=()),
         }
@@ -158,8 +134,10 @@ class WanConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Ctx:
-    """Per-call values every block reads: compute dtype, LoRA scale, RoPE tables, embedded text and its bias."""
+    """Per-call values every block reads: options, compute dtype, LoRA scale, RoPE tables, embedded text and its
+    bias."""
     cfg: WanConfig
+    opts: Options
     dtype: Any
     lora_scale: float
     rope: Any = None
@@ -199,7 +177,7 @@ class Attention(nnx.Module):
         self.norm_k = layers.RMSNorm(d, ("heads",), eps=cfg.eps, param_dtype=pd)
 
     def self_attention(self, ctx: _Ctx, y_BSD, lp):
-        cfg = ctx.cfg
+        cfg, opts = ctx.cfg, ctx.opts
         b, s, _ = y_BSD.shape
         split = lambda a: layers.constrain(a.reshape(b, s, cfg.num_heads, cfg.head_dim), _HEAD_AXES)
         q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32))
@@ -208,14 +186,14 @@ class Attention(nnx.Module):
         # 1/sqrt(K) is folded into q while it is still fp32
         q_BSNK = (layers.apply_rope(split(q_BSD), *ctx.rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
         k_BSNK = layers.apply_rope(split(k_BSD), *ctx.rope).astype(ctx.dtype)
-        out_BSNK = layers.attention(q_BSNK, k_BSNK, v_BSNK, implementation=cfg.attention, scale=1.0,
-                                    chunk_size=cfg.attention_chunk, kv_chunk_size=cfg.attention_kv_chunk or None,
-                                    block_q=cfg.splash_block_q, block_kv=cfg.splash_block_kv)
+        out_BSNK = layers.attention(q_BSNK, k_BSNK, v_BSNK, implementation=opts.attention, scale=1.0,
+                                    chunk_size=opts.attention_chunk, kv_chunk_size=opts.attention_kv_chunk or None,
+                                    block_q=opts.splash_block_q, block_kv=opts.splash_block_kv)
         out_BSNK = layers.constrain(out_BSNK, _HEAD_AXES)
         return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
 
     def cross_attention(self, ctx: _Ctx, y_BSD, lp):
-        cfg = ctx.cfg
+        cfg, opts = ctx.cfg, ctx.opts
         b, s, _ = y_BSD.shape
         q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32)) * cfg.head_dim**-0.5
         k_BLD = self.norm_k(_lin(ctx, self.k, ctx.text_BLD, lp, "k", out_dtype=f32))
@@ -224,9 +202,9 @@ class Attention(nnx.Module):
                                            _HEAD_AXES)
         # <= 513 text keys: no key blocks needed, but long videos take query blocks (the [B, N, S, 513] fp32
         # logits of 81 x 480 x 832 are 2.5 GiB per copy at 14B); both paths take the fold's logit bias
-        impl = "chunked" if s > cfg.attention_chunk and cfg.attention != "xla" else "xla"
+        impl = "chunked" if s > opts.attention_chunk and opts.attention != "xla" else "xla"
         out_BSNK = layers.attention(split(q_BSD), split(k_BLD), split(v_BLD), implementation=impl, scale=1.0,
-                                    key_bias=ctx.text_bias, chunk_size=cfg.attention_chunk)
+                                    key_bias=ctx.text_bias, chunk_size=opts.attention_chunk)
         out_BSNK = layers.constrain(out_BSNK, _HEAD_AXES)
         return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
 
@@ -320,7 +298,7 @@ class WanModel(nnx.Module):
         """(x0 [B,S,D], c [B,S,D] or None (before before_proj), e [B,D], e0 [B,6,D], text [B,L',D])."""
         cfg, b = ctx.cfg, x.shape[0]
         fp32 = dataclasses.replace(ctx, dtype=f32)
-        x0_BSD = _lin(ctx, self.patch_embedding, _patchify(x, cfg.patch_size), lp, "patch_embedding", out_dtype=f32)
+        x0_BSD = _lin(ctx, self.patch_embedding, patchify(x, cfg.patch_size), lp, "patch_embedding", out_dtype=f32)
         # time conditioning, fp32 throughout
         sinusoid_BT = layers.timestep_embedding(jnp.broadcast_to(jnp.asarray(t, f32), (b,)), cfg.freq_dim)
         te = self.time_embedding
@@ -332,7 +310,7 @@ class WanModel(nnx.Module):
         text_BLD = _lin(ctx, tx["2"], text_BLD, lp, "text_embedding", "2")
         c_BSD = None
         if cfg.has_vace:
-            c_BSD = _lin(ctx, self.vace_patch_embedding, _patchify(vace_context, cfg.patch_size), lp,
+            c_BSD = _lin(ctx, self.vace_patch_embedding, patchify(vace_context, cfg.patch_size), lp,
                          "vace_patch_embedding", out_dtype=f32)
             c_BSD = layers.constrain(c_BSD, _RESIDUAL_AXES)
         return layers.constrain(x0_BSD, _RESIDUAL_AXES), c_BSD, e_BD, e0_B6D.reshape(b, 6, cfg.dim), text_BLD
@@ -351,45 +329,41 @@ def _before_proj(cfg, *, rngs):
                         param_dtype=_DTYPES[cfg.param_dtype])
 
 
-def _flat(cfg: WanConfig) -> WanConfig:
-    """The config the module structure is cached under (scan_layers changes the layout, not the modules)."""
-    return cfg.replace(scan_layers=False) if cfg.scan_layers else cfg
-
-
 # ------------------------------------------------------------------------------------------------- parameters
 
 
 def init(cfg: WanConfig, rng):
     """Official-style random init (xavier Dense, N(0, 0.02) embeddings, zero head/VACE projections); jit-able.
 
-    Always the flat tree with the official paths (what checkpoints, converters and `lora.init` use); for a
-    scan_layers config pass it through `stack_layers` (inside the same jit to avoid holding both)."""
-    return layers.init_params(WanModel, _flat(cfg), rng)
+    Always the flat tree with the official paths (what checkpoints, converters and `lora.init` use); for scanned
+    layers pass it through `stack_layers` (inside the same jit to avoid holding both)."""
+    return layers.init_params(WanModel, cfg, rng)
 
 
 def _heads(cfg: WanConfig) -> sharding.Units:
     return sharding.Units("heads", cfg.num_heads, "num_heads")
 
 
-def param_axes(cfg: WanConfig):
-    """Logical axis names of every leaf of the tree `forward` takes (stacked leaves lead with "layers"). "heads" is
-    a `sharding.Units` of cfg.num_heads: the rules split it only over mesh axes that divide num_heads."""
-    axes = layers.logical_axes(WanModel, _flat(cfg), units=(_heads(cfg),))
-    return _stack(cfg, axes, lambda ls: (STACKED_AXIS, *ls[0])) if cfg.scan_layers else axes
+def param_axes(cfg: WanConfig, *, stacked: bool = False):
+    """Logical axis names of every leaf of the flat tree, or of the stacked one (whose stacked leaves lead with
+    "layers"). "heads" is a `sharding.Units` of cfg.num_heads: the rules split it only over mesh axes that divide
+    num_heads."""
+    axes = layers.logical_axes(WanModel, cfg, units=(_heads(cfg),))
+    return stack_tree(cfg, axes, lambda ls: (STACKED_AXIS, *ls[0])) if stacked else axes
 
 
-def param_shapes(cfg: WanConfig):
-    """jax.ShapeDtypeStruct of every leaf of the tree `forward` takes; nothing is allocated."""
-    shapes = layers.abstract_params(WanModel, _flat(cfg))
-    if cfg.scan_layers:
-        return _stack(cfg, shapes, lambda ls: jax.ShapeDtypeStruct((len(ls), *ls[0].shape), ls[0].dtype))
+def param_shapes(cfg: WanConfig, *, stacked: bool = False):
+    """jax.ShapeDtypeStruct of every leaf of the flat tree, or of the stacked one; nothing is allocated."""
+    shapes = layers.abstract_params(WanModel, cfg)
+    if stacked:
+        return stack_tree(cfg, shapes, lambda ls: jax.ShapeDtypeStruct((len(ls), *ls[0].shape), ls[0].dtype))
     return shapes
 
 
 @functools.lru_cache(maxsize=16)
 def _dense_paths(cfg: WanConfig) -> frozenset:
     """Dotted paths of every Dense layer of the flat model (LoRA adapter targets)."""
-    return frozenset(".".join(p[:-1]) for p in _leaf_paths(layers.abstract_params(WanModel, _flat(cfg)))
+    return frozenset(".".join(p[:-1]) for p in leaf_paths(layers.abstract_params(WanModel, cfg))
                      if p[-1] == "kernel")
 
 
@@ -403,10 +377,10 @@ def _host_memory_kind(devices=None):
     return "pinned_host" if kinds and all("pinned_host" in k for k in kinds) else None
 
 
-def _remat(cfg: WanConfig, fn, *, scanned: bool):
-    """fn under the config's jax.checkpoint policy. Block functions tag their input "block_input"; the offload
+def _remat(remat_policy: str, fn, *, scanned: bool):
+    """fn under the options' jax.checkpoint policy. Block functions tag their input "block_input"; the offload
     policy moves exactly those to pinned host memory and recomputes everything else."""
-    name = REMAT_POLICIES[cfg.remat_policy]
+    name = REMAT_POLICIES[remat_policy]
     if name is None:
         return fn
     if name == "offload":
@@ -435,7 +409,8 @@ def _block_fns(ctx: _Ctx, x0_BSD, e0_B6D, *, scanned):
         build = _vace_block_first if "before_proj" in p else VaceBlock
         return layers.bind(build, cfg, p)(ctx, c_BSD, x0_BSD, e0_B6D, lp)
 
-    return _remat(cfg, main, scanned=scanned), _remat(cfg, vace, scanned=scanned)
+    policy = ctx.opts.remat_policy
+    return _remat(policy, main, scanned=scanned), _remat(policy, vace, scanned=scanned)
 
 
 def _run_unrolled(ctx: _Ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J):
@@ -485,28 +460,33 @@ def _run_scanned(ctx: _Ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J):
 
 
 def forward(cfg: WanConfig, params, x, t, text, vace_context=None, *, lora=None, context_scale=1.0,
-            text_lens=None):
+            text_lens=None, options: Options | None = None):
     """Flow velocity of the Wan DiT (+ VACE) at latents x and timesteps t.
 
-    params: the flat tree, or with cfg.scan_layers the stacked one (`stack_layers`).
+    params: the flat tree (blocks run unrolled) or the stacked one (`stack_layers`; blocks run under lax.scan): the
+    layout is read from the tree, never from `options`.
     x [B, F, H, W, in_dim] latents; t [B] in [0, 1000]; text [B, L, text_dim] with L <= text_len (zero-padded to
     text_len here, never masked); vace_context [B, F, H, W, vace_in_dim] (required iff cfg has VACE layers);
     lora: an optional lora.Lora (flat, official paths) applied unmerged; context_scale: scalar or [J] hint scales.
     text_lens: optional int [B], the true prompt lengths; rows at or beyond text_lens[b] are zeroed, and with
     fold_text_padding every sample's (text_len - text_lens[b]) zero rows fold into one key with a log(count)
     bias, exactly, even when the prompts of one batch differ in length.
+    options: the run-time `Options` (compute dtype, attention kernel and blocks, remat, text fold); None means
+    `Options.default()` for the current backend.
     Returns the velocity [B, F, H, W, out_dim] in fp32.
 
     Sharded params and inputs need nothing more than a plain `jax.jit`: the forward pins its own layout on the mesh
     they live on (`layers.layout`), so its value and gradients equal the one-device ones under any sharding.
     """
-    _check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens)
-    _check_layout(cfg, params)
+    check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens)
+    stacked = is_stacked(cfg, params)
+    options = Options.default() if options is None else options
     with layers.layout((params, lora, x, vace_context), units=(_heads(cfg),)):
-        return _forward(cfg, params, x, t, text, vace_context, lora, context_scale, text_lens)
+        return _forward(cfg, options, stacked, params, x, t, text, vace_context, lora, context_scale, text_lens)
 
 
-def _forward(cfg: WanConfig, params, x, t, text, vace_context, lora, context_scale, text_lens):
+def _forward(cfg: WanConfig, opts: Options, stacked: bool, params, x, t, text, vace_context, lora, context_scale,
+             text_lens):
     b, f, h, w, _ = x.shape
     grid = (f // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
     lp = None
@@ -516,23 +496,23 @@ def _forward(cfg: WanConfig, params, x, t, text, vace_context, lora, context_sca
         unknown = [path for path in lora_lib.adapter_paths(lora) if path not in _dense_paths(cfg)]
         if unknown:
             raise ValueError(f"LoRA adapters without a matching Dense layer in the model: {unknown}")
-        lp = stack_lora(cfg, lora.params) if cfg.scan_layers else lora.params
-    ctx = _Ctx(cfg, _DTYPES[cfg.dtype], 1.0 if lora is None else lora.config.scale,
+        lp = stack_lora(cfg, lora.params) if stacked else lora.params
+    ctx = _Ctx(cfg, opts, _DTYPES[opts.dtype], 1.0 if lora is None else lora.config.scale,
                rope=layers.rope_tables(cfg.head_dim, grid, theta=cfg.rope_theta))
 
-    stem = layers.bind(_stem, cfg, {k: v for k, v in params.items() if k not in _STACKED_KEYS})
+    stem = layers.bind(_stem, cfg, {k: v for k, v in params.items() if k not in STACKED_KEYS})
     # text: with fold_text_padding the (text_len - L) identical padded rows are one row with a log(count) bias
-    text_BLC, text_bias = fold_text(cfg, text, text_lens)
+    text_BLC, text_bias = fold_text(cfg, text, text_lens, fold=opts.fold_text_padding)
     x0_BSD, c_BSD, e_BD, e0_B6D, text_BLD = stem.embed(ctx, x, t, text_BLC, vace_context, lp)
     ctx = dataclasses.replace(ctx, text_BLD=text_BLD, text_bias=text_bias)
     scales_J = None
     if cfg.has_vace:
         scales_J = jnp.broadcast_to(jnp.asarray(context_scale, f32).reshape(-1), (len(cfg.vace_layers),))
-    if cfg.scan_layers:
+    if stacked:
         if cfg.has_vace:  # VACE block 0's input projection, hoisted out of the scan
             before = layers.bind(_before_proj, cfg, params["vace_before_proj"])
             c_BSD = _lin(ctx, before, c_BSD, lp, "vace_before_proj", out_dtype=f32) + x0_BSD
         x_BSD = _run_scanned(ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J)
     else:
         x_BSD = _run_unrolled(ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J)
-    return _unpatchify(stem.head(ctx, x_BSD, e_BD, _sub(lp, "head")), grid, cfg.patch_size)
+    return unpatchify(stem.head(ctx, x_BSD, e_BD, _sub(lp, "head")), grid, cfg.patch_size)

@@ -10,7 +10,7 @@ import numpy as np
 f32 = jnp.float32
 
 
-def _patchify(x_BFHWC, patch_size):
+def patchify(x_BFHWC, patch_size):
     """[B, F, H, W, C] -> [B, S, p_t*p_h*p_w*C], tokens frame-major, patch features ordered (p_t, p_h, p_w, c)."""
     b, f, h, w, c = x_BFHWC.shape
     pt, ph, pw = patch_size
@@ -19,19 +19,19 @@ def _patchify(x_BFHWC, patch_size):
     return x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
 
 
-def _unpatchify(y_BSP, grid, patch_size):
+def unpatchify(y_BSP, grid, patch_size):
     b = y_BSP.shape[0]
     (gf, gh, gw), (pt, ph, pw) = grid, patch_size
     y = y_BSP.reshape(b, gf, gh, gw, pt, ph, pw, -1).transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return y.reshape(b, gf * pt, gh * ph, gw * pw, -1)
 
 
-def fold_text(cfg, text_BLC, text_lens=None):
+def fold_text(cfg, text_BLC, text_lens=None, *, fold: bool = True):
     """The text rows the model embeds and their logit bias: (rows [B, L', text_dim], bias [B, L'] fp32 or None).
 
     The reference zero-pads every prompt to text_len rows and attends to all of them. Zero rows all embed to one
-    constant key/value, so attending to m of them equals attending to one with logit bias log(m). With
-    fold_text_padding the rows kept are the given L plus one zero row;
+    constant key/value, so attending to m of them equals attending to one with logit bias log(m). With `fold`
+    (the options' fold_text_padding) the rows kept are the given L plus one zero row;
     sample b's rows at or beyond text_lens[b] are masked (-inf) and its zero row carries log(text_len -
     text_lens[b]) (-inf when nothing is padded). Without it, the text is zero-padded to text_len rows.
     """
@@ -41,7 +41,7 @@ def fold_text(cfg, text_BLC, text_lens=None):
         text_BLC = jnp.where((jnp.arange(n)[None, :] < lens_B[:, None])[..., None], text_BLC, 0)
     elif cfg.text_len - n <= 1:
         return jnp.pad(text_BLC, ((0, 0), (0, cfg.text_len - n), (0, 0))), None
-    if not cfg.fold_text_padding:
+    if not fold:
         return jnp.pad(text_BLC, ((0, 0), (0, cfg.text_len - n), (0, 0))), None
     if text_lens is None:
         lens_B = jnp.full((b,), n, jnp.int32)
@@ -52,7 +52,7 @@ def fold_text(cfg, text_BLC, text_lens=None):
     return jnp.pad(text_BLC, ((0, 0), (0, 1), (0, 0))), bias_BL
 
 
-def _check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens=None):
+def check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens=None):
     if x.ndim != 5 or x.shape[-1] != cfg.in_dim:
         raise ValueError(f"x must be [B, F, H, W, {cfg.in_dim}] channels-last latents, got shape {x.shape}")
     b, f, h, w, _ = x.shape

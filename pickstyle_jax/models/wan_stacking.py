@@ -1,4 +1,4 @@
-"""Flat <-> stacked layout of the Wan DiT's parameter trees, for scanned layers (models/wan.py, `scan_layers`).
+"""Flat <-> stacked layout of the Wan DiT's parameter trees, for scanned layers (models/wan.py, `Options.scan_layers`).
 
 The flat tree keys every block by its index, as the official checkpoints do (`blocks.3.self_attn.q.kernel`); the
 stacked tree, which `wan.forward` scans, holds each block leaf once with a leading layer axis, and VACE block 0's
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 STACKED_AXIS = "layers"  # logical name of the leading axis of stacked (scanned) parameters
-_STACKED_KEYS = ("blocks", "vace_blocks", "vace_before_proj")
+STACKED_KEYS = ("blocks", "vace_blocks", "vace_before_proj")  # the top-level keys that differ between layouts
 
 
 def scan_period(cfg) -> int:
@@ -24,18 +24,18 @@ def scan_period(cfg) -> int:
     j = len(cfg.vace_layers)
     period = cfg.num_layers // j
     if cfg.num_layers % j or cfg.vace_layers != tuple(range(0, cfg.num_layers, period)):
-        raise ValueError(f"scan_layers=True needs regularly spaced vace_layers (0, P, 2P, ...) with num_layers = "
-                         f"J * P; got vace_layers {cfg.vace_layers} over {cfg.num_layers} layers. Set "
-                         f"scan_layers=False for this config (the blocks then run unrolled)")
+        raise ValueError(f"scanned layers (the stacked tree) need regularly spaced vace_layers (0, P, 2P, ...) with "
+                         f"num_layers = J * P; got vace_layers {cfg.vace_layers} over {cfg.num_layers} layers. Use "
+                         f"the flat tree (Options(scan_layers=False)) for this config: the blocks then run unrolled")
     return period
 
 
-def _leaf_paths(tree, prefix=()):
+def leaf_paths(tree, prefix=()):
     """{path tuple: leaf} of a nested dict (anything that is not a dict is a leaf)."""
     out = {}
     for key, sub in tree.items():
         if isinstance(sub, dict):
-            out.update(_leaf_paths(sub, prefix + (key,)))
+            out.update(leaf_paths(sub, prefix + (key,)))
         else:
             out[prefix + (key,)] = sub
     return out
@@ -55,7 +55,7 @@ def _groups(cfg):
     return (("blocks", cfg.num_layers),) + ((("vace_blocks", len(cfg.vace_layers)),) if cfg.has_vace else ())
 
 
-def _stack(cfg, tree, stack, *, fill=None):
+def stack_tree(cfg, tree, stack, *, fill=None):
     """Flat -> stacked layout; stack(list of n per-layer leaves) -> leaf. With `fill(like)`, a path missing from
     some layers (a partial LoRA tree) is filled from fill(a present leaf); otherwise it is an error."""
     scan_period(cfg)
@@ -68,7 +68,7 @@ def _stack(cfg, tree, stack, *, fill=None):
         if not set(sub) <= want or (fill is None and set(sub) != want):
             raise ValueError(f"params[{name!r}] has keys {sorted(sub)[:8]}..., expected the flat layout with keys "
                              f"'0'..'{n - 1}' (is it already stacked?)")
-        per_layer = [_leaf_paths(sub.get(str(i), {})) for i in range(n)]
+        per_layer = [leaf_paths(sub.get(str(i), {})) for i in range(n)]
         if name == "vace_blocks" and any(p[0] == "before_proj" for p in per_layer[0]):
             out["vace_before_proj"] = sub["0"]["before_proj"]
             per_layer[0] = {p: v for p, v in per_layer[0].items() if p[0] != "before_proj"}
@@ -86,13 +86,13 @@ def _stack(cfg, tree, stack, *, fill=None):
 def _unstack(cfg, tree, index):
     """Stacked -> flat layout; index(leaf, i) -> the i-th layer's leaf."""
     scan_period(cfg)
-    out = {k: v for k, v in tree.items() if k not in _STACKED_KEYS}
+    out = {k: v for k, v in tree.items() if k not in STACKED_KEYS}
     for name, n in _groups(cfg):
         if name not in tree:
             continue
         if "0" in tree[name]:
             raise ValueError(f"params[{name!r}] is already in the flat layout (keys '0', '1', ...)")
-        paths = _leaf_paths(tree[name])
+        paths = leaf_paths(tree[name])
         out[name] = {str(i): _nest({p: index(leaf, i) for p, leaf in paths.items()}) for i in range(n)}
     if "vace_before_proj" in tree:
         out.setdefault("vace_blocks", {}).setdefault("0", {})["before_proj"] = tree["vace_before_proj"]
@@ -104,7 +104,7 @@ def _np_or_jnp(leaves):
 
 
 def stack_layers(cfg, params, *, stack=None):
-    """The flat tree (official paths) -> the stacked tree `forward` takes with scan_layers=True (wan.py's docstring).
+    """The flat tree (official paths) -> the stacked tree, which `forward` scans (wan.py's docstring).
     Exact; numpy leaves stay numpy (on the host), others become jax arrays; works on ShapeDtypeStruct trees.
     stack: optional function (list of the n per-layer leaves) -> stacked leaf, replacing the default."""
     def default(leaves):
@@ -112,7 +112,7 @@ def stack_layers(cfg, params, *, stack=None):
             return jax.ShapeDtypeStruct((len(leaves), *leaves[0].shape), leaves[0].dtype)
         return _np_or_jnp(leaves).stack(leaves)
 
-    return _stack(cfg, params, stack or default)
+    return stack_tree(cfg, params, stack or default)
 
 
 def unstack_layers(cfg, params):
@@ -130,16 +130,14 @@ def unstack_layers(cfg, params):
 def stack_lora(cfg, adapter_params):
     """A flat LoRA tree (official paths, {"A", "B"} leaves) in the stacked layout; layers that carry no adapter
     get zeros, which add exactly nothing to the output and receive no gradient that matters."""
-    return _stack(cfg, adapter_params, lambda leaves: jnp.stack(leaves), fill=jnp.zeros_like)
+    return stack_tree(cfg, adapter_params, lambda leaves: jnp.stack(leaves), fill=jnp.zeros_like)
 
 
-def _check_layout(cfg, params):
-    stacked = isinstance(params, dict) and "blocks" in params and "0" not in params["blocks"]
-    if cfg.scan_layers and not stacked:
+def is_stacked(cfg, params) -> bool:
+    """Whether `params` is the stacked tree (params["blocks"] keyed by leaf name, not by layer index '0', '1', ...);
+    raises if the tree is stacked but `cfg` cannot be scanned (`scan_period`)."""
+    blocks = params.get("blocks") if isinstance(params, dict) else None
+    stacked = isinstance(blocks, dict) and "0" not in blocks
+    if stacked:
         scan_period(cfg)
-        raise ValueError("this config has scan_layers=True but params are the flat tree (blocks '0', '1', ...): "
-                         "pass wan.stack_layers(cfg, params), load with checkpoints.load_dit(path, "
-                         "scan_layers=True), or use cfg.replace(scan_layers=False)")
-    if stacked and not cfg.scan_layers:
-        raise ValueError("params are the stacked tree but this config has scan_layers=False: pass "
-                         "wan.unstack_layers(cfg, params) or use cfg.replace(scan_layers=True)")
+    return stacked

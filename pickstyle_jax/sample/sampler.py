@@ -146,6 +146,7 @@ class _Plan:
     """make_sampler's static settings, resolved: compiled into the sampler."""
 
     cfg: wan.WanConfig
+    options: wan.Options
     mode: str
     n_branches: int
     apg: Any
@@ -258,7 +259,7 @@ def _velocities(plan: _Plan, inputs: _Inputs, x, k):
     x_all = _constrain_batch(plan, jnp.concatenate([x] * n, axis=0))
     t_all = jnp.full((n * x.shape[0],), jnp.asarray(plan.scheduler.timesteps, f32)[k], f32)
     v = wan.forward(plan.cfg, inputs.params, x_all, t_all, inputs.text, _constrain_batch(plan, ctx),
-                    lora=inputs.adapters, text_lens=inputs.text_lens)
+                    lora=inputs.adapters, text_lens=inputs.text_lens, options=plan.options)
     return v.astype(f32)
 
 
@@ -314,8 +315,10 @@ def _sample(plan: _Plan, params, adapters, source_latents, context, text, null_t
                                                                                       inside_jit=True)
     with pins:
         if plan.mesh is not None:
+            stacked = wan.is_stacked(plan.cfg, params)
             params = jax.lax.with_sharding_constraint(params, sharding.tree_shardings(
-                wan.param_axes(plan.cfg), plan.mesh, plan.rules, wan.param_shapes(plan.cfg)))
+                wan.param_axes(plan.cfg, stacked=stacked), plan.mesh, plan.rules,
+                wan.param_shapes(plan.cfg, stacked=stacked)))
         k_noise, k_perm = jax.random.split(_as_key(key))
         x_src = source_latents.astype(f32)
         eps = jax.random.normal(k_noise, x_src.shape, f32)
@@ -390,7 +393,8 @@ def make_sampler(cfg: wan.WanConfig, solver: str = _DEFAULT.solver, steps: int =
                  context_scale: float = _DEFAULT.context_scale, apg: bool | str = _DEFAULT.apg, mesh=None,
                  mode: str = _DEFAULT.mode, cache: str | None = _DEFAULT.cache,
                  cache_threshold: float = _DEFAULT.cache_threshold, rules=None,
-                 progress: Callable[[np.ndarray], None] | None = None, teacache_poly=TEACACHE_POLY_14B) -> Sampler:
+                 progress: Callable[[np.ndarray], None] | None = None, teacache_poly=TEACACHE_POLY_14B,
+                 options: wan.Options | None = None) -> Sampler:
     """The compiled sampler (a `Sampler`) `sampler(params, adapters, source_latents, context, text, null_text, key,
     text_lens=None, null_text_lens=None, null_context=None, keep_latents=None, text_scale=None,
     context_scale=None) -> latents [B, f, h, w, 16]` (fp32). Defaults: `SamplerSettings`' (the paper's).
@@ -419,7 +423,10 @@ def make_sampler(cfg: wan.WanConfig, solver: str = _DEFAULT.solver, steps: int =
     (`sharding.DEFAULT_RULES` if None) layout: several devices then run the CFG branches in parallel.
     progress: a host callback called with the grid index after every step (jax.debug.callback); keep it None for
     jax.export, which cannot serialise host callbacks.
+    options: how the DiT runs (`wan.Options`, static; None: the backend default). The params' layout (flat or
+    stacked) is read from the params themselves.
     """
+    options = wan.Options.default() if options is None else options
     if mode not in guidance.MODES:
         raise ValueError(f"mode must be one of {tuple(guidance.MODES)}, got {mode!r}")
     if cache not in (None, "teacache"):
@@ -427,7 +434,7 @@ def make_sampler(cfg: wan.WanConfig, solver: str = _DEFAULT.solver, steps: int =
     if not 0 <= skip < steps:
         raise ValueError(f"skip must be in [0, steps) = [0, {steps}), got {skip}")
     scales = _scale("text_scale", text_scale), _scale("context_scale", context_scale)  # bad defaults fail here
-    plan = _Plan(cfg=cfg, mode=mode, n_branches=guidance.MODES[mode], apg=guidance.apg_setting(apg),
+    plan = _Plan(cfg=cfg, options=options, mode=mode, n_branches=guidance.MODES[mode], apg=guidance.apg_setting(apg),
                  scheduler=schedulers.make(solver, steps=steps, shift=shift), skip=skip, steps=steps, cache=cache,
                  cache_threshold=cache_threshold, teacache_poly=tuple(teacache_poly), mesh=mesh,
                  rules=sharding.DEFAULT_RULES if rules is None else rules, progress=progress)

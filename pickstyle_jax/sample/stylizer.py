@@ -25,7 +25,9 @@ import numpy as np
 from pickstyle_jax import checkpoints, conditioning, sharding, sizing
 from pickstyle_jax import lora as lora_lib
 from pickstyle_jax import text as text_lib
+from pickstyle_jax.base import load_base
 from pickstyle_jax.models import autoencoders, wan
+from pickstyle_jax.models import tokenizer as tokenizer_lib
 from pickstyle_jax.sample.sampler import Sampler, make_sampler
 from pickstyle_jax.sample.settings import CALL_TIME, SamplerSettings
 
@@ -48,9 +50,9 @@ def _meta_config(path, kind: str | tuple[str, ...]):
 def check_lora(cfg: wan.WanConfig, adapters, where="the LoRA") -> None:
     """Raises CompatibilityError unless every adapter sits on a Dense layer of `cfg` with matching shapes.
 
-    Adapters always carry the official (flat) paths, whatever layout `cfg` runs in (`forward` stacks them for
+    Adapters always carry the official (flat) paths, whatever layout the params are in (`forward` stacks them for
     scanned layers), so they are looked up in the flat tree."""
-    shapes = wan.param_shapes(cfg.replace(scan_layers=False))
+    shapes = wan.param_shapes(cfg)
     bad = []
     for path in lora_lib.adapter_paths(adapters):
         node = shapes
@@ -97,7 +99,7 @@ class Stylizer:
     """
 
     def __init__(self, cfg, params, adapters, vae_cfg, vae_params, text_cfg, text_params, tokenizer, *,
-                 mesh=None, rules=None):
+                 mesh=None, rules=None, options: wan.Options | None = None):
         check_compatible(cfg, vae_cfg, text_cfg)
         if adapters is not None:
             check_lora(cfg, adapters)
@@ -105,6 +107,7 @@ class Stylizer:
         self.vae_cfg, self.vae_params = vae_cfg, vae_params
         self.text_cfg, self.text_params, self.tokenizer = text_cfg, text_params, tokenizer
         self.mesh, self.rules = mesh, rules
+        self.options = wan.Options.default() if options is None else options  # how the DiT runs (never saved)
         self._samplers: dict = {}
         self._zero: dict = {}
         self._null = None
@@ -113,11 +116,11 @@ class Stylizer:
         self._decode = functools.partial(_vae_decode, vae_cfg)
 
     @classmethod
-    def load(cls, dit, vae, umt5, tokenizer, lora=None, dtype=None, mesh=None, rules=None) -> "Stylizer":
+    def load(cls, dit, vae, umt5, tokenizer, lora=None, dtype=None, mesh=None, rules=None,
+             options: wan.Options | None = None) -> "Stylizer":
         """Reads converted checkpoints; every compatibility check runs on config.json and the (small) LoRA before
-        the big weights are read, and long before anything compiles."""
-        from pickstyle_jax import checkpoints
-        from pickstyle_jax.models import tokenizer as tokenizer_lib
+        the big weights are read, and long before anything compiles. options: how the DiT runs and the layout it is
+        loaded in (`base.load_base`: None is the backend default, computing in `dtype` when one is given)."""
 
         cfg = _meta_config(dit, "wan")
         vae_cfg, text_cfg = _meta_config(vae, checkpoints.AUTOENCODER_KINDS), _meta_config(umt5, "umt5")
@@ -136,15 +139,9 @@ class Stylizer:
         if tok.vocab_size > text_cfg.vocab_size:
             raise CompatibilityError(f"tokenizer {tokenizer!r} has {tok.vocab_size} ids, the text encoder only "
                                      f"{text_cfg.vocab_size}")
-        # the layout config.json names (stacked for the released variants): shardings and tree both follow `cfg`
-        shardings = None
-        if mesh is not None:
-            rules_ = sharding.DEFAULT_RULES if rules is None else rules
-            shardings = sharding.tree_shardings(wan.param_axes(cfg), mesh, rules_, wan.param_shapes(cfg))
-        cfg, params = checkpoints.load_dit(dit, scan_layers=cfg.scan_layers, dtype=dtype, sharding=shardings)
-        vae_cfg, vae_params = checkpoints.load_vae(vae, sharding=rep)
-        text_cfg, text_params = checkpoints.load_umt5(umt5, sharding=rep)
-        return cls(cfg, params, adapters, vae_cfg, vae_params, text_cfg, text_params, tok, mesh=mesh, rules=rules)
+        b = load_base(dit, vae, umt5, options=options, dtype=dtype, mesh=mesh, rules=rules)
+        return cls(b.cfg, b.params, adapters, b.vae_cfg, b.vae_params, b.text_cfg, b.text_params, tok, mesh=mesh,
+                   rules=rules, options=b.options)
 
     # ---------------------------------------------------------------------------------------------- pieces
     def sampler(self, **settings) -> Sampler:
@@ -156,7 +153,7 @@ class Stylizer:
         if key not in self._samplers:
             progress = self._on_step if settings.pop("progress", False) else None
             self._samplers[key] = make_sampler(self.cfg, mesh=self.mesh, rules=self.rules, progress=progress,
-                                               **settings)
+                                               options=self.options, **settings)
         return self._samplers[key].with_scales(**scales)
 
     def _on_step(self, k):

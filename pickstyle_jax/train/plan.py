@@ -16,6 +16,7 @@ softmax over key blocks), whose memory is of the same order as a flash kernel's.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -47,16 +48,19 @@ def plan(config, n_devices: int) -> dict:
     rules = sharding.normalize_rules(config.rules)
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n_devices])
     wcfg, vcfg, _, lcfg = setup_lib.model_configs(config)
-    if wcfg.attention in _HOST_KERNELS and jax.default_backend() == "cpu":
-        print(f"attention {wcfg.attention!r} does not lower on CPU: planning with "
-              f"{_HOST_KERNELS[wcfg.attention]!r}", flush=True)
-        # key blocks too (online softmax): [B, N, 1024, 1024] logits at a time, the working set of a flash kernel
-        wcfg = wcfg.replace(attention=_HOST_KERNELS[wcfg.attention], attention_chunk=1024, attention_kv_chunk=1024)
     cfg = step_lib.step_config(config, wcfg, vcfg, lcfg)
+    opts = cfg.options
+    if opts.attention in _HOST_KERNELS and jax.default_backend() == "cpu":
+        print(f"attention {opts.attention!r} does not lower on CPU: planning with "
+              f"{_HOST_KERNELS[opts.attention]!r}", flush=True)
+        # key blocks too (online softmax): [B, N, 1024, 1024] logits at a time, the working set of a flash kernel
+        opts = opts.replace(attention=_HOST_KERNELS[opts.attention], attention_chunk=1024, attention_kv_chunk=1024)
+        cfg = dataclasses.replace(cfg, options=opts)
     rep = sharding.replicated(mesh)
 
-    dit_shapes = wan.param_shapes(wcfg)
-    dit_sh = sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, dit_shapes)
+    # the base as training's load_base places it, abstract: no weight is allocated
+    dit_shapes = wan.param_shapes(wcfg, stacked=opts.scan_layers)
+    dit_sh = sharding.tree_shardings(wan.param_axes(wcfg, stacked=opts.scan_layers), mesh, rules, dit_shapes)
     dit = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), dit_shapes, dit_sh)
     vshapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=rep),
                            autoencoders.param_shapes(vcfg), is_leaf=lambda x: isinstance(x, tuple))
@@ -68,8 +72,8 @@ def plan(config, n_devices: int) -> dict:
     state, batch = abstract.state, abstract.batch
 
     print(f"mesh {dict(mesh.shape)} on {n_devices} simulated devices; model {config.model.variant} "
-          f"({wcfg.param_dtype} weights, {wcfg.dtype} compute, attention {wcfg.attention}, remat "
-          f"{wcfg.remat_policy}, scan_layers {getattr(wcfg, 'scan_layers', 'n/a (unrolled)')}); batch "
+          f"({wcfg.param_dtype} weights, {opts.dtype} compute, attention {opts.attention}, remat "
+          f"{opts.remat_policy}, scan_layers {opts.scan_layers}); batch "
           f"{d.batch_size} x {d.frames}x{d.height}x{d.width}", flush=True)
     leaves = jax.tree_util.tree_flatten_with_path({"base": base, "state": state})[0]
     leaves.sort(key=lambda kv: -math.prod(kv[1].shape) * np.dtype(kv[1].dtype).itemsize)

@@ -20,6 +20,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from pickstyle_jax import checkpoints, conditioning, files, lora as lora_lib, sharding, text
+from pickstyle_jax.base import options_from
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.models import tokenizer as tok_lib
 from pickstyle_jax.models import umt5, vae, wan
@@ -41,9 +42,8 @@ def model_configs(config) -> tuple[wan.WanConfig, vae.VaeConfig, umt5.Umt5Config
     m = config.model
     try:
         tcfg = umt5.Umt5Config.named(m.umt5_variant)
-        wcfg = wan.WanConfig.named(m.variant).replace(
-            param_dtype=m.param_dtype, dtype=m.dtype, attention=m.attention, remat_policy=m.remat_policy,
-            scan_layers=bool(m.scan_layers))
+        wcfg = wan.WanConfig.named(m.variant, param_dtype=m.param_dtype)
+        options_from(m)  # the run-time keys (dtype, attention, remat_policy, scan_layers) are checked here too
         vcfg = vae.VaeConfig.named(m.vae_variant)  # fp32: encodes the targets the loss is measured against
         lcfg = lora_lib.LoraConfig(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
                                    targets=config.lora.targets)
@@ -189,7 +189,7 @@ def abstract_state(config, cfg: step_lib.StepConfig, mesh: Mesh, rules, text_row
     arrays by and what plan.py compiles the step for. `text_rows` is the padded caption length of the batch."""
     lcfg, wcfg = cfg.lcfg, cfg.wcfg
     lora_shapes = jax.eval_shape(
-        lambda: lora_lib.init(lcfg, wan.param_shapes(base_lib.wan_unstacked(wcfg)), jax.random.key(0)).params)
+        lambda: lora_lib.init(lcfg, wan.param_shapes(wcfg), jax.random.key(0)).params)
     lora_sh = sharding.tree_shardings(step_lib.lora_axes(lcfg, wcfg, lora_shapes), mesh, rules, lora_shapes)
     state_shapes = jax.eval_shape(functools.partial(step_lib.init_state, cfg), lora_shapes)
     state_sh = step_lib.state_shardings(state_shapes, lora_sh, mesh)
@@ -233,7 +233,9 @@ def prepare(config, workdir, say: Callable[[str], None] = lambda msg: None) -> T
     mesh = sharding.make_mesh(mesh_shape)
     wcfg, vcfg, _, lcfg = model_configs(config)
     # Shardings are checked on abstract shapes before any weight exists.
-    sharding.tree_shardings(wan.param_axes(wcfg), mesh, rules, wan.param_shapes(wcfg))
+    stacked = options_from(config.model).scan_layers
+    sharding.tree_shardings(wan.param_axes(wcfg, stacked=stacked), mesh, rules,
+                            wan.param_shapes(wcfg, stacked=stacked))
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -249,7 +251,7 @@ def prepare(config, workdir, say: Callable[[str], None] = lambda msg: None) -> T
 
     abstract = abstract_state(config, cfg, mesh, rules, table.rows)
     key = jax.random.key(config.seed)
-    lora_params = jax.jit(lambda k: lora_lib.init(lcfg, wan.param_shapes(base_lib.wan_unstacked(wcfg)), k).params,
+    lora_params = jax.jit(lambda k: lora_lib.init(lcfg, wan.param_shapes(wcfg), k).params,
                           out_shardings=abstract.shardings(abstract.lora))(jax.random.fold_in(key, 1))
     state = jax.jit(functools.partial(step_lib.init_state, cfg),
                     out_shardings=abstract.shardings(abstract.state))(lora_params)

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from pickstyle_jax import conditioning, flow, lora as lora_lib, sharding
+from pickstyle_jax.base import options_from
 from pickstyle_jax.models import autoencoders, vae, wan
-from pickstyle_jax.train.base import wan_unstacked
 
 __all__ = ["StepConfig", "step_config", "make_optimizer", "init_state", "encode_pair", "loss_fn", "grads",
            "train_step", "lora_axes", "state_shardings", "batch_shapes", "jit_train_step"]
@@ -38,6 +38,7 @@ class StepConfig:
     grid: flow.Grid
     accumulate: int = 1
     optim: tuple = ()  # (lr, b1, b2, eps, weight_decay, grad_clip)
+    options: wan.Options | None = None  # how the DiT runs (config.model's run-time keys); None: backend default
 
 
 def step_config(config, wcfg, vcfg, lcfg) -> StepConfig:
@@ -45,7 +46,7 @@ def step_config(config, wcfg, vcfg, lcfg) -> StepConfig:
     o = config.optim
     return StepConfig(wcfg, vcfg, lcfg, flow.Grid.make(config.schedule.shift, config.schedule.num_train_timesteps),
                       int(o.accumulate), (float(o.lr), float(o.b1), float(o.b2), float(o.eps),
-                                          float(o.weight_decay), float(o.grad_clip)))
+                                          float(o.weight_decay), float(o.grad_clip)), options_from(config.model))
 
 
 def make_optimizer(optim) -> optax.GradientTransformation:
@@ -77,7 +78,7 @@ def loss_fn(cfg: StepConfig, lora_params, base, batch, rng):
     x_t, target = flow.noise(x0, eps, sigma)
     v = wan.forward(cfg.wcfg, base["dit"], x_t, t, batch["text"],
                     conditioning.vace_context(base["zero_latent"], z_src),
-                    lora=lora_lib.Lora(lora_params, cfg.lcfg), text_lens=batch["text_lens"])
+                    lora=lora_lib.Lora(lora_params, cfg.lcfg), text_lens=batch["text_lens"], options=cfg.options)
     return flow.weighted_mse(v, target, w)
 
 
@@ -112,7 +113,7 @@ def train_step(cfg: StepConfig, base, state, batch, rng):
 # ------------------------------------------------------------------------------------------------- shardings
 def lora_axes(lcfg, wcfg, lora_shapes):
     """Logical axes of the LoRA leaves: A [in, r] takes the kernel's input axis, B [r, out] its output axis."""
-    axes = wan.param_axes(wan_unstacked(wcfg))
+    axes = wan.param_axes(wcfg)  # the LoRA keeps the flat paths whatever the DiT layout
 
     def walk(tree, kernel_axes):
         if "A" in tree and "B" in tree and not isinstance(tree["A"], dict):
