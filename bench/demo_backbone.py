@@ -43,7 +43,7 @@ from pickstyle_jax import checkpoints, conditioning  # noqa: E402
 from pickstyle_jax.data import pipeline  # noqa: E402
 from pickstyle_jax.demo import pretrain  # noqa: E402
 from pickstyle_jax.models import autoencoders, umt5, wan  # noqa: E402
-from pickstyle_jax.models import tokenizer as tok_lib  # noqa: E402
+from pickstyle_jax import tokenizer as tokenizer_lib  # noqa: E402
 
 SIGMAS = (0.98, 0.9, 0.7, 0.4)
 
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     tparams = umt5.init(tcfg, jax.random.key(int(p.seed) + 3))  # as pretrain.run; saved for the text cache's key
     checkpoints.save(config.model.umt5, tcfg, tparams, kind="umt5")
     caps = pretrain.pair_captions(pairs) + [c for h in hold.values() for c in h["caps"]]
-    rows = pretrain._TextRows(config, tcfg, tparams, tok_lib.load_tokenizer("bytes"), tmp / "text_cache", caps,
+    rows = pretrain._TextRows(config, tcfg, tparams, tokenizer_lib.load_tokenizer("bytes"), tmp / "text_cache", caps,
                               conditioning.null_prompt())
 
     results["probe"] = {s: mlp_probe(probe_pairs(config, encode, s), hold, s) for s in p.styles}
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         vpairs = pairs
         if (vconf.pretrain.clips, vconf.pretrain.examples) != (p.clips, p.examples):
             vpairs = pretrain.encode_clips(vconf, vcfg, vparams, log=lambda m: None)
-            rows = pretrain._TextRows(vconf, tcfg, tparams, tok_lib.load_tokenizer("bytes"), tmp / "text_cache",
+            rows = pretrain._TextRows(vconf, tcfg, tparams, tokenizer_lib.load_tokenizer("bytes"), tmp / "text_cache",
                                       caps + pretrain.pair_captions(vpairs), conditioning.null_prompt())
         t = time.perf_counter()
         wcfg, params, m = pretrain.fit_backbone(vconf, vpairs, rows, log=lambda msg: None)

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 from pickstyle_jax import checkpoints, text  # noqa: E402
 from pickstyle_jax.models import umt5  # noqa: E402
-from pickstyle_jax.models.tokenizer import clean_text  # noqa: E402
+from pickstyle_jax.tokenizer import clean_text  # noqa: E402
 from tests.conftest import SEED  # noqa: E402  (the run seed: printed, PICKSTYLE_TEST_SEED replays it)
 
 _CORPUS = """Anime style. A girl walks in the rain under neon lights, reflections on the wet street.

@@ -40,7 +40,7 @@ def shape_mask(kind: str, yy, xx, cy, cx, r, angle):
     return inside
 
 
-def stylise(style: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+def stylize(style: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """Deterministic "style" of a scene: flat colours per region, outlines from the region map."""
     edge = np.zeros(labels.shape, bool)
     edge[1:] |= labels[1:] != labels[:-1]
@@ -96,7 +96,7 @@ def synthetic_pair(index: int, height: int, width: int, style: str, seed: int = 
         parts.append(f"a {colour} {shape}")
     image += rng.normal(0, 4.0, image.shape).astype(np.float32)  # sensor-like texture the style removes
     source = np.clip(np.round(image), 0, 255).astype(np.uint8)
-    target = stylise(style, source, labels, np.array(palette, np.float32))
+    target = stylize(style, source, labels, np.array(palette, np.float32))
     scene = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     scene = scene[0].upper() + scene[1:]
     caption = f"{style.capitalize()} style. {scene} on a {names[bg_a]} to {names[bg_b]} gradient."

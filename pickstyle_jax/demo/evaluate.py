@@ -59,7 +59,7 @@ from pickstyle_jax.demo import world
 from pickstyle_jax.errors import InputError
 from pickstyle_jax.eval import features, metrics
 from pickstyle_jax.guidance import apg_setting
-from pickstyle_jax.models import tokenizer as tok_lib
+from pickstyle_jax import tokenizer as tokenizer_lib
 from pickstyle_jax.models import umt5, vae, wan
 from pickstyle_jax.sample.settings import CALL_TIME, SamplerSettings
 
@@ -135,7 +135,7 @@ def load_stylizer(workdir, run: dict | None = None, lora=None):
         umt5_config=None if umt5_dir else umt5.Umt5Config.named(m("umt5_variant")))
     if not dit:
         _log(f"model.dit is empty: re-initialised {m('variant')!r} from seed {seed} as the training run did")
-    tok = tok_lib.load_tokenizer(m("tokenizer") or ("bytes" if not umt5_dir else ""))
+    tok = tokenizer_lib.load_tokenizer(m("tokenizer") or ("bytes" if not umt5_dir else ""))
     try:
         return sample.Stylizer(b.cfg, b.params, adapters, b.vae_cfg, b.vae_params, b.text_cfg, b.text_params, tok,
                                options=b.options)
@@ -184,7 +184,7 @@ class _Runner:
             return [(clip.source[t:t + 1], seed + 7919 * (t + 1)) for t in range(len(clip.source))]
         return [(clip.source, seed)]
 
-    def stylise(self, clip_index: int, clip, settings: dict, seed: int, per_frame: bool = False):
+    def stylize(self, clip_index: int, clip, settings: dict, seed: int, per_frame: bool = False):
         """(frames uint8 [F, H, W, 3], seconds to stylise the clip). Warm timing (the default) leaves out every
         compiled sampler's first, compiling call: the seconds are None when only such calls were made (see
         `timed`); cold timing is the plain total."""
@@ -237,7 +237,7 @@ def _evaluate_setting(runner, clips, refs, settings, seed, per_frame=False, extr
     rows, outputs, secs = [], [], []
     n_exec = int(runner.base["steps"]) - int(settings.get("skip", runner.base["skip"]))
     for i, clip in enumerate(clips):
-        out, s = runner.stylise(i, clip, settings, seed + i, per_frame=per_frame)
+        out, s = runner.stylize(i, clip, settings, seed + i, per_frame=per_frame)
         r = _scores(out, clip, refs[clip.style])
         if extractor is not None:
             r["frame_consistency"] = features.frame_consistency(extractor, out)

@@ -50,7 +50,7 @@ import optax
 from pickstyle_jax import checkpoints, conditioning, files, flow, text
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.demo import conv_ae
-from pickstyle_jax.models import tokenizer as tok_lib
+from pickstyle_jax import tokenizer as tokenizer_lib
 from pickstyle_jax.models import autoencoders, umt5, vae, wan
 
 f32 = jnp.float32
@@ -483,7 +483,7 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
     tcfg = umt5.Umt5Config.named(config.model.umt5_variant)
     tparams = umt5.init(tcfg, jax.random.key(int(p.seed) + 3))
     checkpoints.save(config.model.umt5, tcfg, tparams, kind="umt5", extra=extra)
-    tokenizer = tok_lib.load_tokenizer(config.model.tokenizer)
+    tokenizer = tokenizer_lib.load_tokenizer(config.model.tokenizer)
     log(f"umT5 ({tcfg.num_layers} layers, width {tcfg.d_model}, random, frozen) -> {config.model.umt5}")
 
     # 2. autoencoder, then its latent statistics from the clips the backbone trains on

@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-from pickstyle_jax.data.synthetic import COLOURS, SHAPES, SYNTHETIC_STYLES, shape_mask, stylise
+from pickstyle_jax.data.synthetic import COLOURS, SHAPES, SYNTHETIC_STYLES, shape_mask, stylize
 
 __all__ = ["Clip", "render_clip", "World", "compose", "invert"]
 
@@ -158,7 +158,7 @@ def _render_frame(scene: _Scene, t: int, height: int, width: int):
 
 
 def _boundary(labels: np.ndarray) -> np.ndarray:
-    """Pixels the style outlines: a 4-neighbour has another label (the same rule as synthetic.stylise)."""
+    """Pixels the style outlines: a 4-neighbour has another label (the same rule as synthetic.stylize)."""
     e = np.zeros(labels.shape, bool)
     dy, dx = labels[1:] != labels[:-1], labels[:, 1:] != labels[:, :-1]
     e[1:] |= dy
@@ -211,7 +211,7 @@ def render_clip(index: int, frames: int, height: int, width: int, style: str, se
         image, lab, palette = _render_frame(scene, t, height, width)
         src = np.clip(np.round(image), 0, 255).astype(np.uint8)
         sources.append(src)
-        targets.append(stylise(style, src, lab, palette))
+        targets.append(stylize(style, src, lab, palette))
         labels.append(lab)
     labels = np.stack(labels)
     flow, valid = _flow(scene, labels)

@@ -47,7 +47,7 @@ from flax import nnx
 
 from pickstyle_jax import sharding
 from pickstyle_jax.models import layers
-from pickstyle_jax.models.tokenizer import Tokenizer  # noqa: F401  (API: `umt5.Tokenizer`)
+from pickstyle_jax.tokenizer import Tokenizer  # noqa: F401  (API: `umt5.Tokenizer`)
 
 __all__ = ["Umt5Config", "Umt5Encoder", "init", "encode", "param_axes", "param_shapes", "relative_position_buckets",
            "Tokenizer"]

@@ -33,7 +33,7 @@ import numpy as np
 from pickstyle_jax import errors, files, sizing
 from pickstyle_jax import video as video_lib
 from pickstyle_jax.errors import InputError
-from pickstyle_jax.models.tokenizer import clean_text
+from pickstyle_jax.tokenizer import clean_text
 from pickstyle_jax.sample.settings import SamplerSettings, SettingsError, apg_name
 from pickstyle_jax.sample.stylizer import Stylizer
 

@@ -27,7 +27,7 @@ from pickstyle_jax import lora as lora_lib
 from pickstyle_jax import text as text_lib
 from pickstyle_jax.base import load_base
 from pickstyle_jax.models import autoencoders, wan
-from pickstyle_jax.models import tokenizer as tokenizer_lib
+from pickstyle_jax import tokenizer as tokenizer_lib
 from pickstyle_jax.sample.sampler import Sampler, make_sampler
 from pickstyle_jax.sample.settings import CALL_TIME, SamplerSettings
 

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from pickstyle_jax import checkpoints, conditioning, files, lora as lora_lib, sharding, text
 from pickstyle_jax.base import options_from
 from pickstyle_jax.data import pipeline
-from pickstyle_jax.models import tokenizer as tok_lib
+from pickstyle_jax import tokenizer as tokenizer_lib
 from pickstyle_jax.models import umt5, vae, wan
 from pickstyle_jax.sample import CompatibilityError, check_compatible
 from pickstyle_jax.train import base as base_lib, step as step_lib
@@ -153,7 +153,7 @@ def text_table(config, workdir, captions) -> conditioning.TextTable:
     WORKDIR/text_cache) by the run's umT5 (config.model.umt5, or the named variant drawn from fold_in(seed, 4));
     the encoder's weights are dropped when this returns."""
     m, text_len = config.model, int(config.text.text_len)
-    tokenizer = tok_lib.load_tokenizer(m.tokenizer or ("bytes" if not m.umt5 else ""))
+    tokenizer = tokenizer_lib.load_tokenizer(m.tokenizer or ("bytes" if not m.umt5 else ""))
     if m.umt5:
         tcfg, tparams = checkpoints.load_umt5(m.umt5)
         encoder_id = text.checkpoint_identity(m.umt5, tcfg)
