@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pickstyle_jax import sharding
+from pickstyle_jax import checkpoints, sharding
 from pickstyle_jax.models import autoencoders, wan
 from pickstyle_jax.models import umt5 as umt5_lib
 
@@ -94,8 +94,6 @@ def _dit_shardings(cfg, stacked: bool, mesh, rules):
 
 
 def _load_dit(path, cfg, options, dtype, seed, mesh, rules):
-    from pickstyle_jax import checkpoints
-
     stacked = bool(options.scan_layers)
     if path:
         cfg = checkpoints.read_config(path, "wan")  # the checkpoint's architecture, whatever `cfg` says
@@ -135,8 +133,6 @@ def load_base(dit: str = "", vae: str = "", umt5: str = "", *, dit_config: wan.W
     rules = sharding.DEFAULT_RULES if rules is None else rules
     rep = None if mesh is None else sharding.replicated(mesh)
     place = (lambda tree: jax.device_put(tree)) if rep is None else (lambda tree: jax.device_put(tree, rep))
-    from pickstyle_jax import checkpoints
-
     cfg = params = None
     if dit or dit_config is not None:
         cfg, params = _load_dit(dit, dit_config, options, dtype, seed, mesh, rules)

@@ -207,7 +207,8 @@ def _is_axes(x):
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
-def _path_name(kp) -> str:
+def path_name(kp) -> str:
+    """A pytree key path as a dotted name (blocks.3.self_attn.q.kernel), for messages and memory plans."""
     return ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in kp)
 
 
@@ -221,7 +222,7 @@ def tree_shardings(axes_tree, mesh: Mesh, rules: Mapping = DEFAULT_RULES, shapes
     flat, treedef = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)
     shapes = treedef.flatten_up_to(shapes_tree)
     out = [NamedSharding(mesh, logical_to_spec(ax, rules, mesh, np.shape(s) if not hasattr(s, "shape") else s.shape,
-                                               name=_path_name(kp)))
+                                               name=path_name(kp)))
            for (kp, ax), s in zip(flat, shapes)]
     return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -164,12 +164,29 @@ def test_no_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def _module_aliases(tree) -> set[str]:
+    """Local names bound to one of the package's modules (`from pickstyle_jax import sharding`, `... as lib`)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PKG):
+            names.update(a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in MODULES)
+        elif isinstance(node, ast.Import):
+            names.update(a.asname for a in node.names if a.asname and a.name in MODULES)
+    return names
+
+
 def test_no_module_getattr_and_no_private_imports():
     bad = list(PRIVATE)
     for m, path in MODULES.items():
-        for node in ast.parse(path.read_text()).body:
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} defines a module-level __getattr__")
+        aliases = _module_aliases(tree)
+        for node in ast.walk(tree):  # lib._private: another module's private name, reached by attribute
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} uses private {node.value.id}.{node.attr}")
     assert not bad, "\n".join(bad)
 
 

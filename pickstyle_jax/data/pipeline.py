@@ -70,7 +70,7 @@ def make_source(config) -> object:
 
 def _has_style(kind: str, root: str, style: str) -> bool:
     if kind.startswith("tfds_"):
-        from pickstyle_jax.data import tfds_pairs
+        from pickstyle_jax.data import tfds_pairs  # tensorflow_datasets is heavy: imported only for tfds sources
         return tfds_pairs.split_name(sources.normalise_style(style)) in tfds_pairs.TfdsPairs(root, kind[5:]).splits
     return style != sources.V1_SOURCE_DIR and os.path.isdir(os.path.join(root, style))
 

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from pickstyle_jax import lora as lora_lib
 from pickstyle_jax import sharding
 from pickstyle_jax.models import layers
 from pickstyle_jax.models.wan_inputs import check_inputs, fold_text, patchify, unpatchify
@@ -491,8 +492,6 @@ def _forward(cfg: WanConfig, opts: Options, stacked: bool, params, x, t, text, v
     grid = (f // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
     lp = None
     if lora is not None:
-        from pickstyle_jax import lora as lora_lib  # lora imports nothing of ours; lazily, to keep it that way
-
         unknown = [path for path in lora_lib.adapter_paths(lora) if path not in _dense_paths(cfg)]
         if unknown:
             raise ValueError(f"LoRA adapters without a matching Dense layer in the model: {unknown}")

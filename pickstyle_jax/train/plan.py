@@ -79,7 +79,7 @@ def plan(config, n_devices: int) -> dict:
     leaves.sort(key=lambda kv: -math.prod(kv[1].shape) * np.dtype(kv[1].dtype).itemsize)
     print("largest arrays (global shape, dtype, spec, per-device shape):")
     for kp, x in leaves[:8]:
-        print(f"  {sharding._path_name(kp):60s} {str(tuple(x.shape)):22s} {str(x.dtype):9s} "
+        print(f"  {sharding.path_name(kp):60s} {str(tuple(x.shape)):22s} {str(x.dtype):9s} "
               f"{str(x.sharding.spec):30s} {x.sharding.shard_shape(x.shape)}")
 
     t0 = time.perf_counter()
