@@ -1,5 +1,5 @@
-"""Multi-device training: a sharded step (data 2 x fsdp 2 x tensor 2) equals the single-device step, and two real
-processes (jax.distributed on localhost, 4 CPU devices each) match a single-process 8-device run.
+"""Multi-process training: two real processes (jax.distributed on localhost, 4 CPU devices each) match a
+single-process 8-device run. (The sharded step against one device: tests/test_sharded_model.py.)
 
 XLA_FLAGS must be set before JAX starts, so every part runs in its own Python process.
 """
@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,48 +26,6 @@ _PRELUDE = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("cfg", "configs/pickstyle.py")
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-30))
-""")
-
-_SHARDED = _PRELUDE + textwrap.dedent("""
-    seed, workdir = int(sys.argv[1]), sys.argv[2]
-    c = mod.get_config("tiny")
-    c.seed = seed
-    c.model.scan_layers = sys.argv[3] == "1"
-    c.mesh.update(dict(data=2, fsdp=2, tensor=2))
-    c.data.batch_size = 4
-    tr = setup.prepare(c, workdir)
-    a = tr.state["lora"]["vace_blocks"]["0"]["self_attn"]["q"]["A"]
-    assert a.sharding.spec == jax.sharding.PartitionSpec("fsdp", None), a.sharding.spec
-    q = tr.base["dit"]["blocks"]["self_attn"]["q"]["kernel"] if c.model.scan_layers else \
-        tr.base["dit"]["blocks"]["0"]["self_attn"]["q"]["kernel"]
-    assert q.sharding.spec[-2:] == ("fsdp", "tensor"), q.sharding.spec
-    batch = setup.device_batch(tr, next(pipeline.make_iterator(c.data, seed=seed)))
-    host = jax.device_get((tr.base, tr.state, batch, tr.step_key))
-    dev0 = jax.devices()[0]
-    ref_state, ref_m = jax.jit(functools.partial(step.train_step, tr.cfg))(*jax.device_put(host, dev0))
-    # the LoRA gradients themselves (what a mis-partitioned backward gets wrong), then the full step
-    grads = lambda base, st, bt, key: step.grads(tr.cfg, st["lora"], base, bt, jax.random.fold_in(key, st["step"]))
-    _, g_ref = jax.jit(grads)(*jax.device_put(host, dev0))
-    with sharding.rules_context(tr.mesh, tr.rules):
-        _, g_got = jax.jit(grads)(tr.base, tr.state, batch, tr.step_key)
-    g_errs = [rel(a, b) for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)) if np.abs(b).max() > 0]
-    print("max relative error of the LoRA gradients:", max(g_errs))
-    assert g_errs and max(g_errs) < 1e-5, max(g_errs)
-    state, m = tr.step_fn(tr.base, tr.state, batch, tr.step_key)  # tr.state is donated here
-    print("loss sharded", float(m["loss"]), "single", float(ref_m["loss"]))
-    assert rel(m["loss"], ref_m["loss"]) < 1e-5
-    assert rel(m["grad_norm"], ref_m["grad_norm"]) < 1e-5
-    before = host[1]["lora"]
-    d_got = jax.tree.map(lambda x, y: np.asarray(x) - y, state["lora"], before)
-    d_ref = jax.tree.map(lambda x, y: np.asarray(x) - y, ref_state["lora"], before)
-    errs = jax.tree.leaves(jax.tree.map(rel, d_got, d_ref))
-    print("max relative error of the LoRA update:", max(errs))
-    # Adam's first step is ~lr * g / (|g| + eps): entries with |g| near eps amplify fp32 rounding ~1e4-fold
-    assert max(errs) < 1e-3, max(errs)
-    assert all(float(np.abs(x).max()) > 0 for x in jax.tree.leaves(d_got))  # every LoRA leaf moved
-    # the frozen base is bit-identical after the step (never donated, never updated)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(tr.base), host[0])
-    assert int(state["step"]) == 1
 """)
 
 _REFERENCE = _PRELUDE + textwrap.dedent("""
@@ -102,18 +59,6 @@ _REFERENCE = _PRELUDE + textwrap.dedent("""
 
 def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-# Without the model's activation pins and weight gathers, XLA's partitioner got this wrong on jax 0.10.2: the loss
-# 1.5 % off and the LoRA gradients 1-15 % off, at some sequence lengths only (tests/test_partitioner.py). The
-# models pin their own layout, rules_context being only a hint; tests/test_sharded_model.py checks plain jits.
-# The scanned layout is the one the real configs train with; the unrolled one is covered, under a plain jit, by
-# tests/test_sharded_model.py::test_train_step_on_8_devices.
-def test_sharded_step_matches_single_device(tmp_path, seed, scan=True):
-    r = subprocess.run([sys.executable, "-c", _SHARDED, str(seed % 10000), str(tmp_path), str(int(scan))], capture_output=True,
-                       text=True, env=_env(), cwd=ROOT, timeout=900)
-    print(r.stdout)
-    assert r.returncode == 0, f"seed {seed}\n{r.stdout}\n{r.stderr[-4000:]}"
 
 
 def _free_port() -> int:
