@@ -23,8 +23,8 @@ import numpy as np
 
 from pickstyle_jax import text
 
-__all__ = ["MASK_CHANNELS", "pixels", "to_uint8", "zero_clip", "vace_context", "null_vace_context", "null_prompt",
-           "TextTable", "encode_table", "dataset_captions"]
+__all__ = ["MASK_CHANNELS", "pixels", "host_pixels", "to_uint8", "zero_clip", "vace_context", "null_vace_context",
+           "null_prompt", "TextTable", "encode_table", "dataset_captions"]
 
 f32 = jnp.float32
 MASK_CHANNELS = 64  # the VAE's 8 x 8 spatial mask patch, one channel per pixel of it
@@ -34,6 +34,13 @@ MASK_CHANNELS = 64  # the VAE's 8 x 8 spatial mask patch, one channel per pixel 
 def pixels(u8):
     """uint8 frames (any shape) -> float32 in [-1, 1], as the official pipelines scale them (x / 127.5 - 1)."""
     return jnp.asarray(u8).astype(f32) / 127.5 - 1.0
+
+
+def host_pixels(u8) -> np.ndarray:
+    """`pixels` in NumPy on the host. Not always bit-equal to `pixels`: NumPy (like torch) rounds x / 127.5
+    correctly, while XLA turns the division by a constant into a multiplication by its reciprocal, 1 ulp off for
+    some values. Only the demo's pretraining data path uses it, to keep its recorded numbers."""
+    return np.asarray(u8).astype(np.float32) / 127.5 - 1.0
 
 
 def to_uint8(video) -> np.ndarray:

@@ -25,12 +25,18 @@ import numpy as np
 f32 = jnp.float32
 
 
+def shift_sigma(sigma, shift: float):
+    """The flow shift sigma' = s sigma / (1 + (s - 1) sigma): s > 1 spends more of a grid at high noise. Training's
+    grid (`sigmas`) and every sampler's (`schedulers.sigmas`) use it."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def sigmas(shift: float = 5.0, n: int = 1000) -> np.ndarray:
     """sigma_i = shift s / (1 + (shift - 1) s), s = 1 - i/n, i = 0 .. n-1; float32 [n], decreasing from 1."""
     if n < 2 or shift <= 0:
         raise ValueError(f"need n >= 2 timesteps and shift > 0, got n={n}, shift={shift}")
     s = 1.0 - np.arange(n, dtype=np.float64) / n
-    return (shift * s / (1.0 + (shift - 1.0) * s)).astype(np.float32)
+    return shift_sigma(s, shift).astype(np.float32)
 
 
 def timesteps(sig: np.ndarray, n: int = 1000) -> np.ndarray:

@@ -8,8 +8,9 @@ A `lora.Lora` holds, per adapted module, A [in, r] and B [r, out]. Its two PyTor
   string metadata {"lora_alpha": str(alpha), "r": str(rank), "format": "pt"} (`peft_metadata`). `write_safetensors`
   writes any {name: array} with the `safetensors` package's numpy API (a runtime dependency; no torch).
 
-`DIFFUSERS_TOP` / `DIFFUSERS_BLOCK` are the project's only table of official -> diffusers module names (docs/
-REFERENCE.md §6): convert/wan_dit.py (whole DiT) and convert/lora.py import them from here; this package never imports convert.
+`DIFFUSERS_TOP` / `DIFFUSERS_BLOCK` are the project's only table of official -> diffusers module names
+(docs/REFERENCE.md §6): convert/wan_dit.py (whole DiT) and convert/lora.py import them from here; this package
+never imports convert.
 """
 from __future__ import annotations
 

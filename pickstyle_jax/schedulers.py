@@ -52,6 +52,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from pickstyle_jax import flow
+
 SOLVERS = ("dpm++", "unipc", "euler")
 
 # Wan builds UniPC's grid from the top of its 1000-point training grid, 1 − 1/1000, held in an fp32 tensor.
@@ -67,11 +69,6 @@ def _check(solver: str, steps: int, shift: float) -> None:
         raise ValueError(f"shift must be a positive finite number, got {shift!r}")
 
 
-def shift_sigma(sigma, shift: float):
-    """The flow shift σ′ = s·σ / (1 + (s − 1)·σ); s > 1 spends more steps at high noise."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
 def sigmas(solver: str, steps: int, shift: float, *, dtype=np.float32) -> np.ndarray:
     """The σ grid of `solver`: [steps + 1], decreasing, ending in 0. See the module docstring for the table.
 
@@ -80,7 +77,7 @@ def sigmas(solver: str, steps: int, shift: float, *, dtype=np.float32) -> np.nda
     _check(solver, steps, shift)
     top = _UNIPC_SIGMA_MAX if solver == "unipc" else 1.0
     base = np.linspace(top, 0.0, steps + 1, dtype=np.float64)[:steps]
-    grid = np.concatenate([shift_sigma(base, float(shift)), [0.0]])
+    grid = np.concatenate([flow.shift_sigma(base, float(shift)), [0.0]])
     return grid.astype(dtype)
 
 

@@ -1,7 +1,7 @@
 """DiT and LoRA converters: every source layout gives the same parameters, and every bad input is named.
 
-The official key names used here are written out independently of convert/wan_dit.py's table (from docs/REFERENCE.md §6),
-so a wrong entry in that table fails these tests rather than being mirrored by them.
+The official key names used here are written out independently of convert/wan_dit.py's table (docs/REFERENCE.md
+§6), so a wrong entry in that table fails these tests rather than being mirrored by them.
 """
 import json
 import os

@@ -1,6 +1,6 @@
 """Camera-motion augmentation vs references written here: torch (F.interpolate bilinear, align_corners=False, on the
-crop windows of docs/REFERENCE.md §8; torchvision's tensor `rotate` algorithm re-typed with torch ops since torchvision is
-not installed) and an independent float64 numpy nearest-neighbour rotation. Fresh random inputs every run; the seed
+crop windows of docs/REFERENCE.md §8; torchvision's tensor `rotate` algorithm re-typed with torch ops since
+torchvision is not installed) and an independent float64 numpy nearest-neighbour rotation. Fresh random inputs every run; the seed
 is printed."""
 import math
 

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     # 1. base models
     say = clock.log("pretrain")
     t = time.perf_counter()
-    summary = pretrain_loop.run(config, log=say, cache_dir=config.text.cache_dir)
+    summary = pretrain.run(config, log=say, cache_dir=config.text.cache_dir)
     t_pre = time.perf_counter() - t
     clear_stale_run(workdir, summary["fingerprint"], say)
 

@@ -50,6 +50,7 @@ import optax
 from pickstyle_jax import checkpoints, conditioning, files, flow, text
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.demo import conv_ae
+from pickstyle_jax.eval import metrics as eval_metrics
 from pickstyle_jax import tokenizer as tokenizer_lib
 from pickstyle_jax.models import autoencoders, umt5, vae, wan
 
@@ -163,14 +164,9 @@ def is_done(config) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _pixels(u8):
-    return u8.astype(f32) / 127.5 - 1.0
-
-
 def psnr(a, b) -> float:
-    """PSNR in dB of two videos in [-1, 1] (peak-to-peak 2)."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return 10.0 * math.log10(4.0 / max(mse, 1e-12))
+    """PSNR in dB of two batches of videos [B, F, H, W, 3] in [-1, 1]: `eval.metrics.psnr` per video, averaged."""
+    return float(np.mean([eval_metrics.psnr(x, y) for x, y in zip(np.asarray(a), np.asarray(b))]))
 
 
 def _schedule(lr: float, steps: int, warmup: int):
@@ -234,7 +230,7 @@ def make_vae_step(vcfg, optimizer, latent_noise: float, latent_l2: float, tempor
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, video_u8, key):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, _pixels(video_u8), key)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, conditioning.pixels(video_u8), key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
@@ -294,7 +290,7 @@ def reconstruction_psnr(config, vcfg, params, styles, n: int = 16, seed_offset: 
         d = data_config(config, n, seed_offset=seed_offset, styles=(style,))
         batch = next(pipeline.make_iterator(d, seed=seed_offset))
         for side in ("source", "target") if not out else ("target",):  # every style shares the scenes
-            x = _pixels(batch[side])
+            x = conditioning.host_pixels(batch[side])
             out["source" if side == "source" else style] = psnr(roundtrip(params, x), x)
     return out
 
@@ -316,7 +312,7 @@ def encode_clips(config, vcfg, vparams, log=print) -> dict:
     t0 = time.perf_counter()
     while sum(map(len, src)) < n:
         batch = next(it)
-        video = np.concatenate([batch["source"], batch["target"]]).astype(np.float32) / 127.5 - 1.0
+        video = conditioning.host_pixels(np.concatenate([batch["source"], batch["target"]]))
         z = np.asarray(enc(vparams, video))
         src.append(z[:bs])
         tgt.append(z[bs:])
