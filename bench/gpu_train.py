@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from bench.gpu_dit import _regular, forward_flops, random_params  # noqa: E402
 from pickstyle_jax import conditioning, flow, lora as lora_lib, sharding  # noqa: E402
 from pickstyle_jax.models import autoencoders, vae, wan  # noqa: E402
-from pickstyle_jax.train import base as train_base, step as train_step  # noqa: E402
+from pickstyle_jax.train import step as train_step  # noqa: E402
 
 PEAK_BF16 = 989e12
 

@@ -27,7 +27,7 @@ from pickstyle_jax import checkpoints, sharding
 from pickstyle_jax.models import autoencoders, wan
 from pickstyle_jax.models import umt5 as umt5_lib
 
-__all__ = ["Base", "load_base", "options_from", "OPTION_KEYS", "reinit_dit", "random_dit"]
+__all__ = ["Base", "load_base", "options_from", "OPTION_KEYS", "reinit_dit", "random_dit", "count"]
 
 f32 = jnp.float32
 
@@ -54,7 +54,8 @@ def options_from(model: Mapping, **overrides) -> wan.Options:
     return wan.Options.default(**{**given, **overrides})
 
 
-def _count(tree) -> int:
+def count(tree) -> int:
+    """Elements in a pytree of arrays or shapes (parameter counts)."""
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
@@ -80,7 +81,7 @@ def reinit_dit(wcfg, seed: int, shardings=None):
     """The DiT of a run without model.dit, the flat tree: random_dit from fold_in(key(seed), 3), so the evaluator
     redraws exactly the base a run trained on. shardings: of the flat tree (None: the default device)."""
     rng = jax.random.fold_in(jax.random.key(seed), 3)
-    if _count(wan.param_shapes(wcfg)) < 50_000_000:  # small: eager, no minute-long compile of the init
+    if count(wan.param_shapes(wcfg)) < 50_000_000:  # small: eager, no minute-long compile of the init
         params = random_dit(wcfg, rng)
         return params if shardings is None else jax.device_put(params, shardings)
     return jax.jit(functools.partial(random_dit, wcfg), out_shardings=shardings)(rng)

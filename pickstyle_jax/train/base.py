@@ -7,20 +7,12 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from pickstyle_jax import conditioning, sharding
 from pickstyle_jax.base import load_base, options_from
 from pickstyle_jax.models import autoencoders
 
-__all__ = ["count", "load_dit", "load_vae", "zero_latent"]
-
-f32 = jnp.float32
-
-
-def count(tree) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+__all__ = ["load_dit", "load_vae", "zero_latent"]
 
 
 def load_dit(config, wcfg, mesh, rules):

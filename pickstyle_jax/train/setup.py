@@ -20,7 +20,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from pickstyle_jax import checkpoints, conditioning, files, lora as lora_lib, sharding, text
-from pickstyle_jax.base import options_from
+from pickstyle_jax.base import count, options_from
 from pickstyle_jax.data import pipeline
 from pickstyle_jax import tokenizer as tokenizer_lib
 from pickstyle_jax.models import umt5, vae, wan
@@ -260,8 +260,8 @@ def prepare(config, workdir, say: Callable[[str], None] = lambda msg: None) -> T
     total = total_steps(config, source)
     tokens = tokens_per_sample(config, wcfg, vcfg) * int(config.data.batch_size)
     say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices ({jax.process_count()} processes); "
-        f"base params {base_lib.count(dit) / 1e6:.2f} M DiT + {base_lib.count(vparams) / 1e6:.2f} M VAE; "
-        f"LoRA {base_lib.count(lora_params) / 1e6:.3f} M trainable; {tokens} tokens per step; steps to {total}")
+        f"base params {count(dit) / 1e6:.2f} M DiT + {count(vparams) / 1e6:.2f} M VAE; "
+        f"LoRA {count(lora_params) / 1e6:.3f} M trainable; {tokens} tokens per step; steps to {total}")
     say("state ready; compiling the train step")
     with sharding.rules_context(mesh, rules):
         t0 = time.perf_counter()
