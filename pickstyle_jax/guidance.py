@@ -93,7 +93,7 @@ class ApgSettingError(TypeError, ValueError):
     """An `apg` value that names no setting (a TypeError for the guidance functions, a ValueError for the CLIs)."""
 
 
-_NAMED = {"on": True, "off": False, "scaled": "scaled"}
+APG_NAMES = {"on": True, "scaled": "scaled", "off": False}  # the named APG settings (command lines use these)
 
 
 def apg_setting(apg):
@@ -103,8 +103,8 @@ def apg_setting(apg):
         return apg
     if isinstance(apg, (bool, np.bool_)):
         return bool(apg)
-    if isinstance(apg, str) and apg.lower() in _NAMED:
-        return _NAMED[apg.lower()]
+    if isinstance(apg, str) and apg.lower() in APG_NAMES:
+        return APG_NAMES[apg.lower()]
     raise ApgSettingError(f"apg must be True/'on' (PickStyle's absolute norm threshold), 'scaled' (the threshold "
                           f"kept per element at every latent size), False/'off' or a guidance.Apg, got {apg!r}")
 

@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pickstyle_jax import base as base_lib
-from pickstyle_jax import checkpoints, errors, files, sample, video
+from pickstyle_jax import checkpoints, errors, files, sample, schedulers, video
 from pickstyle_jax.data.synthetic import SYNTHETIC_STYLES
 from pickstyle_jax.demo import world
 from pickstyle_jax.errors import InputError
@@ -61,7 +61,7 @@ from pickstyle_jax.eval import features, metrics
 from pickstyle_jax.guidance import apg_setting
 from pickstyle_jax import tokenizer as tokenizer_lib
 from pickstyle_jax.models import umt5, vae, wan
-from pickstyle_jax.sample.settings import CALL_TIME, SamplerSettings
+from pickstyle_jax.sample.settings import APG_NAMES, CALL_TIME, SamplerSettings
 
 __all__ = ["ROWS", "METRICS", "evaluate", "load_stylizer", "read_run_config", "main"]
 
@@ -486,13 +486,13 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--timing", choices=("warm", "cold"), default="warm",
                    help="warm: exclude compile time from s_per_step (reruns one call per setting if needed)")
-    p.add_argument("--solver", default=None, choices=("dpm++", "unipc", "euler"))
+    p.add_argument("--solver", default=None, choices=schedulers.SOLVERS)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--skip", type=int, default=None)
     p.add_argument("--text-scale", type=float, default=None)
     p.add_argument("--context-scale", type=float, default=None)
-    p.add_argument("--apg", choices=("on", "scaled", "off"), default=None,
+    p.add_argument("--apg", choices=tuple(APG_NAMES), default=None,
                    help="APG: on (norm threshold 55 at any size, as PickStyle), scaled (the threshold per latent "
                         "element: 55 at 81 x 480 x 832), off (default: on)")
     p.add_argument("--no-apg", action="store_true", help="the same as --apg off")

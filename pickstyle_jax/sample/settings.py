@@ -24,8 +24,7 @@ from pickstyle_jax import guidance, schedulers, sizing
 __all__ = ["SamplerSettings", "SettingsError", "KINDS", "CALL_TIME", "APG_NAMES", "apg_name"]
 
 KINDS = ("static", "traced", "clip")
-# apg on the command line: name -> setting (guidance.apg_setting reads the names too)
-APG_NAMES = {"on": True, "scaled": "scaled", "off": False}
+APG_NAMES = guidance.APG_NAMES  # apg on the command line: name -> setting
 
 
 def apg_name(apg) -> str:
