@@ -1,7 +1,8 @@
 """Ahead-of-time compile time and XLA's planned memory of the DiT forward + LoRA gradient, unrolled vs scanned.
 
 Nothing is allocated: params, adapters and inputs are jax.ShapeDtypeStruct, `jax.jit(...).lower(...).compile()`
-plans the program and `compiled.memory_analysis()` reports its temporary and argument bytes. Default: batch 1,
+plans the program and `compiled.memory_analysis()` reports its temporary and argument bytes. XLA:CPU's loop-invariant
+code motion is off, as in `python -m pickstyle_jax.plan` (pickstyle_jax/plan.py says why). Default: batch 1,
 bf16 params and compute, latent 21x60x104 (32,760 tokens, 81 frames at 480x832), text of 512 rows, chunked
 attention, remat "full", LoRA rank 128 on the VACE self-attention q/k/v (PickStyle's training setting).
 
@@ -13,13 +14,19 @@ attention, remat "full", LoRA rank 128 on the VACE self-attention q/k/v (PickSty
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import jax
-import jax.numpy as jnp
+from pickstyle_jax.plan import HOST_PLAN_FLAGS
 
-from pickstyle_jax import lora
-from pickstyle_jax.models import wan
+if "--xla_disable_hlo_passes" not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts: pickstyle_jax/plan.py
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_PLAN_FLAGS}".strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pickstyle_jax import lora  # noqa: E402
+from pickstyle_jax.models import wan  # noqa: E402
 
 
 def compile_one(name, scan, args):
@@ -74,7 +81,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=0, help="keep only the first N main blocks")
     args = ap.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; latent {args.latent}, batch {args.batch}, bf16, "
-          f"attention {args.attention}/{args.chunk}/kv {args.kv_chunk}, remat {args.remat}, ffn_chunk {args.ffn_chunk}", flush=True)
+          f"attention {args.attention}/{args.chunk}/kv {args.kv_chunk}, remat {args.remat}, ffn_chunk "
+          f"{args.ffn_chunk}", flush=True)
     for name in args.models.split(","):
         for mode in args.modes.split(","):
             if mode not in ("unroll", "scan"):

@@ -11,10 +11,15 @@ The values are the official ones: LoRA rank 128 / alpha 128 on the q, k, v of th
 AdamW lr 5.6e-4 constant, betas (0.9, 0.999), eps 1e-8, weight decay 0.01, clip 1.0, batch 32 (1 per GPU on 32
 GPUs), 57 epochs, 81 x 480 x 832 clips, bf16 backbone with fp32 LoRA, every block rematerialised.
 
-Memory levers (run-time options; the math is unchanged): remat "subblock" (every block rematerialised, and in its
-backward the self-attention, cross-attention and FFN each rematerialised again, so one sub-block's intermediates
-live at a time) and ffn_chunk 4096 (the FFN over groups of at most 4096 tokens, so the [32760, 13824] hidden
-activations never live at once).
+Memory levers (run-time options; the math is unchanged, tests/test_scan.py): remat "nested" (each VACE super-block
+of 5 main blocks and one VACE block rematerialised as a whole, inside it every block, inside that the self-attention
+projections, self-attention, cross-attention and FFN each: the forward keeps 16 fp32 [32760, 5120] streams instead
+of 48, for one more forward of every block in the backward) and ffn_chunk 4096 (the FFN over groups of at most 4096
+tokens: the [32760, 13824] hidden activations never live at once). Planned per device (python -m
+pickstyle_jax.plan; README "Before renting devices" has the table):
+    32 devices (fsdp 32, batch 32)                         49.99 GiB  (remat "full", no FFN groups: 76.30 GiB)
+    16 devices (fsdp 16, batch 32, 2 samples per device)   PLAN16
+    8 devices, :node (fsdp 8, 4 x 8 accumulated)           PLAN8
 
 `:node` is the same recipe on one 8-device node: batch 32 as 4 accumulated micro-batches of 8 (one sample per
 device, as on 32 devices; gradient accumulation equals the one-step batch, tests/test_train.py), FSDP over 8.
@@ -34,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/pickstyle.py takes ':node', ':tiny' or nothing, got {arg!r}")
     c = train_config.default_config()
     c.model.update(dict(variant="vace-14B", vae_variant="wan2.1", umt5_variant="umt5-xxl",
-                        param_dtype="bfloat16", dtype="bfloat16", attention="cudnn", remat_policy="subblock",
+                        param_dtype="bfloat16", dtype="bfloat16", attention="cudnn", remat_policy="nested",
                         ffn_chunk=4096, scan_layers=True))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     if variant == "node":

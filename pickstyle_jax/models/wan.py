@@ -73,6 +73,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _RESIDUAL_AXES = ("batch", "length", "embed")  # sharding of the [B, S, D] streams at block boundaries
 _HEAD_AXES = ("batch", "length", "heads", None)  # [B, S, N, K]: whole heads per device
 _MOD_AXES = (None, "mod", "embed")  # the modulation tables [1, rows, D]
+_SUBBLOCK = ("subblock", "nested")  # remat policies that rematerialise each sub-block again (wan_options.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,12 +182,19 @@ class Attention(nnx.Module):
         cfg, opts = ctx.cfg, ctx.opts
         b, s, _ = y_BSD.shape
         split = lambda a: layers.constrain(a.reshape(b, s, cfg.num_heads, cfg.head_dim), _HEAD_AXES)
-        q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32))
-        k_BSD = self.norm_k(_lin(ctx, self.k, y_BSD, lp, "k", out_dtype=f32))
-        v_BSNK = split(_lin(ctx, self.v, y_BSD, lp, "v"))
-        # 1/sqrt(K) is folded into q while it is still fp32
-        q_BSNK = (layers.apply_rope(split(q_BSD), *ctx.rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
-        k_BSNK = layers.apply_rope(split(k_BSD), *ctx.rope).astype(ctx.dtype)
+
+        def project(y_BSD):
+            q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32))
+            k_BSD = self.norm_k(_lin(ctx, self.k, y_BSD, lp, "k", out_dtype=f32))
+            v_BSNK = split(_lin(ctx, self.v, y_BSD, lp, "v"))
+            # 1/sqrt(K) is folded into q while it is still fp32
+            q_BSNK = (layers.apply_rope(split(q_BSD), *ctx.rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
+            k_BSNK = layers.apply_rope(split(k_BSD), *ctx.rope).astype(ctx.dtype)
+            return q_BSNK, k_BSNK, v_BSNK
+
+        # "subblock": the fp32 projections, norms and RoPE are recomputed in their own backward, apart from the
+        # attention's
+        q_BSNK, k_BSNK, v_BSNK = (_checkpoint(project) if opts.remat_policy in _SUBBLOCK else project)(y_BSD)
         out_BSNK = layers.attention(q_BSNK, k_BSNK, v_BSNK, implementation=opts.attention, scale=1.0,
                                     chunk_size=opts.attention_chunk, kv_chunk_size=opts.attention_kv_chunk or None,
                                     block_q=opts.splash_block_q, block_kv=opts.splash_block_kv)
@@ -241,7 +249,7 @@ class WanBlock(nnx.Module):
 
         # "subblock": the backward of the (already rematerialised) block keeps only the sub-blocks' fp32 inputs
         # and recomputes one sub-block's intermediates at a time
-        sub = _checkpoint if ctx.opts.remat_policy == "subblock" else (lambda fn: fn)
+        sub = _checkpoint if ctx.opts.remat_policy in _SUBBLOCK else (lambda fn: fn)
         x_BSD = sub(self_attn)(x_BSD)
         x_BSD = sub(cross_attn)(x_BSD)
         x_BSD = _token_groups(ffn, x_BSD, ctx.opts.ffn_chunk) if ctx.opts.ffn_chunk else sub(ffn)(x_BSD)
@@ -494,6 +502,8 @@ def _run_scanned(ctx: _Ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J):
             x_BSD = scan_main(x_BSD, jj * per + jnp.arange(1, per))
         return (x_BSD, c_BSD), None
 
+    if ctx.opts.remat_policy == "nested":  # the scan keeps one (x, c) per super-block, not one per block
+        super_block = jax.checkpoint(super_block, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
     return jax.lax.scan(super_block, (x0_BSD, c_BSD), (jnp.arange(j), scales_J))[0][0]
 
 

@@ -45,6 +45,11 @@ REMAT_POLICIES = {
     # as "full", and inside the recomputed block the self-attention, cross-attention and FFN are each
     # rematerialised again: the block's backward holds one sub-block's intermediates at a time, not all three's
     "subblock": "nothing_saveable",
+    # as "subblock", and in the scanned VACE layout every super-block (main block jP, VACE block j, main blocks
+    # jP+1 .. jP+P-1) is rematerialised as a whole: the forward keeps one (x, c) pair per super-block instead of
+    # one input per block (vace-14B: 16 instead of 48 fp32 [S, D] streams), for one more forward of every block
+    # in the backward. Unrolled or without VACE it is "subblock"
+    "nested": "nothing_saveable",
     # recompute everything, but keep each block's input in pinned host memory instead of on the device (the
     # official trainer's activation offload); needs a backend with a "pinned_host" memory kind
     "offload": "offload",
