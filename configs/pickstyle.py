@@ -18,8 +18,9 @@ of 48, for one more forward of every block in the backward) and ffn_chunk 4096 (
 tokens: the [32760, 13824] hidden activations never live at once). Planned per device (python -m
 pickstyle_jax.plan; README "Before renting devices" has the table):
     32 devices (fsdp 32, batch 32)                         49.99 GiB  (remat "full", no FFN groups: 76.30 GiB)
-    16 devices (fsdp 16, batch 32, 2 samples per device)   PLAN16
-    8 devices, :node (fsdp 8, 4 x 8 accumulated)           PLAN8
+    16 devices, --config.optim.accumulate=2 (2 x 16)       51.50 GiB  (2 samples per device, no accumulation:
+                                                                      97.71 GiB)
+    8 devices, :node (fsdp 8, 4 x 8 accumulated)           53.75 GiB
 
 `:node` is the same recipe on one 8-device node: batch 32 as 4 accumulated micro-batches of 8 (one sample per
 device, as on 32 devices; gradient accumulation equals the one-step batch, tests/test_train.py), FSDP over 8.
