@@ -3,7 +3,9 @@
 Models name the axes of their parameters with a few logical names (`wan.param_axes(cfg)`: "layers", "embed",
 "heads", "mlp", "mod", None) and their activations with "batch", "length", "embed"; a config maps each logical name
 to mesh axes (`config.rules`) over a named mesh (`config.mesh`). The same model code then runs replicated on one
-CPU, data-parallel on a GPU box, or FSDP x tensor-parallel on a TPU pod: only the rules and the mesh change.
+CPU, data-parallel on a GPU box, or FSDP x tensor-parallel on a TPU pod: only the rules and the mesh change. A mesh
+axis named "context" splits the video tokens ("length"; context parallelism: `layers.self_attention` gathers them
+inside self-attention, Ulysses or ring) and, with fsdp, the weights ("embed"), so no device holds a whole copy.
 
 Rules: {logical name: mesh axis | tuple/list of mesh axes | None (replicated)}, plus one option,
 `"allow_replicate"`. A dimension whose mesh axes do not divide it is an error naming the array, its shape and the

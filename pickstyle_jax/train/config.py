@@ -19,6 +19,8 @@ def default_config() -> ml_collections.ConfigDict:
         variant="vace-14B", dit="", vae_variant="wan2.1", vae="", umt5_variant="umt5-xxl", umt5="",
         tokenizer="", param_dtype="bfloat16", dtype="bfloat16", attention="cudnn", remat_policy="full",
         scan_layers=True))
+    # how self-attention meets video tokens split over a "context" mesh axis: "auto" | "ulysses" | "ring" (wan.Options)
+    c.model.context_parallel = "auto"
     # q, k, v of the VACE blocks' self-attention (re.fullmatch against dotted module paths)
     c.lora = ml_collections.ConfigDict(dict(rank=128, alpha=128.0, targets=r"vace_blocks\.\d+\.self_attn\.(q|k|v)"))
     c.schedule = ml_collections.ConfigDict(dict(shift=5.0, num_train_timesteps=1000))
