@@ -1,9 +1,11 @@
 """Context parallelism (a "context" mesh axis splitting the video tokens) equals one device: the DiT forward and the
-gradient of a LoRA on the VACE blocks' self-attention q/k/v, and the training step (loss, gradient norm, new LoRA).
+gradient of a LoRA on the VACE blocks' self-attention q/k/v (and cross-attention k/v: the text keys every device
+holds whole), and the training step (loss, gradient norm, new LoRA).
 
-8 simulated CPU devices, fp32, a tiny DiT (one main and one VACE block) with 8 heads (so context 2, 4 and 8 divide them, alone and after a
-tensor split of 2), 3 x 10 x 14 = 105 video tokens (x [B, 3, 20, 28, 16], patch 1 x 2 x 2), which no context size
-divides: every case pads to a multiple of its context size and masks the padding, so the padding is checked too.
+8 simulated CPU devices, fp32, a tiny DiT (one main and one VACE block) with 8 heads (so context 2, 4 and 8
+divide them, alone and after a tensor split of 2), 3 x 10 x 14 = 105 video tokens (x [B, 3, 20, 28, 16], patch
+1 x 2 x 2), which no context size divides: every case pads to a multiple of its context size and masks the
+padding, so the padding is checked too.
 Cases: context 2, 4, 8 alone, data 2 x context 4, fsdp 2 x context 4, tensor 2 x context 4; Ulysses and ring;
 flat and scanned layouts; all under a plain jax.jit with no rules_context. The train step runs the tiny training
 config (2 heads: "auto" takes the ring) on context 8 and on fsdp 2 x context 4.
@@ -50,7 +52,7 @@ _MODEL = _PRELUDE + textwrap.dedent("""
     cfg = wan.WanConfig.named("tiny").replace(dim=64, ffn_dim=64, num_heads=8, num_layers=1, vace_layers=(0,))
     params = wan.init(cfg, jax.random.key(seed))
     params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(seed + 1), a.shape), params)
-    lcfg = lora.LoraConfig(rank=4, alpha=4.0, targets=r"vace_blocks\\.\\d+\\.self_attn\\.(q|k|v)")
+    lcfg = lora.LoraConfig(rank=4, alpha=4.0, targets=r"vace_blocks\\.\\d+\\.(self_attn\\.(q|k|v)|cross_attn\\.(k|v))")
     adapters = random_b(lora.init(lcfg, params, jax.random.key(seed + 2)), jax.random.key(seed + 3))
     rng = np.random.default_rng(seed)
     b = 2
@@ -101,6 +103,19 @@ _MODEL = _PRELUDE + textwrap.dedent("""
         print("refused:", e)
         assert "context_parallel='ring'" in str(e) and "\\n" not in str(e), e
     jax.eval_shape(lambda p: wan.forward(cfg6, p, *args, options=wan.Options(context_parallel="auto")), p6)
+
+    # the text encoder on the same kind of mesh: its tokens and weights follow the same rules ("length", "embed")
+    from pickstyle_jax.models import umt5
+    tcfg = umt5.Umt5Config.named("tiny")
+    tparams = umt5.init(tcfg, jax.random.key(seed + 5))
+    ids = jnp.asarray(rng.integers(1, tcfg.vocab_size, (2, 16)), jnp.int32)
+    mask = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [9]]), jnp.int32)
+    want = jax.jit(functools.partial(umt5.encode, tcfg))(tparams, ids, mask)
+    mesh = sharding.make_mesh({"data": 2, "context": 4})
+    tp = sharding.shard(tparams, umt5.param_axes(tcfg), mesh)
+    got = jax.jit(functools.partial(umt5.encode, tcfg))(tp, *(jax.device_put(a, sharding.batch_sharding(mesh, 2))
+                                                               for a in (ids, mask)))
+    check("umT5 encode on data 2 x context 4", got, want)
     assert not errors, errors
 """)
 
@@ -122,12 +137,12 @@ _TRAIN = _PRELUDE + textwrap.dedent("""
         state = {**tr.state, "lora": jax.device_put(random_b(tr.state["lora"], jax.random.key(seed)), lora_sh)}
         batch = setup.device_batch(tr, next(pipeline.make_iterator(c.data, seed=seed)))
         host = jax.device_get((tr.base, state, batch, tr.step_key))
-        step = lambda: jax.jit(functools.partial(step_lib.train_step, tr.cfg))  # a plain jit: no rules_context
-        lowered = step().lower(tr.base, state, batch, tr.step_key)
-        assert "collective_permute" in lowered.as_text(), "the step's self-attention is not the ring"
-        new, m = lowered.compile()(tr.base, state, batch, tr.step_key)
+        # the trainer's own compiled step (jit with shardings and donation, traced under its rules_context)
+        assert "collective-permute" in tr.step_fn.as_text(), "the step's self-attention is not the ring"
+        new, m = tr.step_fn(tr.base, state, batch, tr.step_key)
         if reference is None:
-            reference = host, step()(*jax.device_put(host, jax.devices()[0]))
+            reference = host, jax.jit(functools.partial(step_lib.train_step, tr.cfg))(
+                *jax.device_put(host, jax.devices()[0]))
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(reference[0])))
         ref_new, ref_m = reference[1]
         check(f"{mesh_shape} train_step loss", m["loss"], ref_m["loss"])

@@ -163,7 +163,7 @@ _CONTEXT = _PRELUDE + textwrap.dedent("""
     calls, a2a = text.count("@tpu_custom_call"), text.count("stablehlo.all_to_all")
     print("tpu_custom_call", calls, "all_to_all", a2a)
     assert calls >= 8 and a2a >= 8, (calls, a2a)  # main and VACE: forward, remat forward, dq, dkv; q/k/v/out a2a
-    assert '[{"data", "fsdp"}, {"context"}, {"tensor"}, {}]' in text, "q/k/v not split batch over data, tokens over context"
+    assert '[{"data", "fsdp"}, {"context"}, {"tensor"}, {}]' in text, "q/k/v not split: batch, tokens over context"
 """)
 
 

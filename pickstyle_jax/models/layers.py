@@ -549,8 +549,9 @@ def gathered(w, axes):
 # ------------------------------------------------------------------------------------------------- context parallelism
 #
 # The rules may split the video tokens ("length") over mesh axes (DEFAULT_RULES: "context"). Everything per token
-# (norms, dense layers, the FFN, cross-attention's queries) then runs split as it is; self-attention is the one
-# place where every token meets every other, so it runs under a shard_map over the whole mesh (batch over the
+# (norms, dense layers, the FFN) then runs split as it is; cross-attention (`cross_attention`) runs each device's
+# query block against the whole text under a shard_map; self-attention is the one place where every token meets
+# every other, so it runs under a shard_map over the whole mesh (batch over the
 # "batch" axes, heads over the "heads" axes as before, tokens over the "length" axes) and moves data itself:
 #   "ulysses"  all-to-all from token-split [B, S/c, N, K] to head-split [B, S, N/c, K], the local kernel
 #              (`attention`: chunked, cudnn or splash, whatever `implementation` resolves to), all-to-all back.
@@ -623,6 +624,25 @@ def self_attention(q_BSNK, k_BSNK, v_BSNK, *, kv_len=None, context_parallel="aut
     # the transpose then divides and psums the cotangents of axes a spec leaves out, which is still exact
     return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
         q_BSNK, k_BSNK, v_BSNK)
+
+
+def cross_attention(q_BSNK, k_BLNK, v_BLNK, *, key_bias=None, **kernel):
+    """`attention` of queries the enclosing layout may split over devices ("length") against keys every device holds
+    whole (the text): local per query block, so under a shard_map (batch, tokens and heads split as the layout says,
+    keys and key_bias [B, L] whole) no device computes another's queries. `kernel`: `attention`'s arguments."""
+    layout_ = _LAYOUT.get()
+    spec = None if layout_ is None else _spec(layout_, q_BSNK.shape, ("batch", "length", "heads", None))
+    if spec is None or not _as_tuple(spec[1]):
+        return attention(q_BSNK, k_BLNK, v_BLNK, key_bias=key_bias, **kernel)
+    kv_spec = jax.sharding.PartitionSpec(spec[0], None, spec[2], None)
+    body = lambda q, k, v, bias: attention(q, k, v, key_bias=bias, **kernel)
+    if key_bias is None:
+        return jax.shard_map(lambda q, k, v: body(q, k, v, None), mesh=layout_.mesh, in_specs=(spec, kv_spec, kv_spec),
+                             out_specs=spec, check_vma=False)(q_BSNK, k_BLNK, v_BLNK)
+    bias_BL = jnp.broadcast_to(jnp.asarray(key_bias, f32), (q_BSNK.shape[0], k_BLNK.shape[1]))
+    bias_spec = jax.sharding.PartitionSpec(spec[0])
+    return jax.shard_map(body, mesh=layout_.mesh, in_specs=(spec, kv_spec, kv_spec, bias_spec), out_specs=spec,
+                         check_vma=False)(q_BSNK, k_BLNK, v_BLNK, bias_BL)
 
 
 def _ulysses(q_BSNK, k_BSNK, v_BSNK, *, axes, kv_len, kernel):

@@ -72,6 +72,7 @@ f32 = jnp.float32
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _RESIDUAL_AXES = ("batch", "length", "embed")  # sharding of the [B, S, D] streams at block boundaries
 _HEAD_AXES = ("batch", "length", "heads", None)  # [B, S, N, K]: whole heads per device
+_TEXT_HEAD_AXES = ("batch", None, "heads", None)  # [B, L, N, K] text keys: whole on every device (not "length")
 _MOD_AXES = (None, "mod", "embed")  # the modulation tables [1, rows, D]
 
 
@@ -204,13 +205,15 @@ class Attention(nnx.Module):
         q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32)) * cfg.head_dim**-0.5
         k_BLD = self.norm_k(_lin(ctx, self.k, ctx.text_BLD, lp, "k", out_dtype=f32))
         v_BLD = _lin(ctx, self.v, ctx.text_BLD, lp, "v")
-        split = lambda a: layers.constrain(a.reshape(b, a.shape[1], cfg.num_heads, cfg.head_dim).astype(ctx.dtype),
-                                           _HEAD_AXES)
+        split = lambda a, axes=_HEAD_AXES: layers.constrain(
+            a.reshape(b, a.shape[1], cfg.num_heads, cfg.head_dim).astype(ctx.dtype), axes)
         # <= 513 text keys: no key blocks needed, but long videos take query blocks (the [B, N, S, 513] fp32
         # logits of 81 x 480 x 832 are 2.5 GiB per copy at 14B); both paths take the fold's logit bias
         impl = "chunked" if s > opts.attention_chunk and opts.attention != "xla" else "xla"
-        out_BSNK = layers.attention(split(q_BSD), split(k_BLD), split(v_BLD), implementation=impl, scale=1.0,
-                                    key_bias=ctx.text_bias, chunk_size=opts.attention_chunk)
+        k_BLNK, v_BLNK = split(k_BLD, _TEXT_HEAD_AXES), split(v_BLD, _TEXT_HEAD_AXES)
+        # each device's query block against the whole text (layers.cross_attention), however the tokens are split
+        out_BSNK = layers.cross_attention(split(q_BSD), k_BLNK, v_BLNK, implementation=impl, scale=1.0,
+                                          key_bias=ctx.text_bias, chunk_size=opts.attention_chunk)
         out_BSNK = layers.constrain(out_BSNK, _HEAD_AXES)
         return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
 
