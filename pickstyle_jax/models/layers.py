@@ -2,6 +2,9 @@
 
 Dimension key: B batch, S query tokens, T key tokens, N heads, K head dim, C features.
 
+Attention over tokens a mesh may split (context parallelism: Ulysses or ring under shard_map) is
+`self_attention` / `cross_attention`, at the end of this file with the other sharding hooks.
+
 Precision rules (PICKSTYLE.md §2.6): matmuls take inputs in the compute dtype and accumulate in fp32
 (`preferred_element_type`); norm statistics, softmax statistics and RoPE run in fp32 whatever the compute dtype.
 """
@@ -551,8 +554,8 @@ def gathered(w, axes):
 # The rules may split the video tokens ("length") over mesh axes (DEFAULT_RULES: "context"). Everything per token
 # (norms, dense layers, the FFN) then runs split as it is; cross-attention (`cross_attention`) runs each device's
 # query block against the whole text under a shard_map; self-attention is the one place where every token meets
-# every other, so it runs under a shard_map over the whole mesh (batch over the
-# "batch" axes, heads over the "heads" axes as before, tokens over the "length" axes) and moves data itself:
+# every other, so it runs under a shard_map over the whole mesh (batch over the "batch" axes, heads over the "heads"
+# axes as before, tokens over the "length" axes) and moves data itself:
 #   "ulysses"  all-to-all from token-split [B, S/c, N, K] to head-split [B, S, N/c, K], the local kernel
 #              (`attention`: chunked, cudnn or splash, whatever `implementation` resolves to), all-to-all back.
 #              Needs c to divide the heads each device holds (num_heads / tensor).
@@ -564,10 +567,9 @@ def gathered(w, axes):
 CONTEXT_PARALLEL = ("auto", "ulysses", "ring")
 
 
-def _length_axes(layout_) -> tuple[str, ...]:
-    target = layout_.rules.get("length")
-    names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-    return tuple(n for n in names if n in layout_.mesh.shape)
+def _as_tuple(entry) -> tuple[str, ...]:
+    """A rule's or a PartitionSpec entry's mesh axes as a tuple."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def context_shards() -> int:
@@ -576,11 +578,7 @@ def context_shards() -> int:
     layout_ = _LAYOUT.get()
     if layout_ is None:
         return 1
-    return math.prod(layout_.mesh.shape[n] for n in _length_axes(layout_))
-
-
-def _as_tuple(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(layout_.mesh.shape[n] for n in _as_tuple(layout_.rules.get("length")) if n in layout_.mesh.shape)
 
 
 def self_attention(q_BSNK, k_BSNK, v_BSNK, *, kv_len=None, context_parallel="auto", implementation="xla",
