@@ -207,8 +207,30 @@ def _still_time(params):
 def test_teacache_never_skipping_equals_uncached(world):
     w = {**world, "params": _still_time(world["params"])}  # where threshold 0 skipped steps 5 and 6 before
     never = sample.make_sampler(CFG, steps=8, skip=0, cache="teacache", cache_threshold=0.0)
-    full = sample.make_sampler(CFG, steps=8, skip=0)
-    np.testing.assert_array_equal(_run(w, never, key=3), _run(w, full, key=3))
+    full = _run(w, sample.make_sampler(CFG, steps=8, skip=0), key=3)
+    np.testing.assert_array_equal(_run(w, never, key=3), full)
+    # the static schedule's calibration run computes every step (its segment scan, no skips): the same latents, and
+    # every branch's residual norm per step
+    s = sample.make_sampler(CFG, steps=8, skip=0, cache="calibrate")
+    got, norms = s(w["params"], w["adapters"], w["src"], w["ctx"], w["text"], w["null"], jax.random.key(3),
+                   **w["lens"])
+    np.testing.assert_array_equal(np.asarray(got), full)
+    assert norms.shape == (8, 3) and np.all(np.asarray(norms) > 0)
+
+
+def test_magcache_schedule_rule():
+    # ratio 1 (the residual's norm does not change) skips up to max_skips in a row after the warm-up; the last step
+    # is always computed; a drifting norm accumulates error and computes sooner
+    flat = np.ones((10, 3))
+    assert sampler_lib.magcache_schedule(flat, max_skips=2) == (0, 1, 2, 3, 4, 7, 9)
+    assert sampler_lib.magcache_schedule(flat, max_skips=9) == (0, 1, 2, 3, 4, 9)
+    drift = np.cumprod(np.full(10, 0.9))[:, None]  # ratio 0.9: err 0.1 after one skip >= 0.06
+    assert sampler_lib.magcache_schedule(drift, threshold=0.06) == tuple(range(10))
+    assert sampler_lib.magcache_schedule(drift, threshold=0.15, max_skips=5) == (0, 1, 2, 3, 4, 6, 8, 9)
+    with pytest.raises(ValueError, match="starting with 0"):
+        sample.make_sampler(CFG, steps=8, skip=0, cache="static", cache_steps=(1, 2))
+    with pytest.raises(ValueError, match="cache_steps is the schedule"):
+        sample.make_sampler(CFG, steps=8, skip=0, cache="teacache", cache_steps=(0,))
 
 
 def test_teacache_polynomial_by_model_size():
@@ -241,6 +263,12 @@ def test_teacache_skip_reuses_the_block_residual(world):
     print("teacache vs its reference, max rel error", _rel(got, want), "; vs computing every step", _rel(got, full))
     assert _rel(got, want) < 1e-5
     assert _rel(got, full) > 1e-3  # the skips happened (and the reference tells them apart)
+    # the same skips as a static schedule (segment scan, masked sub-steps: executed step 4 is followed by 2 skips,
+    # the others by none)
+    static = sample.make_sampler(CFG, steps=8, skip=0, solver="euler", cache="static", cache_steps=(0, 1, 2, 3, 4, 7))
+    got_static = _run(w, static, key=3)
+    print("static schedule vs the reference, max rel error", _rel(got_static, want))
+    assert _rel(got_static, want) < 1e-5
 
 
 _forward = jax.jit(lambda p, a, x, t, tx, c, n: wan.forward(CFG, p, x, t, tx, c, lora=a, text_lens=n))

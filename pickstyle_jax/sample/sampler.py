@@ -49,6 +49,13 @@ cache_threshold <= 0 never skips (it equals the uncached sampler exactly): the p
 negative, so a plain `acc >= threshold` test would skip nearly-equal steps even at threshold 0. It is an
 approximation; leave it off for parity. The cache holds [n_branches * B, S, dim] fp32 (2.0 GB at vace-14B, 81 x 480
 x 832, 3 branches).
+
+A schedule decided ahead of time (cache="static", MagCache-style): cache_steps names the executed steps whose blocks
+run, e.g. from `magcache_schedule` on the residual magnitudes of a cache="calibrate" run. Its step loop has no
+lax.cond: a lax.scan over the computed steps, each followed by a fixed number of skipped sub-steps (the longest run
+of skips in the schedule) that are masked out where a shorter run ends; a skipped sub-step is TeaCache's (this
+step's patch tokens + the cached residual, this step's head), so a masked one costs only embeddings, head, guidance
+and solver.
 """
 from __future__ import annotations
 
@@ -70,8 +77,8 @@ from pickstyle_jax.sample.settings import SamplerSettings
 f32 = jnp.float32
 
 __all__ = ["make_sampler", "Sampler", "SamplerState", "TeaCacheState", "permute_context", "null_context_key",
-           "time_modulation", "teacache_decide", "teacache_polynomial", "TEACACHE_POLY_14B", "TEACACHE_POLY_1_3B",
-           "TEACACHE_WARMUP"]
+           "time_modulation", "teacache_decide", "teacache_polynomial", "magcache_schedule", "TEACACHE_POLY_14B",
+           "TEACACHE_POLY_1_3B", "TEACACHE_WARMUP"]
 
 # TeaCache rescale polynomials with "ret-steps" (modulated input = e0), highest degree first. 14B: the one PickStyle
 # ships for 14B (TeaCache4Wan2.1's Wan2.1-I2V-14B-720P fit). 1.3B: TeaCache4Wan2.1's Wan2.1-T2V-1.3B fit, its only
@@ -113,6 +120,31 @@ def teacache_polynomial(cfg: wan.WanConfig) -> tuple:
     """The TeaCache polynomial of a model, chosen by its width: dim 1536 (Wan2.1 1.3B) -> TEACACHE_POLY_1_3B, dim
     5120 (14B) -> TEACACHE_POLY_14B; any other width (tiny and demo models, uncalibrated) takes the 14B one."""
     return _TEACACHE_POLYS.get(cfg.dim, TEACACHE_POLY_14B)
+
+
+def magcache_schedule(norms, n_exec: int | None = None, *, threshold: float = 0.06, max_skips: int = 2,
+                      warmup: int = TEACACHE_WARMUP) -> tuple:
+    """A static schedule (make_sampler's cache_steps) by MagCache's rule from calibrated residual magnitudes.
+
+    norms: [n_exec, ...] the block residual's mean per-token norm of every executed step (and branch), from a
+    cache="calibrate" sampler on a representative input; the ratio of step i is mean(norms[i] / norms[i - 1]) over
+    the trailing axes. The first `warmup` and the last step are computed; after a computed step the skipped ones
+    accumulate r *= ratio[i] and err += |1 - r| and a step is skipped while err < threshold and at most max_skips in
+    a row are. Host-side NumPy; the result is static. Returns the executed-step indices that run the blocks."""
+    norms = np.asarray(norms, np.float64).reshape(len(norms), -1)
+    n_exec = len(norms) if n_exec is None else n_exec
+    ratio = np.ones(n_exec)
+    ratio[1:] = np.mean(norms[1:n_exec] / np.maximum(norms[:n_exec - 1], 1e-30), axis=1)
+    computed, acc_r, acc_err, run = [], 1.0, 0.0, 0
+    for i in range(n_exec):
+        if i >= warmup and i < n_exec - 1:
+            acc_r, run = acc_r * ratio[i], run + 1
+            acc_err += abs(1.0 - acc_r)
+            if acc_err < threshold and run <= max_skips:
+                continue
+        computed.append(i)
+        acc_r, acc_err, run = 1.0, 0.0, 0
+    return tuple(computed)
 
 
 def teacache_decide(prev_e0, acc, e0, i, n_exec, threshold, poly):
@@ -179,6 +211,8 @@ class _Plan:
     cache: str | None
     cache_threshold: float
     teacache_poly: tuple
+    cache_steps: tuple
+    calibrate: bool
     mesh: Any
     rules: Any
     progress: Callable | None
@@ -311,6 +345,13 @@ def _sample_step(plan: _Plan, inputs: _Inputs, text_scale, context_scale, state:
         cache = TeaCacheState(e0=e0, acc=acc, residual=residual)
     else:
         x_out = _blocks(plan, inputs, emb, k)
+    return _finish(plan, inputs, text_scale, context_scale, state.replace(cache=cache), k, x_out, emb), None
+
+
+def _finish(plan: _Plan, inputs: _Inputs, text_scale, context_scale, state: SamplerState, k, x_out, emb,
+            active=True) -> SamplerState:
+    """The rest of grid step k from the block stack's output x_out: the head (this step's time), guidance, a solver
+    step, the pinned frames reset, progress (only if `active`)."""
     v_all = wan.apply_head(plan.cfg, inputs.params, x_out, emb, lora=inputs.adapters,
                            options=plan.options).astype(f32)
     v, g_state = guidance.combine(plan.mode, v_all, text_scale=text_scale, context_scale=context_scale,
@@ -321,8 +362,37 @@ def _sample_step(plan: _Plan, inputs: _Inputs, text_scale, context_scale, state:
         m = inputs.keep.shape[1]
         x = jnp.concatenate([(1 - sigma) * inputs.keep + sigma * inputs.keep_eps, x[:, m:]], axis=1)
     if plan.progress is not None:
-        jax.debug.callback(plan.progress, k)
-    return SamplerState(x=x, solver=solver_state, guidance=g_state, cache=cache), None
+        jax.debug.callback(lambda k, on: plan.progress(k) if on else None, k, active)
+    return SamplerState(x=x, solver=solver_state, guidance=g_state, cache=state.cache)
+
+
+def _schedule_segments(plan: _Plan):
+    """The static schedule as scan inputs: per computed step its grid index and how many skipped steps follow."""
+    comp = sorted(plan.cache_steps)
+    after = [(comp[i + 1] if i + 1 < len(comp) else plan.n_exec) - c - 1 for i, c in enumerate(comp)]
+    return np.asarray([plan.skip + c for c in comp], np.int32), np.asarray(after, np.int32)
+
+
+def _segment(plan: _Plan, inputs: _Inputs, text_scale, context_scale, max_after: int, state: SamplerState, xs):
+    """cache="static": a computed grid step k, then the n (<= max_after, static) skipped steps after it, each this
+    step's patch tokens + k's block residual through this step's head. No lax.cond: the max_after sub-steps always
+    run (embeddings, head, guidance and solver only: cheap) and those beyond n are masked out. ys: the residual's
+    mean per-token L2 norm of every branch (magcache_schedule's calibration)."""
+    k, n = xs
+    emb = _embed(plan, inputs, state.x, k)
+    x_out = _blocks(plan, inputs, emb, k)
+    residual = x_out - emb.x0
+    state = _finish(plan, inputs, text_scale, context_scale, state, k, x_out, emb)
+
+    def skipped(j, st):
+        kj = jnp.minimum(k + 1 + j, plan.steps - 1)  # masked sub-steps past the last step stay in range
+        e = _embed(plan, inputs, st.x, kj)
+        new = _finish(plan, inputs, text_scale, context_scale, st, kj, e.x0 + residual, e, active=j < n)
+        return jax.tree.map(lambda a, b: jnp.where(j < n, a, b), new, st)
+
+    if max_after:
+        state = jax.lax.fori_loop(0, max_after, skipped, state)
+    return state, jnp.mean(jnp.linalg.norm(residual, axis=-1), axis=1)
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -380,6 +450,11 @@ def _sample(plan: _Plan, params, adapters, source_latents, context, text, null_t
             cache = TeaCacheState(e0=jnp.zeros((6 * plan.cfg.dim,), f32), acc=jnp.zeros((), f32),
                                   residual=jnp.zeros((plan.n_branches * x0.shape[0], int(s), plan.cfg.dim), f32))
         state = SamplerState(x=x0, solver=plan.scheduler.init(x0), guidance=guidance.init_state(x0), cache=cache)
+        if plan.cache == "static":
+            ks, after = _schedule_segments(plan)
+            step = functools.partial(_segment, plan, inputs, text_scale, context_scale, int(after.max()))
+            state, norms = jax.lax.scan(step, state, (jnp.asarray(ks), jnp.asarray(after)))
+            return (state.x, norms) if plan.calibrate else state.x
         step = functools.partial(_sample_step, plan, inputs, text_scale, context_scale)
         state, _ = jax.lax.scan(step, state, jnp.arange(plan.skip, plan.steps))
         return state.x
@@ -437,14 +512,14 @@ def make_sampler(cfg: wan.WanConfig, solver: str = _DEFAULT.solver, steps: int =
                  context_scale: float = _DEFAULT.context_scale, apg: bool | str = _DEFAULT.apg, mesh=None,
                  mode: str = _DEFAULT.mode, cache: str | None = _DEFAULT.cache,
                  cache_threshold: float = _DEFAULT.cache_threshold, rules=None,
-                 progress: Callable[[np.ndarray], None] | None = None, teacache_poly=None,
+                 progress: Callable[[np.ndarray], None] | None = None, teacache_poly=None, cache_steps=None,
                  options: wan.Options | None = None) -> Sampler:
     """The compiled sampler (a `Sampler`) `sampler(params, adapters, source_latents, context, text, null_text, key,
     text_lens=None, null_text_lens=None, null_context=None, keep_latents=None, text_scale=None,
     context_scale=None) -> latents [B, f, h, w, 16]` (fp32). Defaults: `SamplerSettings`' (the paper's).
 
     Static (compiled in; a new value is a new make_sampler and a new compile): cfg, solver, steps, shift, skip,
-    apg, mode, cache, cache_threshold, mesh, rules, progress, teacache_poly. Traced (call-time inputs):
+    apg, mode, cache, cache_threshold, cache_steps, mesh, rules, progress, teacache_poly. Traced (call-time inputs):
     text_scale and context_scale, real scalars passed as f32[]; the values given here are only their defaults,
     so any scales, called in any order, share one compile. The number of guidance branches depends on `mode`
     only (`guidance.MODES`), never on the scale values (a scale of 1 or 0 still runs every branch of the mode).
@@ -469,20 +544,36 @@ def make_sampler(cfg: wan.WanConfig, solver: str = _DEFAULT.solver, steps: int =
     jax.export, which cannot serialise host callbacks.
     teacache_poly: TeaCache's rescale polynomial (highest degree first); None: `teacache_polynomial(cfg)` (by model
     size).
+    cache="static" with cache_steps: a schedule decided ahead of time (MagCache-style; `magcache_schedule` makes
+    one): the executed-step indices (0 = the first executed step, which must be in it) whose blocks run; every other
+    step reuses the last computed step's block residual as TeaCache does, with no lax.cond (the module docstring).
+    None: every step. cache="calibrate" runs every step and returns (latents, norms [n_exec, n_branches * B]): the
+    residuals' mean per-token norms that `magcache_schedule` takes. make_sampler API only (not a SamplerSettings
+    choice).
     options: how the DiT runs (`wan.Options`, static; None: the backend default). The params' layout (flat or
     stacked) is read from the params themselves.
     """
     options = wan.Options.default() if options is None else options
     if mode not in guidance.MODES:
         raise ValueError(f"mode must be one of {tuple(guidance.MODES)}, got {mode!r}")
-    if cache not in (None, "teacache"):
-        raise ValueError(f"cache must be None or 'teacache', got {cache!r}")
+    if cache not in (None, "teacache", "static", "calibrate"):
+        raise ValueError(f"cache must be None, 'teacache', 'static' or 'calibrate', got {cache!r}")
     if not 0 <= skip < steps:
         raise ValueError(f"skip must be in [0, steps) = [0, {steps}), got {skip}")
+    n_exec = steps - skip
+    if cache_steps is not None and cache != "static":
+        raise ValueError(f"cache_steps is the schedule of cache='static', got cache={cache!r}")
+    if cache == "static" and cache_steps is not None:
+        cache_steps = tuple(sorted({int(c) for c in cache_steps}))
+        if not cache_steps or cache_steps[0] != 0 or cache_steps[-1] >= n_exec:
+            raise ValueError(f"cache_steps must be executed-step indices in [0, {n_exec}) starting with 0 (the "
+                             f"first step computes the residual the next ones reuse), got {cache_steps}")
     scales = _scale("text_scale", text_scale), _scale("context_scale", context_scale)  # bad defaults fail here
     plan = _Plan(cfg=cfg, options=options, mode=mode, n_branches=guidance.MODES[mode], apg=guidance.apg_setting(apg),
-                 scheduler=schedulers.make(solver, steps=steps, shift=shift), skip=skip, steps=steps, cache=cache,
-                 cache_threshold=cache_threshold,
-                 teacache_poly=tuple(teacache_polynomial(cfg) if teacache_poly is None else teacache_poly), mesh=mesh,
+                 scheduler=schedulers.make(solver, steps=steps, shift=shift), skip=skip, steps=steps,
+                 cache="static" if cache == "calibrate" else cache,
+                 cache_threshold=cache_threshold, cache_steps=cache_steps or tuple(range(n_exec)),
+                 calibrate=cache == "calibrate", mesh=mesh,
+                 teacache_poly=tuple(teacache_polynomial(cfg) if teacache_poly is None else teacache_poly),
                  rules=sharding.DEFAULT_RULES if rules is None else rules, progress=progress)
     return Sampler(jax.jit(functools.partial(_sample, plan)), *scales)
