@@ -1,7 +1,7 @@
 """What per-video precompute and TeaCache save, and what TeaCache costs in quality.
 
     .venv/bin/python -m bench.cache --flops                       # vace-14B, 81 x 480 x 832, abstract shapes
-    .venv/bin/python -m bench.cache --workdir out/demo [--clips 2] [--thresholds 0.2,1.0,5.0]
+    .venv/bin/python -m bench.cache --workdir out/demo [--clips 2] [--thresholds 0.2,1.0,5.0] [--magcache 0.06,0.3]
 
 --flops: XLA's cost analysis (of the lowered, unoptimised programs; nothing is allocated or compiled) of the
 per-video constants `wan.prepare` computes for the sampler's 3 branches (the text MLP, every block's cross-attention
@@ -12,7 +12,9 @@ first 5 and the last step, so at most 10 block passes of 16 are skipped; which o
 time MLP's e0, so the saving at a threshold needs the real weights (not measured here).
 
 --workdir: the demo's caching table on a finished demo run (`make demo`): its held-out clips (world seed 0) through
-the Stylizer, uncached and with TeaCache at each threshold. Per row: executed steps that ran the blocks (the rule
+the Stylizer, uncached, with TeaCache at each threshold, and with a static schedule (cache="static") that
+`sample.magcache_schedule` derives, at each --magcache threshold, from the residual norms of a cache="calibrate" run
+of the first clip (so that clip is also the calibration input). Per row: executed steps that ran the blocks (the rule
 replayed on the run's time MLP with `sample.time_modulation`), the sampler's warm wall time per clip (median of
 --reps rounds that time every row once, interleaved, after a compiling call; the machine's load is printed: timings
 on shared cores are noisy, the blocks-run count is the load-free figure), PSNR against
@@ -78,11 +80,10 @@ def bench_flops(args):
 
 
 def bench_demo(args):
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from pickstyle_jax import sample, schedulers
+    from pickstyle_jax import schedulers
     from pickstyle_jax.demo import evaluate as demo_eval
     from pickstyle_jax.demo import world
     from pickstyle_jax.eval import metrics
@@ -108,26 +109,51 @@ def bench_demo(args):
             tc_e0, out = e0, out + int(compute)
         return out
 
-    def stylize(clip, settings, seed):
-        out, info = st.run(clip.source, clip.caption, size=f"{h}x{w}", max_frames=f, seed=seed, **settings)
+    run_sampler = st.sampler  # the Stylizer's (cached) make_sampler; static schedules are make_sampler-only
+
+    def stylize(clip, settings, seed, extra=None):
+        st.sampler = (lambda **kw: run_sampler(**{**kw, **extra})) if extra else run_sampler
+        try:
+            out, info = st.run(clip.source, clip.caption, size=f"{h}x{w}", max_frames=f, seed=seed, **settings)
+        finally:
+            st.sampler = run_sampler
         return out, info["timing"]["sample_s"]
 
-    print(f"demo {args.workdir}: {args.clips} clips of {f} x {h} x {w}, {n_exec} executed steps, dim {st.cfg.dim}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    settings_of = lambda thr: ({**base, "cache": None} if thr is None  # noqa: E731
-                               else {**base, "cache": "teacache", "cache_threshold": thr})
-    thresholds = [None, *args.thresholds]
-    outs = {thr: [stylize(c, settings_of(thr), 1000 + i)[0] for i, c in enumerate(clips)] for thr in thresholds}
-    secs = {thr: [] for thr in thresholds}
+    # rows: (label, SamplerSettings overrides, make_sampler overrides, blocks run)
+    rows_in = [("off", {"cache": None}, None, n_exec)]
+    rows_in += [(f"teacache {thr}", {"cache": "teacache", "cache_threshold": thr}, None, computed_steps(thr))
+                for thr in args.thresholds]
+    if args.magcache:  # calibrated on the first clip's uncached trajectory (a representative input)
+        norms = []
+
+        def calibrating(**kw):
+            s = run_sampler(**{**kw, "cache": "calibrate"})
+
+            def call(*a, **k):
+                x, n = s(*a, **k)
+                norms.append(np.asarray(n))
+                return x
+            return call
+
+        st.sampler = calibrating
+        try:
+            st.run(clips[0].source, clips[0].caption, size=f"{h}x{w}", max_frames=f, seed=1000, cache=None)
+        finally:
+            st.sampler = run_sampler
+        for thr in args.magcache:
+            steps = sampler_lib.magcache_schedule(norms[0], threshold=thr, max_skips=args.max_skips)
+            print(f"magcache {thr}: computed executed steps {steps}")
+            rows_in.append((f"magcache {thr}", {"cache": None}, {"cache": "static", "cache_steps": steps}, len(steps)))
+    outs = {label: [stylize(c, {**base, **st_kw}, 1000 + i, extra)[0] for i, c in enumerate(clips)]
+            for label, st_kw, extra, _ in rows_in}
+    secs = {label: [] for label, *_ in rows_in}
     for _ in range(args.reps):  # interleaved warm timings of the first clip: the machine's drift hits every row
-        for thr in thresholds:
-            secs[thr].append(stylize(clips[0], settings_of(thr), 1000)[1])
-    rows, plain = [], outs[None]
-    for thr in thresholds:
-        o = outs[thr]
-        row = {"cache": "off" if thr is None else f"teacache {thr}",
-               "computed": n_exec if thr is None else computed_steps(thr),
-               "sample_s": float(np.median(secs[thr])),
+        for label, st_kw, extra, _ in rows_in:
+            secs[label].append(stylize(clips[0], {**base, **st_kw}, 1000, extra)[1])
+    rows, plain = [], outs["off"]
+    for label, _, _, computed in rows_in:
+        o = outs[label]
+        row = {"cache": label, "computed": computed, "sample_s": float(np.median(secs[label])),
                "psnr_gt": float(np.mean([metrics.psnr(a, c.target) for a, c in zip(o, clips)])),
                "psnr_vs_uncached": float(np.mean([metrics.psnr(a, p) if not np.array_equal(a, p) else np.inf
                                                   for a, p in zip(o, plain)])),
@@ -152,7 +178,10 @@ def main():
     ap.add_argument("--workdir", help="a finished demo run: the caching table")
     ap.add_argument("--clips", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--thresholds", type=lambda s: [float(v) for v in s.split(",")], default=[0.2, 1.0, 5.0])
+    floats = lambda s: [float(v) for v in s.split(",") if v]  # noqa: E731
+    ap.add_argument("--thresholds", type=floats, default=[0.2, 1.0, 5.0], help="TeaCache thresholds")
+    ap.add_argument("--magcache", type=floats, default=[0.06, 0.3], help="magcache_schedule thresholds")
+    ap.add_argument("--max-skips", type=int, default=2, help="magcache_schedule's most skips in a row")
     args = ap.parse_args()
     if not args.flops and not args.workdir:
         ap.error("give --flops and/or --workdir")
