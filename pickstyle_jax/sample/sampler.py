@@ -421,7 +421,8 @@ def _inputs(plan: _Plan, params, adapters, context, text, null_text, text_lens, 
 
 def _sample(plan: _Plan, params, adapters, source_latents, context, text, null_text, key, text_lens=None,
             null_text_lens=None, null_context=None, keep_latents=None, *, text_scale, context_scale):
-    """The jitted sampler (make_sampler documents the arguments): latents [B, f, h, w, 16] fp32."""
+    """The jitted sampler (make_sampler documents the arguments): latents [B, f, h, w, 16] fp32 (cache="calibrate":
+    (latents, residual norms [n_exec, n_branches * B]))."""
     _check(plan.cfg, source_latents, context, text, null_text, null_context, keep_latents, plan.mode)
     text_scale, context_scale = _scale("text_scale", text_scale), _scale("context_scale", context_scale)
     pins = contextlib.nullcontext() if plan.mesh is None else sharding.rules_context(plan.mesh, plan.rules,
