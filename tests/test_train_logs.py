@@ -105,3 +105,35 @@ def test_loss_png_draws_the_curve_where_the_data_is(tmp_path, seed):
     with pytest.raises(ValueError, match="NaN"):
         plot.render(steps, np.where(steps == 50, np.nan, losses))
     assert plot.render([7], [0.25]).shape == (400, 800, 3)  # one point draws too
+
+
+def test_analytic_flops_agree_with_xla_and_the_peak_table():
+    """flops.forward_flops against XLA's cost analysis of an unrolled forward with plain XLA attention (no loops for
+    the analysis to undercount): XLA also counts the elementwise work and the time MLP, a few % at this size."""
+    import jax
+    import jax.numpy as jnp
+
+    from pickstyle_jax import flops
+    from pickstyle_jax.models import wan
+
+    cfg = wan.WanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2, vace_layers=(0,), text_dim=64, text_len=32)
+    opts = wan.Options(attention="xla", scan_layers=False, fold_text_padding=False)
+    f, h, w = 2, 8, 8
+    args = (jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), wan.param_shapes(cfg)),
+            jax.ShapeDtypeStruct((1, f, h, w, cfg.in_dim), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32),
+            jax.ShapeDtypeStruct((1, cfg.text_len, cfg.text_dim), jnp.float32),
+            jax.ShapeDtypeStruct((1, f, h, w, cfg.vace_in_dim), jnp.float32))
+    compiled = jax.jit(lambda *a: wan.forward(cfg, *a, options=opts)).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    ours = flops.forward_flops(cfg, f * (h // 2) * (w // 2))
+    print(f"XLA {xla:.4g} FLOPs, analytic {ours:.4g}, ratio {xla / ours:.4f}")
+    assert 1.0 <= xla / ours <= 1.08
+    assert flops.train_step_flops(cfg, 32, 3) == 3 * (2 * ours + flops.attention_core_flops(cfg, 32))
+
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert flops.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert flops.peak_flops("NVIDIA H200") == 989e12 and flops.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert flops.peak_flops("TPU v5 lite") == 197e12 and flops.peak_flops("TPU v5") == 459e12
+    assert flops.peak_flops("TPU v6 lite") == 918e12 and flops.peak_flops("TPU v4") == 275e12
+    assert flops.peak_flops("cpu") is None
