@@ -3,7 +3,7 @@
 On an H100 SXM this reaches about 790 TFLOP/s of the 989 dense peak; the other GPU benchmarks give their MFU against
 both numbers (bench/gpu_common.py), and this line says what this machine's matmul reaches.
 
-    python bench/gpu_matmul.py [--n 8192] [--reps 50] [--tiny]
+    python bench/gpu_matmul.py [--n 8192] [--reps 50] [--quick] [--tiny]
 """
 from __future__ import annotations
 
@@ -24,9 +24,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=None, help="matrix size (default 8192; --tiny: 256)")
     ap.add_argument("--reps", type=int, default=None, help="matmuls timed back to back (default 50; --tiny: 3)")
+    ap.add_argument("--quick", action="store_true", help="4096^3, 20 matmuls")
     gpu_common.add_flags(ap)
     args = ap.parse_args(argv)
-    n, reps = args.n or (256 if args.tiny else 8192), args.reps or (3 if args.tiny else 50)
+    n = args.n or (256 if args.tiny else 4096 if args.quick else 8192)
+    reps = args.reps or (3 if args.tiny else 20 if args.quick else 50)
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (n, n), jnp.bfloat16)
     b = jax.random.normal(kb, (n, n), jnp.bfloat16)
