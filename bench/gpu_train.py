@@ -25,7 +25,6 @@ printed as they are measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 import time

@@ -9,10 +9,11 @@ dispatched before step N's loss is pulled to the host, so the host never stalls 
 always read (and its loss checked for NaN) before its state is checkpointed, and the last step's before the run ends.
 Checkpoints every `checkpoint_every` steps and on SIGTERM/SIGINT, and the LoRA exported at the end (checkpoint dir,
 PickStyle .pth and PEFT safetensors). Process 0 logs every `log_every` steps to metrics.jsonl and to a TensorBoard
-event file beside it (a new events.out.tfevents.* per run start, tensorboard.py): loss, grad_norm, lr, steps_per_s,
-tokens_per_s, and mfu where the device's peak is known (config.peak_flops, else flops.PEAK_BF16; the step's
-analytic FLOPs, flops.train_step_flops, per second over all devices' peak);
-when the run stops (done or by a signal) it draws loss.png from metrics.jsonl (plot.py).
+event file beside it (tensorboard.py: a new events.out.tfevents.* per run start, which marks a restart after the step
+it starts from, so TensorBoard drops what a killed run logged past its checkpoint, as trim_metrics does for
+metrics.jsonl): loss, grad_norm, lr, steps_per_s, tokens_per_s, and mfu where the device's peak is known
+(config.peak_flops, else flops.PEAK_BF16; the step's analytic FLOPs, flops.train_step_flops, per second over all
+devices' peak); when the run stops (done or by a signal) it draws loss.png from metrics.jsonl (plot.py).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class _Metrics:
         self.mgr = mgr
         self.main = jax.process_index() == 0
         self.file = open(tr.workdir / "metrics.jsonl", "a") if self.main else None
-        self.events = tensorboard.EventWriter(tr.workdir, resume_step=start or None) if self.main else None
+        self.events = tensorboard.EventWriter(tr.workdir, resume_step=start) if self.main else None
         peak = float(config.peak_flops) or flops.peak_flops(jax.devices()[0].device_kind)
         batch = int(config.data.batch_size)
         step_flops = flops.train_step_flops(tr.cfg.wcfg, tr.tokens_per_step // batch, batch)
@@ -96,8 +97,9 @@ class _Metrics:
                 self.bar.set_postfix(loss=f"{loss:.4f}", gnorm=f"{row['grad_norm']:.3f}")
             elif self.main:
                 eta = (self.total - step) / sps if sps else float("nan")
+                mfu = f" mfu {row['mfu']:.1%}" if "mfu" in row else ""
                 print(f"step {step}/{self.total} loss {loss:.5f} grad_norm {row['grad_norm']:.4f} "
-                      f"{sps:.2f} steps/s {row['tokens_per_s']:.0f} tokens/s eta {eta:.0f}s", flush=True)
+                      f"{sps:.2f} steps/s {row['tokens_per_s']:.0f} tokens/s{mfu} eta {eta:.0f}s", flush=True)
             self.window_t, self.window_n = time.perf_counter(), 0
         if self.bar is not None:
             self.bar.update(1)
@@ -129,9 +131,9 @@ def run(config, workdir) -> int:
         start = int(mgr.latest_step())
         restored = checkpointing.restore_state(mgr, start, {"train": tr.abstract.state, "key": tr.abstract.key}, it)
         state, step_key = restored["train"], restored["key"]
-        if main_proc:
-            checkpointing.trim_metrics(workdir / "metrics.jsonl", start)
         say(f"resumed from {mgr.directory} at step {start}")
+    if main_proc:  # what a killed run logged past its checkpoint (or before its first) is logged again
+        checkpointing.trim_metrics(workdir / "metrics.jsonl", start)
 
     metrics = _Metrics(config, tr, start, mgr)
     step, code, saved = start, 0, start
