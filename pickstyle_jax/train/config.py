@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = data_config()
     c.total_steps = -1          # -1: all of data.num_epochs
     c.log_every = 10
+    c.peak_flops = 0.0          # dense bf16 FLOP/s of one device, for the logged MFU; 0: flops.PEAK_BF16's table
     c.checkpoint_every = 10
     c.keep = 3
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
