@@ -8,7 +8,7 @@ LOCK := constraints.txt
 # CI runs on 2 cores; pytest-xdist splits the suite over them.
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv test test-slow test-fast test-latest lock demo demo-convert bench clean
+.PHONY: venv test test-slow test-fast test-latest lock demo demo-convert bench gpu-wheels clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,24 @@ bench: $(STAMP)
 	$(BIN)/python bench/vae.py
 	$(BIN)/python bench/umt5.py
 	$(BIN)/python bench/data.py
+
+# Wheels for a GPU machine without network whose Python has only jax[cuda], flax, optax, orbax-checkpoint, numpy and
+# torch (the image bench/gpu.sh targets). bench/gpu.sh does not need them (the GPU benchmarks import only what that
+# image has); the trainer does: grain, ml-collections and their dependencies, for manylinux_2_28 x86_64 (and older
+# manylinux tags) and each CPython in GPU_PYTHONS (jax 0.11 needs 3.12 or newer; the image's exact version is not
+# known here), at the versions in $(LOCK) (`GPU_LOCK=` lets pip pick the newest instead). Needs a package index.
+# Carry the folder over, then: pip install --no-index --find-links gpu-wheels grain ml-collections
+GPU_WHEELS ?= gpu-wheels
+GPU_PYTHONS ?= 3.12 3.13
+GPU_PACKAGES ?= grain ml-collections
+GPU_LOCK ?= -c $(LOCK)
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)
+	for v in $(GPU_PYTHONS); do \
+	  $(PY) -m pip download --dest $(GPU_WHEELS) --only-binary=:all: --platform manylinux_2_28_x86_64 \
+	    --implementation cp --python-version $$v $(GPU_LOCK) $(GPU_PACKAGES) || exit 1; \
+	done
+	ls $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .venv-latest demo_out out .pytest_cache

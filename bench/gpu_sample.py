@@ -8,13 +8,15 @@ shift=16, skip=4, mode="cs_cfg", apg=True)`: ONE jitted call, a lax.scan over th
 forward over the 3 guidance branches batched (cond, null text, null text + permuted context), APG-guided CS-CFG
 combination, DPM++ step. The VAE is not part of it (gpu_vae.py times that).
 
-FLOP floor: 48 forwards (16 steps x 3 branches) x bench.gpu_dit.forward_flops at text_len 512 (2 FLOPs per
-multiply-add; LoRA, guidance and solver arithmetic not counted). MFU = floor / (seconds x peak), peak bf16 dense =
-989e12 FLOP/s (H100/H200 SXM; --peak to change).
+FLOP floor: 48 forwards (16 steps x 3 branches) x pickstyle_jax.flops.forward_flops at text_len 512 (2 FLOPs per
+multiply-add; LoRA, guidance and solver arithmetic not counted). MFU = floor / (seconds x peak), against the H100's
+989 TFLOP/s dense bf16 peak and the 790 TFLOP/s of an 8192^3 bf16 matmul (bench/gpu_common.py). The compile time,
+the first run (the warm-up) and each timed run are printed as soon as they are measured: the first run alone gives
+seconds per video if the time limit cuts the rest.
 
     python bench/gpu_sample.py [--quick] [--reps 2]
---quick: on an accelerator the real width with 4 main blocks at latents 5x30x52; on CPU the "tiny" DiT at latents
-2x4x4 and 4 sampling steps (skip 1), a smoke test of this script.
+--quick: the real width with 4 main blocks at latents 5x30x52. --tiny: the "tiny" DiT at latents 2x4x4 and 4
+sampling steps (skip 1), a CPU smoke test of this script.
 """
 from __future__ import annotations
 
@@ -30,11 +32,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.gpu_dit import _regular, forward_flops, random_params  # noqa: E402
+from bench import gpu_common  # noqa: E402
+from bench.gpu_dit import _regular, random_params  # noqa: E402
 from pickstyle_jax import guidance, lora as lora_lib, sample  # noqa: E402
+from pickstyle_jax.flops import forward_flops  # noqa: E402
 from pickstyle_jax.models import wan  # noqa: E402
-
-PEAK_BF16 = 989e12
 
 
 def main(argv=None):
@@ -45,13 +47,13 @@ def main(argv=None):
     ap.add_argument("--skip", type=int, default=None)
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--peak", type=float, default=PEAK_BF16)
     ap.add_argument("--quick", action="store_true")
+    gpu_common.add_flags(ap)
     args = ap.parse_args(argv)
-    tiny = args.quick and jax.default_backend() == "cpu"
+    tiny = args.tiny
     steps = args.steps or (4 if tiny else 20)
     skip = args.skip if args.skip is not None else (1 if tiny else 4)
-    reps = args.reps or (1 if args.quick else 2)
+    reps = args.reps or (1 if args.quick or tiny else 2)
     cfg = wan.WanConfig.named("tiny" if tiny else args.config, param_dtype="bfloat16")
     if args.quick and not tiny:
         cfg = cfg.replace(num_layers=4, vace_layers=tuple(v for v in cfg.vace_layers if v < 4))
@@ -66,7 +68,7 @@ def main(argv=None):
           f"{wan.layers.resolve_attention(args.attention, jnp.bfloat16)}), LoRA rank {args.rank if not tiny else 8}; "
           f"dpm++ {steps} steps skip {skip} cs_cfg+APG = {n_exec} steps x {branches} batched branches; latents "
           f"{lat[0]}x{lat[1]}x{lat[2]}, S = {tokens}; FLOP floor {n_exec * branches} forwards = {floor / 1e12:.3g} "
-          f"TFLOP; peak {args.peak / 1e12:.0f} TFLOP/s bf16 dense; device {jax.devices()[0].device_kind}", flush=True)
+          f"TFLOP; device {jax.devices()[0].device_kind}", flush=True)
 
     t0 = time.perf_counter()
     params = random_params(cfg, jax.random.key(0), stacked=opts.scan_layers)
@@ -91,23 +93,31 @@ def main(argv=None):
     t0 = time.perf_counter()
     compiled = sampler.lower(*call).compile() if hasattr(sampler, "lower") else None
     compile_s = time.perf_counter() - t0
+    if compiled is not None:
+        print(f"  compile {compile_s:.1f} s", flush=True)
     # jax's Compiled takes the traced guidance scales explicitly (the Sampler fills in its defaults itself)
     scales = dict(text_scale=sampler.text_scale, context_scale=sampler.context_scale)
     fn = functools.partial(compiled, **scales) if compiled is not None else sampler
+
+    def line(what, sec):
+        return (f"{what} {sec:.2f} s/video  {sec / n_exec:.3f} s/step  {floor / sec / 1e12:.3g} TFLOP/s  "
+                f"{gpu_common.mfu(floor / sec, args)}")
+
+    t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*call))  # warm-up (and the compile when the sampler has no .lower)
-    if compiled is None:
-        compile_s = time.perf_counter() - t0
+    first = time.perf_counter() - t0
+    print(f"  {line('first run (warm-up' + (', compile included)' if compiled is None else ')'), first)}  output "
+          f"finite {bool(jnp.isfinite(out).all())}", flush=True)
     times = []
-    for _ in range(reps):
+    for i in range(reps):
         t0 = time.perf_counter()
         out = jax.block_until_ready(fn(*call))
         times.append(time.perf_counter() - t0)
+        print(f"  {line(f'run {i + 1}/{reps}', times[-1])}", flush=True)
     sec = float(np.median(times))
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", 0) / 2**30 or float("nan")
-    print(f"  compile {compile_s:.1f} s  run {sec:.2f} s (median of {reps})  {sec / n_exec:.3f} s/step  "
-          f"{floor / sec / 1e12:.3g} TFLOP/s  MFU {floor / sec / args.peak:.1%}  device peak {peak:.1f} GiB  "
-          f"output finite {bool(jnp.isfinite(out).all())}", flush=True)
+    print(f"RESULT sampler S={tokens}: {line(f'median of {reps}:', sec)}  device peak {peak:.1f} GiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,21 +12,19 @@ the difference. One row per remat policy ("full", then "offload" where the backe
 Random weights: the DiT built with bench/gpu_dit.py's one-small-jit-per-shape generator, the VAE with
 autoencoders.random_params (numpy), the LoRA with lora.init (B = 0, as a fresh run starts).
 
-Useful FLOPs per step (2 per multiply-add; LoRA and the VAE encode not counted; remat recompute not counted):
-    forward      F = bench.gpu_dit.forward_flops  (projections, FFN, self/cross attention, embeddings, head)
-    backward     activation gradients only (the backbone is frozen: no weight gradients): each matmul's input
-                 gradient costs its forward again, and each attention product (scores, values) costs 2x forward
-    useful       2 F + A,   A = attention-core FLOPs of the forward = blocks * (4 S^2 D + 4 S L D)
-MFU = useful / (step seconds x peak); peak bf16 dense = 989e12 FLOP/s (H100/H200 SXM), --peak to change.
+Useful FLOPs per step: pickstyle_jax.flops.train_step_flops, the count the trainer's logged MFU uses (2 per
+multiply-add; 2 x forward + the attention core: the backbone is frozen, so the backward computes activation gradients
+only; LoRA, the VAE encode and remat recompute not counted). MFU against the H100's 989 TFLOP/s dense bf16 peak and
+the 790 TFLOP/s of an 8192^3 bf16 matmul (bench/gpu_common.py). The compile, the first step and each timed step are
+printed as they are measured.
 
     python bench/gpu_train.py [--quick] [--reps 5] [--remat full,offload]
---quick: on an accelerator the real width with 4 main blocks at 17x240x416 (latents 5x30x52); on CPU the "tiny"
-DiT + "tiny" VAE at 5x32x32 (a smoke test of this script, not a measurement).
+--quick: the real width with 4 main blocks at 17x240x416 (latents 5x30x52). --tiny: the "tiny" DiT + "tiny" VAE at
+5x32x32 (a CPU smoke test of this script, not a measurement).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 import time
@@ -39,22 +37,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.gpu_dit import _regular, forward_flops, random_params  # noqa: E402
-from pickstyle_jax import conditioning, flow, lora as lora_lib, sharding  # noqa: E402
+from bench import gpu_common  # noqa: E402
+from bench.gpu_dit import _regular, random_params  # noqa: E402
+from pickstyle_jax import conditioning, flops, flow, lora as lora_lib, sharding  # noqa: E402
 from pickstyle_jax.models import autoencoders, vae, wan  # noqa: E402
 from pickstyle_jax.train import step as train_step  # noqa: E402
 
-PEAK_BF16 = 989e12
-
-
-def attention_core_flops(cfg: wan.WanConfig, tokens: int) -> float:
-    blocks = cfg.num_layers + len(cfg.vace_layers)
-    return float(blocks * (4 * tokens * tokens * cfg.dim + 4 * tokens * cfg.text_len * cfg.dim))
-
 
 def build(args):
-    on_cpu = jax.default_backend() == "cpu"
-    tiny = args.quick and on_cpu
+    tiny = args.tiny
     wcfg = wan.WanConfig.named("tiny" if tiny else args.config, param_dtype="bfloat16")
     if args.quick and not tiny:
         wcfg = wcfg.replace(num_layers=4, vace_layers=tuple(v for v in wcfg.vace_layers if v < 4))
@@ -66,8 +57,9 @@ def build(args):
     return wcfg, opts, vcfg, lcfg, (frames, height, width)
 
 
-def time_compiled(compiled, *call_args, reps, donate_state=None):
-    """Median seconds of `reps` calls after one warm-up; donate_state threads the donated state through."""
+def time_compiled(compiled, *call_args, reps, donate_state=None, report=None):
+    """Median seconds of `reps` calls after one warm-up; donate_state threads the donated state through; report(i,
+    seconds) is called after each call as it finishes (i = 0 is the warm-up)."""
     state = donate_state
     times = []
     for i in range(reps + 1):
@@ -79,6 +71,8 @@ def time_compiled(compiled, *call_args, reps, donate_state=None):
             out = jax.block_until_ready((state, metrics))
         if i:
             times.append(time.perf_counter() - t0)
+        if report is not None:
+            report(i, time.perf_counter() - t0)
     return float(np.median(times)), out
 
 
@@ -94,17 +88,19 @@ def main(argv=None):
     ap.add_argument("--remat", default="full,offload")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--peak", type=float, default=PEAK_BF16, help="peak bf16 FLOP/s of the device")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--verbose", action="store_true")
+    gpu_common.add_flags(ap)
     args = ap.parse_args(argv)
-    reps = args.reps or (2 if args.quick else 5)
+    if args.tiny:
+        args.remat = "full"
+    reps = args.reps or (2 if args.quick or args.tiny else 5)
     wcfg, opts, vcfg, lcfg, (frames, height, width) = build(args)
     lat = (1 + (frames - 1) // vcfg.temporal_factor, height // vcfg.spatial_factor, width // vcfg.spatial_factor)
     tokens = lat[0] * (lat[1] // wcfg.patch_size[1]) * (lat[2] // wcfg.patch_size[2])
-    fwd = forward_flops(wcfg, tokens)
-    attn = attention_core_flops(wcfg, tokens)
-    useful = 2 * fwd + attn
+    fwd = flops.forward_flops(wcfg, tokens)
+    attn = flops.attention_core_flops(wcfg, tokens)
+    useful = flops.train_step_flops(wcfg, tokens, 1)
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(wan.param_shapes(wcfg)))
     print(f"train step: DiT {args.config if wcfg.dim > 48 else 'tiny'} ({wcfg.num_layers}+{len(wcfg.vace_layers)} "
           f"blocks, {n_params / 1e9:.3f} B params bf16, scan_layers={opts.scan_layers}, attention={args.attention}->"
@@ -113,7 +109,7 @@ def main(argv=None):
           f"device {jax.devices()[0].device_kind}", flush=True)
     print(f"  useful FLOPs/step = 2 x forward + attention core = 2 x {fwd / 1e12:.4g} + {attn / 1e12:.4g} = "
           f"{useful / 1e12:.4g} TFLOP (frozen backbone: activation gradients only; VAE, LoRA, remat recompute not "
-          f"counted); peak {args.peak / 1e12:.0f} TFLOP/s bf16 dense", flush=True)
+          f"counted)", flush=True)
 
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     rules = sharding.normalize_rules(sharding.DEFAULT_RULES)
@@ -152,11 +148,19 @@ def main(argv=None):
             compile_s = time.perf_counter() - t0
             mem = compiled.memory_analysis()
             temp = getattr(mem, "temp_size_in_bytes", 0) / 2**30 if mem is not None else float("nan")
-            sec, (state, metrics) = time_compiled(compiled, base, batch, step_key, reps=reps, donate_state=state)
+            print(f"  remat={remat}: compile {compile_s:.1f} s, temp {temp:.1f} GiB", flush=True)
+
+            def report(i, sec, remat=remat):
+                what = "first step (warm-up)" if i == 0 else f"step {i}/{reps}"
+                print(f"  remat={remat}: {what} {sec:.3f} s  {useful / sec / 1e12:.3g} TFLOP/s  "
+                      f"{gpu_common.mfu(useful / sec, args)}", flush=True)
+
+            sec, (state, metrics) = time_compiled(compiled, base, batch, step_key, reps=reps, donate_state=state,
+                                                  report=report)
             loss = float(metrics["loss"])
-            print(f"  remat={remat:8s} compile {compile_s:6.1f} s  step {sec:8.3f} s (median of {reps})  "
-                  f"{tokens / sec:9.0f} tokens/s  {useful / sec / 1e12:7.3g} TFLOP/s  MFU {useful / sec / args.peak:6.1%}  "
-                  f"temp {temp:.1f} GiB  device peak {peak_gb():.1f} GiB (since start)  loss {loss:.4f}", flush=True)
+            print(f"RESULT train step remat={remat} S={tokens}: {sec:.3f} s (median of {reps})  {tokens / sec:.0f} "
+                  f"tokens/s  {useful / sec / 1e12:.3g} TFLOP/s  {gpu_common.mfu(useful / sec, args)}  temp "
+                  f"{temp:.1f} GiB  device peak {peak_gb():.1f} GiB (since start)  loss {loss:.4f}", flush=True)
             del state, compiled
         except Exception as e:  # noqa: BLE001 -- report the policy and go on
             print(f"  remat={remat:8s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)

@@ -1,9 +1,10 @@
 """VAE encode + decode at the PickStyle size (81x480x832, the real wan2.1 config, random weights) on one accelerator.
 
-    .venv/bin/python bench/gpu_vae.py                      # bf16 and fp32, chunked (the default path)
-    .venv/bin/python bench/gpu_vae.py --nochunk            # also the whole-clip path (may run out of memory)
-    .venv/bin/python bench/gpu_vae.py --quick              # tiny config, 9x32x48: a CPU smoke test of this script
-    .venv/bin/python bench/gpu_vae.py --analyze            # compile only: XLA's buffer plan, any backend (CPU too)
+    python bench/gpu_vae.py                      # bf16 and fp32, chunked (the default path)
+    python bench/gpu_vae.py --nochunk            # also the whole-clip path (may run out of memory)
+    python bench/gpu_vae.py --quick              # tiny config, 9x32x48
+    python bench/gpu_vae.py --tiny               # tiny config, 5x16x16, fp32 only: a CPU smoke test of this script
+    python bench/gpu_vae.py --analyze            # compile only: XLA's buffer plan, any backend (CPU too)
 
 Each (dtype, path, op) runs in its own subprocess so `memory_stats()["peak_bytes_in_use"]` (device peak since process
 start) belongs to that op alone; it includes the weights (0.5 GB fp32 / 0.25 GB bf16) and the input. Where the
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the GPU image has no install of this repository (the children get PYTHONPATH)
 
 
 def _child(args):
@@ -102,7 +104,8 @@ def _analyze(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny config, 9x32x48 (CPU smoke test)")
+    ap.add_argument("--quick", action="store_true", help="tiny config, 9x32x48")
+    ap.add_argument("--tiny", action="store_true", help="tiny config, 5x16x16, fp32 only (CPU smoke test)")
     ap.add_argument("--config", default="wan2.1")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--height", type=int, default=480)
@@ -122,13 +125,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.config, args.frames, args.height, args.width, args.reps = "tiny", 9, 32, 48, 2
+    if args.tiny:
+        args.config, args.frames, args.height, args.width, args.reps, args.dtypes = "tiny", 5, 16, 16, 1, "float32"
     if args.child:
         args.chunked = bool(args.chunked)
         return _child(args)
     if args.analyze:
         return _analyze(args)
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for chunked in ([1, 0] if args.nochunk else [1]):

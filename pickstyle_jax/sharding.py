@@ -3,7 +3,9 @@
 Models name the axes of their parameters with a few logical names (`wan.param_axes(cfg)`: "layers", "embed",
 "heads", "mlp", "mod", None) and their activations with "batch", "length", "embed"; a config maps each logical name
 to mesh axes (`config.rules`) over a named mesh (`config.mesh`). The same model code then runs replicated on one
-CPU, data-parallel on a GPU box, or FSDP x tensor-parallel on a TPU pod: only the rules and the mesh change.
+CPU, data-parallel on a GPU box, or FSDP x tensor-parallel on a TPU pod: only the rules and the mesh change. A mesh
+axis named "context" splits the video tokens ("length"; context parallelism: `layers.self_attention` gathers them
+inside self-attention, Ulysses or ring) and, with fsdp, the weights ("embed"), so no device holds a whole copy.
 
 Rules: {logical name: mesh axis | tuple/list of mesh axes | None (replicated)}, plus one option,
 `"allow_replicate"`. A dimension whose mesh axes do not divide it is an error naming the array, its shape and the
@@ -46,12 +48,14 @@ OPTIONS = ("allow_replicate",)  # rule keys that are options, not logical axes
 DEFAULT_RULES: dict = {
     "batch": ("data", "fsdp"),
     "layers": None,    # the stacked-layer axis of scanned parameters
-    "embed": "fsdp",   # FSDP: weights split along the model width, gathered per layer
+    # FSDP: weights split along the model width, gathered per layer. The devices that split the video tokens
+    # ("context") hold a share of the weights too, so a data x context mesh does not keep a whole copy per device
+    "embed": ("fsdp", "context"),
     "heads": "tensor",  # tensor parallelism over attention heads ...
     "mlp": "tensor",   # ... and the FFN hidden dimension
     "mod": None,
     "vocab": None,     # umT5 token embedding rows (the encoder runs replicated or off-device)
-    "length": None,    # video tokens; "context" here shards the sequence (context parallelism)
+    "length": "context",  # video tokens: context parallelism (layers.self_attention), when the mesh has the axis
     "allow_replicate": True,
 }
 

@@ -207,13 +207,54 @@ def _still_time(params):
 def test_teacache_never_skipping_equals_uncached(world):
     w = {**world, "params": _still_time(world["params"])}  # where threshold 0 skipped steps 5 and 6 before
     never = sample.make_sampler(CFG, steps=8, skip=0, cache="teacache", cache_threshold=0.0)
-    full = sample.make_sampler(CFG, steps=8, skip=0)
-    np.testing.assert_array_equal(_run(w, never, key=3), _run(w, full, key=3))
+    full = _run(w, sample.make_sampler(CFG, steps=8, skip=0), key=3)
+    np.testing.assert_array_equal(_run(w, never, key=3), full)
+    # the static schedule's calibration run computes every step (its segment scan, no skips): the same latents, and
+    # every branch's residual norm per step
+    s = sample.make_sampler(CFG, steps=8, skip=0, cache="calibrate")
+    got, norms = s(w["params"], w["adapters"], w["src"], w["ctx"], w["text"], w["null"], jax.random.key(3),
+                   **w["lens"])
+    np.testing.assert_array_equal(np.asarray(got), full)
+    assert norms.shape == (8, 3) and np.all(np.asarray(norms) > 0)
 
 
-def test_teacache_skip_reuses_the_cached_velocities(world):
-    # 8 steps, a huge threshold: executed steps 5 and 6 reuse every branch's step-4 velocity, APG's momentum and
-    # the solver still advance; the hand-written loop does exactly that with separate forwards
+def test_magcache_schedule_rule():
+    # ratio 1 (the residual's norm does not change) skips up to max_skips in a row after the warm-up; the last step
+    # is always computed; a drifting norm accumulates error and computes sooner
+    flat = np.ones((10, 3))
+    assert sampler_lib.magcache_schedule(flat, max_skips=2) == (0, 1, 2, 3, 4, 7, 9)
+    assert sampler_lib.magcache_schedule(flat, max_skips=9) == (0, 1, 2, 3, 4, 9)
+    drift = np.cumprod(np.full(10, 0.9))[:, None]  # ratio 0.9: err 0.1 after one skip >= 0.06
+    assert sampler_lib.magcache_schedule(drift, threshold=0.06) == tuple(range(10))
+    assert sampler_lib.magcache_schedule(drift, threshold=0.15, max_skips=5) == (0, 1, 2, 3, 4, 6, 8, 9)
+    with pytest.raises(ValueError, match="starting with 0"):
+        sample.make_sampler(CFG, steps=8, skip=0, cache="static", cache_steps=(1, 2))
+    with pytest.raises(ValueError, match="cache_steps is the schedule"):
+        sample.make_sampler(CFG, steps=8, skip=0, cache="teacache", cache_steps=(0,))
+
+
+def test_teacache_polynomial_by_model_size():
+    assert sampler_lib.teacache_polynomial(wan.WanConfig.named("vace-1.3B")) == sampler_lib.TEACACHE_POLY_1_3B
+    assert sampler_lib.teacache_polynomial(wan.WanConfig.named("t2v-1.3B")) == sampler_lib.TEACACHE_POLY_1_3B
+    assert sampler_lib.teacache_polynomial(wan.WanConfig.named("vace-14B")) == sampler_lib.TEACACHE_POLY_14B
+    assert sampler_lib.teacache_polynomial(CFG) == sampler_lib.TEACACHE_POLY_14B  # uncalibrated widths
+    # the two fits decide differently on the same e0 sequence
+    moving = [jnp.full((6,), 1.0 + 0.004 * i) for i in range(12)]
+    by = {poly: [] for poly in (sampler_lib.TEACACHE_POLY_14B, sampler_lib.TEACACHE_POLY_1_3B)}
+    for poly, out in by.items():
+        tc = {"e0": jnp.zeros((6,)), "acc": jnp.zeros(())}
+        for i, e0 in enumerate(moving):
+            compute, acc = sampler_lib.teacache_decide(tc["e0"], tc["acc"], e0, i, len(moving), 0.05, poly)
+            tc = {"e0": e0, "acc": acc}
+            out.append(bool(compute))
+    print("compute pattern 14B", by[sampler_lib.TEACACHE_POLY_14B], "1.3B", by[sampler_lib.TEACACHE_POLY_1_3B])
+    assert by[sampler_lib.TEACACHE_POLY_14B] != by[sampler_lib.TEACACHE_POLY_1_3B]
+
+
+def test_teacache_skip_reuses_the_block_residual(world):
+    # 8 steps, a huge threshold: executed steps 5 and 6 skip the blocks: every branch adds its step-4 block residual
+    # (run_blocks - x0) to its own step's patch tokens and runs its own step's head; APG's momentum and the solver
+    # still advance. The hand-written loop does that with separate per-branch stages.
     w = world
     cached = sample.make_sampler(CFG, steps=8, skip=0, solver="euler", cache="teacache", cache_threshold=1e9)
     got = _run(w, cached, key=3)
@@ -222,16 +263,37 @@ def test_teacache_skip_reuses_the_cached_velocities(world):
     print("teacache vs its reference, max rel error", _rel(got, want), "; vs computing every step", _rel(got, full))
     assert _rel(got, want) < 1e-5
     assert _rel(got, full) > 1e-3  # the skips happened (and the reference tells them apart)
+    # the same skips as a static schedule (segment scan, masked sub-steps: executed step 4 is followed by 2 skips,
+    # the others by none)
+    static = sample.make_sampler(CFG, steps=8, skip=0, solver="euler", cache="static", cache_steps=(0, 1, 2, 3, 4, 7))
+    got_static = _run(w, static, key=3)
+    print("static schedule vs the reference, max rel error", _rel(got_static, want))
+    assert _rel(got_static, want) < 1e-5
 
 
 _forward = jax.jit(lambda p, a, x, t, tx, c, n: wan.forward(CFG, p, x, t, tx, c, lora=a, text_lens=n))
+
+
+@jax.jit
+def _block_residual(p, a, x, t, tx, c, n):
+    """run_blocks(x0) - x0 of one branch, what TeaCache caches."""
+    emb = wan.embed(CFG, p, x, t, lora=a)
+    return wan.run_blocks(CFG, p, emb, wan.prepare(CFG, p, tx, c, lora=a, text_lens=n), lora=a) - emb.x0
+
+
+@jax.jit
+def _skipped_step(p, a, x, t, residual):
+    """A skipped step of one branch by hand: this step's patch tokens + the cached residual, this step's head."""
+    emb = wan.embed(CFG, p, x, t, lora=a)
+    return wan.apply_head(CFG, p, emb.x0 + residual, emb, lora=a)
 
 
 def _reference(w, *, key, mode="cs_cfg", steps=3, skip=1, text_scale=3.0, context_scale=2.0, apg=False,
                keep=None, null_context=None, reuse=(), src=None):
     """The sampler as documented, by hand: separate batch-1 forwards per branch, the guidance formulas of
     guidance.py (with apg=False; APG through guidance.combine), an Euler step x += (sigma' - sigma) v, and
-    keep_latents pinned after every step. `reuse`: grid steps that take the last computed branch velocities."""
+    keep_latents pinned after every step. `reuse`: grid steps that skip the blocks (TeaCache): each branch's last
+    computed block residual on this step's patch tokens, through this step's head."""
     src = w["src"] if src is None else src
     k_noise, k_perm = jax.random.split(jax.random.key(key))
     sch = schedulers.make("euler", steps=steps, shift=16.0)
@@ -247,11 +309,16 @@ def _reference(w, *, key, mode="cs_cfg", steps=3, skip=1, text_scale=3.0, contex
     g, vs = guidance.init_state(x), None
     for k in range(skip, steps):
         t = np.full((1,), sch.timesteps[k], np.float32)
-        if k not in reuse:
+        if k in reuse:
+            vs = tuple(_skipped_step(w["params"], w["adapters"], x, t, r) for r in residuals)
+        else:
             v_c = fwd(x, t, *text[:1], w["ctx"], text[1])
             if mode == "cs_cfg":
                 ctx_null = sample.permute_context(sample.null_context_key(k_perm, k), w["ctx"])
                 vs = (v_c, fwd(x, t, null[0], w["ctx"], null[1]), fwd(x, t, null[0], ctx_null, null[1]))
+                if reuse:  # reuse is only tested in this mode
+                    residuals = [_block_residual(w["params"], w["adapters"], x, t, tx, c, n)
+                                 for (tx, n), c in ((text, w["ctx"]), (null, w["ctx"]), (null, ctx_null))]
             elif mode == "text":
                 vs = (v_c, fwd(x, t, null[0], w["ctx"], null[1]))
             elif mode == "text_context":

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pickstyle_jax import flow, lora as lora_lib, sharding
+from pickstyle_jax import flops, flow, lora as lora_lib, sharding
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.train import loop, setup, step
+from tests import tb_reader
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -153,9 +154,10 @@ def test_plan_prints_the_json_fields():
 
 
 # ------------------------------------------------------------------------------------------------- resume
-def _train(workdir, *overrides, env):
+def _train(workdir, *overrides, env):  # a made-up device peak, so that the CPU run logs an MFU
     return subprocess.Popen([sys.executable, "-m", "pickstyle_jax.train", "--config=configs/pickstyle.py:tiny",
-                             f"--workdir={workdir}", "--config.total_steps=6", *overrides], cwd=ROOT, env=env,
+                             f"--workdir={workdir}", "--config.total_steps=6", "--config.peak_flops=1e9",
+                             *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
 
 
@@ -228,6 +230,24 @@ def test_kill_and_resume_match_the_straight_run(tmp_path):
     assert sorted(got) == sorted(want)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), _lora(run), _lora(straight))
+
+    # TensorBoard event files beside metrics.jsonl, one per run start; read back independently (tests/tb_reader.py)
+    # with TensorBoard's restart rule, they hold exactly what metrics.jsonl holds. MFU = the step's analytic FLOPs x
+    # steps/s / peak. loss.png is drawn at the end.
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert len(tb_reader.event_files(run)) == 3
+    tb = tb_reader.scalars(run)
+    assert set(tb) == {"loss", "grad_norm", "lr", "steps_per_s", "tokens_per_s", "mfu"}
+    for tag, series in tb.items():
+        assert series == {s: float(np.float32(r[tag])) for s, r in rows.items()}, tag
+    cfg = _config()
+    wcfg, vcfg, _, _ = setup.model_configs(cfg)
+    step_flops = flops.train_step_flops(wcfg, setup.tokens_per_sample(cfg, wcfg, vcfg), cfg.data.batch_size)
+    for r in rows.values():
+        np.testing.assert_allclose(r["mfu"], step_flops * r["steps_per_s"] / 1e9, rtol=1e-12)
+    import imageio.v3 as iio
+
+    assert iio.imread(run / "loss.png").shape == (400, 800, 3)
 
     # The .pth export (written without torch) reads back with torch, identical to convert.lora's export.
     torch = pytest.importorskip("torch")

@@ -47,7 +47,8 @@ def clear_stale_run(workdir: Path, fingerprint: str, say) -> None:
     old = json.loads(state.read_text()).get("pretrain") if state.is_file() else None
     if old != fingerprint:
         stale = [workdir / n for n in ("checkpoints", "lora", "metrics.jsonl", "pickstyle_lora.pth",
-                                       "lora.safetensors", "eval")]
+                                       "lora.safetensors", "eval", "loss.png")]
+        stale += sorted(workdir.glob("events.out.tfevents.*"))  # the old run's TensorBoard logs
         if any(p.exists() for p in stale):
             say("base models changed: removing the previous LoRA run")
         for p in stale:

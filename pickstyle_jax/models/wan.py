@@ -52,26 +52,29 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
+from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from pickstyle_jax import lora as lora_lib
 from pickstyle_jax import sharding
 from pickstyle_jax.models import layers
-from pickstyle_jax.models.wan_inputs import check_inputs, fold_text, patchify, unpatchify
+from pickstyle_jax.models.wan_inputs import check_inputs, check_latents, fold_text, patchify, unpatchify
 from pickstyle_jax.models.wan_options import REMAT_POLICIES, Options
 from pickstyle_jax.models.wan_stacking import (STACKED_AXIS, STACKED_KEYS, is_stacked, leaf_paths, scan_period,
                                                stack_layers, stack_lora, stack_tree, unstack_layers)
 
 __all__ = ["REMAT_POLICIES", "STACKED_AXIS", "WanConfig", "Options", "scan_period", "Attention", "WanBlock",
            "VaceBlock", "Head", "WanModel", "init", "param_axes", "param_shapes", "stack_layers", "unstack_layers",
-           "stack_lora", "is_stacked", "fold_text", "forward"]
+           "stack_lora", "is_stacked", "fold_text", "forward", "Prepared", "Embedded", "prepare", "embed_context",
+           "embed", "run_blocks", "apply_head"]
 
 f32 = jnp.float32
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _RESIDUAL_AXES = ("batch", "length", "embed")  # sharding of the [B, S, D] streams at block boundaries
 _HEAD_AXES = ("batch", "length", "heads", None)  # [B, S, N, K]: whole heads per device
+_TEXT_HEAD_AXES = ("batch", None, "heads", None)  # [B, L, N, K] text keys: whole on every device (not "length")
 _MOD_AXES = (None, "mod", "embed")  # the modulation tables [1, rows, D]
 _SUBBLOCK = ("subblock", "nested")  # remat policies that rematerialise each sub-block again (wan_options.py)
 
@@ -145,6 +148,8 @@ class _Ctx:
     rope: Any = None
     text_BLD: Any = None
     text_bias: Any = None
+    tokens: int = 0  # video tokens S (before the context axis's padding)
+    padded: int = 0  # S rounded up to a multiple of the devices the layout splits tokens over (layers.context_shards)
 
 
 def _sub(tree, *keys):
@@ -165,6 +170,13 @@ def _modulation(cfg, rngs, rows):
     """Official init of the modulation tables: N(0, 1) / sqrt(D)."""
     value = jax.random.normal(rngs.params(), (1, rows, cfg.dim), f32) / math.sqrt(cfg.dim)
     return layers.param(value.astype(_DTYPES[cfg.param_dtype]), _MOD_AXES)
+
+
+def _split_heads(ctx: _Ctx, a_BLD, axes=_HEAD_AXES):
+    """[B, L, D] -> [B, L, N, K] in the compute dtype, whole heads per device (video tokens split like the stream;
+    text keys, axes=_TEXT_HEAD_AXES, whole on every device)."""
+    b, n, _ = a_BLD.shape
+    return layers.constrain(a_BLD.reshape(b, n, ctx.cfg.num_heads, ctx.cfg.head_dim).astype(ctx.dtype), axes)
 
 
 class Attention(nnx.Module):
@@ -195,25 +207,34 @@ class Attention(nnx.Module):
         # "subblock": the fp32 projections, norms and RoPE are recomputed in their own backward, apart from the
         # attention's
         q_BSNK, k_BSNK, v_BSNK = (_checkpoint(project) if opts.remat_policy in _SUBBLOCK else project)(y_BSD)
-        out_BSNK = layers.attention(q_BSNK, k_BSNK, v_BSNK, implementation=opts.attention, scale=1.0,
-                                    chunk_size=opts.attention_chunk, kv_chunk_size=opts.attention_kv_chunk or None,
-                                    block_q=opts.splash_block_q, block_kv=opts.splash_block_kv)
+        # tokens split over a context axis meet here (Ulysses or ring, layers.self_attention); padded keys masked
+        out_BSNK = layers.self_attention(q_BSNK, k_BSNK, v_BSNK, kv_len=ctx.tokens,
+                                         context_parallel=opts.context_parallel, implementation=opts.attention,
+                                         scale=1.0, chunk_size=opts.attention_chunk,
+                                         kv_chunk_size=opts.attention_kv_chunk or None,
+                                         block_q=opts.splash_block_q, block_kv=opts.splash_block_kv)
         out_BSNK = layers.constrain(out_BSNK, _HEAD_AXES)
         return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
 
-    def cross_attention(self, ctx: _Ctx, y_BSD, lp):
+    def text_kv(self, ctx: _Ctx, text_BLD, lp):
+        """The cross-attention key and value of the embedded text: ([B, L, N, K], [B, L, N, K]) in the compute
+        dtype, k after norm_k. They depend on the text (and the weights) only, so `prepare` computes them once per
+        video."""
+        return (_split_heads(ctx, self.norm_k(_lin(ctx, self.k, text_BLD, lp, "k", out_dtype=f32)), _TEXT_HEAD_AXES),
+                _split_heads(ctx, _lin(ctx, self.v, text_BLD, lp, "v"), _TEXT_HEAD_AXES))
+
+    def cross_attention(self, ctx: _Ctx, y_BSD, lp, kv=None):
+        """kv: this block's (k, v) from `text_kv` (a `Prepared`'s), or None to compute them from ctx.text_BLD."""
         cfg, opts = ctx.cfg, ctx.opts
         b, s, _ = y_BSD.shape
         q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32)) * cfg.head_dim**-0.5
-        k_BLD = self.norm_k(_lin(ctx, self.k, ctx.text_BLD, lp, "k", out_dtype=f32))
-        v_BLD = _lin(ctx, self.v, ctx.text_BLD, lp, "v")
-        split = lambda a: layers.constrain(a.reshape(b, a.shape[1], cfg.num_heads, cfg.head_dim).astype(ctx.dtype),
-                                           _HEAD_AXES)
+        k_BLNK, v_BLNK = self.text_kv(ctx, ctx.text_BLD, lp) if kv is None else kv
         # <= 513 text keys: no key blocks needed, but long videos take query blocks (the [B, N, S, 513] fp32
         # logits of 81 x 480 x 832 are 2.5 GiB per copy at 14B); both paths take the fold's logit bias
         impl = "chunked" if s > opts.attention_chunk and opts.attention != "xla" else "xla"
-        out_BSNK = layers.attention(split(q_BSD), split(k_BLD), split(v_BLD), implementation=impl, scale=1.0,
-                                    key_bias=ctx.text_bias, chunk_size=opts.attention_chunk)
+        # each device's query block against the whole text (layers.cross_attention), however the tokens are split
+        out_BSNK = layers.cross_attention(_split_heads(ctx, q_BSD), k_BLNK, v_BLNK, implementation=impl, scale=1.0,
+                                          key_bias=ctx.text_bias, chunk_size=opts.attention_chunk)
         out_BSNK = layers.constrain(out_BSNK, _HEAD_AXES)
         return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
 
@@ -230,7 +251,8 @@ class WanBlock(nnx.Module):
         self.ffn = nnx.Dict({"0": layers.Dense(d, cfg.ffn_dim, ("embed", "mlp"), rngs=rngs, param_dtype=pd),
                              "2": layers.Dense(cfg.ffn_dim, d, ("mlp", "embed"), rngs=rngs, param_dtype=pd)})
 
-    def __call__(self, ctx: _Ctx, x_BSD, e0_B6D, lp):
+    def __call__(self, ctx: _Ctx, x_BSD, e0_B6D, lp, kv=None):
+        """kv: the cross-attention's precomputed text (k, v) (`Attention.text_kv`), or None."""
         eps = ctx.cfg.eps
         m_B6D = layers.gathered(self.modulation[...], _MOD_AXES).astype(f32) + e0_B6D
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (m_B6D[:, k, None, :] for k in range(6))
@@ -240,7 +262,7 @@ class WanBlock(nnx.Module):
             return x_BSD + gate_msa * self.self_attn.self_attention(ctx, y_BSD, _sub(lp, "self_attn"))
 
         def cross_attn(x_BSD):
-            return x_BSD + self.cross_attn.cross_attention(ctx, self.norm3(x_BSD), _sub(lp, "cross_attn"))
+            return x_BSD + self.cross_attn.cross_attention(ctx, self.norm3(x_BSD), _sub(lp, "cross_attn"), kv)
 
         def ffn(x_BSD):  # token by token: any grouping of the tokens gives the same rows
             y_BSD = layers.layer_norm(x_BSD, eps=eps) * (1 + scale_ffn) + shift_ffn
@@ -290,11 +312,11 @@ class VaceBlock(WanBlock):
                                             param_dtype=pd)
         self.after_proj = layers.Dense(d, d, ("heads", "embed"), rngs=rngs, kernel_init=layers.zeros, param_dtype=pd)
 
-    def __call__(self, ctx: _Ctx, c_BSD, x0_BSD, e0_B6D, lp):
+    def __call__(self, ctx: _Ctx, c_BSD, x0_BSD, e0_B6D, lp, kv=None):
         """(hint_j, c); c enters through before_proj (+ x0) in block 0 only."""
         if hasattr(self, "before_proj"):
             c_BSD = _lin(ctx, self.before_proj, c_BSD, lp, "before_proj", out_dtype=f32) + x0_BSD
-        c_BSD = super().__call__(ctx, c_BSD, e0_B6D, lp)
+        c_BSD = super().__call__(ctx, c_BSD, e0_B6D, lp, kv)
         return _lin(ctx, self.after_proj, c_BSD, lp, "after_proj", out_dtype=f32), c_BSD
 
 
@@ -336,24 +358,47 @@ class WanModel(nnx.Module):
 
     def embed(self, ctx: _Ctx, x, t, text_BLC, vace_context, lp):
         """(x0 [B,S,D], c [B,S,D] or None (before before_proj), e [B,D], e0 [B,6,D], text [B,L',D])."""
+        x0_BSD, e_BD, e0_B6D = self.embed_latents(ctx, x, t, lp)
+        text_BLD = self.embed_text(ctx, text_BLC, lp)
+        c_BSD = self.embed_context(ctx, vace_context, lp) if ctx.cfg.has_vace else None
+        return x0_BSD, c_BSD, e_BD, e0_B6D, text_BLD
+
+    def embed_latents(self, ctx: _Ctx, x, t, lp):
+        """What changes every step: (x0 [B,S,D] fp32 patch tokens, e [B,D], e0 [B,6,D]) of latents x at times t."""
         cfg, b = ctx.cfg, x.shape[0]
         fp32 = dataclasses.replace(ctx, dtype=f32)
-        x0_BSD = _lin(ctx, self.patch_embedding, patchify(x, cfg.patch_size), lp, "patch_embedding", out_dtype=f32)
+        x0_BSD = _lin(ctx, self.patch_embedding, _tokens(ctx, x), lp, "patch_embedding", out_dtype=f32)
         # time conditioning, fp32 throughout
         sinusoid_BT = layers.timestep_embedding(jnp.broadcast_to(jnp.asarray(t, f32), (b,)), cfg.freq_dim)
         te = self.time_embedding
         e_BD = _lin(fp32, te["2"], jax.nn.silu(_lin(fp32, te["0"], sinusoid_BT, lp, "time_embedding", "0")), lp,
                     "time_embedding", "2")
         e0_B6D = _lin(fp32, self.time_projection["1"], jax.nn.silu(e_BD), lp, "time_projection", "1")
+        return layers.constrain(x0_BSD, _RESIDUAL_AXES), e_BD, e0_B6D.reshape(b, 6, cfg.dim)
+
+    def embed_text(self, ctx: _Ctx, text_BLC, lp):
+        """The text MLP: [B, L', text_dim] (already folded) -> [B, L', D] in the compute dtype."""
         tx = self.text_embedding
         text_BLD = layers.gelu_tanh(_lin(ctx, tx["0"], text_BLC, lp, "text_embedding", "0"))
-        text_BLD = _lin(ctx, tx["2"], text_BLD, lp, "text_embedding", "2")
-        c_BSD = None
-        if cfg.has_vace:
-            c_BSD = _lin(ctx, self.vace_patch_embedding, patchify(vace_context, cfg.patch_size), lp,
-                         "vace_patch_embedding", out_dtype=f32)
-            c_BSD = layers.constrain(c_BSD, _RESIDUAL_AXES)
-        return layers.constrain(x0_BSD, _RESIDUAL_AXES), c_BSD, e_BD, e0_B6D.reshape(b, 6, cfg.dim), text_BLD
+        return _lin(ctx, tx["2"], text_BLD, lp, "text_embedding", "2")
+
+    def embed_context(self, ctx: _Ctx, vace_context, lp):
+        """The VACE context's patch embedding [B, S, D] fp32 (before vace_blocks.0.before_proj)."""
+        c_BSD = _lin(ctx, self.vace_patch_embedding, _tokens(ctx, vace_context), lp, "vace_patch_embedding",
+                     out_dtype=f32)
+        return layers.constrain(c_BSD, _RESIDUAL_AXES)
+
+
+def _tokens(ctx: _Ctx, x_BFHWC):
+    """Patch tokens [B, padded, P]: zero rows pad S up to a multiple of the devices a context axis splits the tokens
+    over (`_padded`); there are none without one."""
+    x_BSP = patchify(x_BFHWC, ctx.cfg.patch_size)
+    return jnp.pad(x_BSP, ((0, 0), (0, _padded(x_BSP.shape[1]) - x_BSP.shape[1]), (0, 0)))
+
+
+def _padded(tokens: int) -> int:
+    """S rounded up to a multiple of the devices the enclosing layout splits tokens over (`layers.context_shards`)."""
+    return -(-tokens // layers.context_shards()) * layers.context_shards()
 
 
 def _vace_block_first(cfg, *, rngs):
@@ -437,66 +482,67 @@ def _remat(remat_policy: str, fn, *, scanned: bool):
 
 
 def _block_fns(ctx: _Ctx, x0_BSD, e0_B6D, *, scanned):
-    """(main, vace), each remat'd as configured. Unrolled: main(p, lp, x) -> x and vace(p, lp, c) -> (hint, c) on
-    plain per-layer dicts. Scanned: main(ps, lps, i, x) and vace(ps, lps, i, c) on the stacked trees and a layer
-    index, the layer taken inside the rematerialised function: its saved inputs are then the whole stacks, which
-    are the same in every iteration (the scan keeps them once), not layer i's weights, which the scan would stack
-    into a second copy of every block's weights."""
+    """(main, vace), each remat'd as configured. Unrolled: main(p, lp, kv, x) -> x and vace(p, lp, kv, c) -> (hint,
+    c) on plain per-layer dicts (kv: the block's text (k, v) or None). Scanned: main(ps, lps, kvs, i, x) and
+    vace(ps, lps, kvs, i, c) on the stacked trees and a layer index, the layer taken inside the rematerialised
+    function: its saved inputs are then the whole stacks, which are the same in every iteration (the scan keeps them
+    once), not layer i's weights, which the scan would stack into a second copy of every block's weights."""
     cfg = ctx.cfg
 
-    def main(p, lp, x_BSD):
+    def main(p, lp, kv, x_BSD):
         x_BSD = checkpoint_name(x_BSD, "block_input")
-        return layers.bind(WanBlock, cfg, p)(ctx, x_BSD, e0_B6D, lp)
+        return layers.bind(WanBlock, cfg, p)(ctx, x_BSD, e0_B6D, lp, kv)
 
-    def vace(p, lp, c_BSD):
+    def vace(p, lp, kv, c_BSD):
         c_BSD = checkpoint_name(c_BSD, "block_input")
         build = _vace_block_first if "before_proj" in p else VaceBlock
-        return layers.bind(build, cfg, p)(ctx, c_BSD, x0_BSD, e0_B6D, lp)
+        return layers.bind(build, cfg, p)(ctx, c_BSD, x0_BSD, e0_B6D, lp, kv)
 
     if scanned:
-        at = lambda fn: lambda ps, lps, i, x: fn(*jax.tree.map(lambda a: a[i], (ps, lps)), x)  # noqa: E731
+        at = lambda fn: lambda ps, lps, kvs, i, x: fn(*jax.tree.map(lambda a: a[i], (ps, lps, kvs)), x)  # noqa: E731
         main, vace = at(main), at(vace)
     policy = ctx.opts.remat_policy
     return _remat(policy, main, scanned=scanned), _remat(policy, vace, scanned=scanned)
 
 
-def _run_unrolled(ctx: _Ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J):
+def _run_unrolled(ctx: _Ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
     """VACE block j depends only on x0 and block j-1, so it runs just before its hint is added after main block
-    vace_layers[j]: one hint is alive at a time instead of all J."""
+    vace_layers[j]: one hint is alive at a time instead of all J. kv: `Prepared.kv` (flat) or None."""
     cfg = ctx.cfg
     main, vace = _block_fns(ctx, x0_BSD, e0_B6D, scanned=False)
     x_BSD = x0_BSD
     for i in range(cfg.num_layers):
-        x_BSD = main(params["blocks"][str(i)], _sub(lp, "blocks", str(i)), x_BSD)
+        x_BSD = main(params["blocks"][str(i)], _sub(lp, "blocks", str(i)), _sub(kv, "blocks", str(i)), x_BSD)
         if i in cfg.vace_layers:
             j = cfg.vace_layers.index(i)
-            hint_BSD, c_BSD = vace(params["vace_blocks"][str(j)], _sub(lp, "vace_blocks", str(j)), c_BSD)
+            hint_BSD, c_BSD = vace(params["vace_blocks"][str(j)], _sub(lp, "vace_blocks", str(j)),
+                                   _sub(kv, "vace_blocks", str(j)), c_BSD)
             x_BSD = x_BSD + scales_J[j] * hint_BSD
     return x_BSD
 
 
-def _run_scanned(ctx: _Ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J):
+def _run_scanned(ctx: _Ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
     """One lax.scan over VACE super-blocks (main block j*P, VACE block j + hint, main blocks j*P+1 .. j*P+P-1 as an
-    inner scan), or over all blocks for T2V. lp is the stacked LoRA tree (or None). The scans run over layer
-    indices; every block reads its layer from the stacks (`_block_fns`)."""
+    inner scan), or over all blocks for T2V. lp is the stacked LoRA tree (or None); kv the stacked `Prepared.kv`
+    (or None). The scans run over layer indices; every block reads its layer from the stacks (`_block_fns`)."""
     cfg = ctx.cfg
     main, vace = _block_fns(ctx, x0_BSD, e0_B6D, scanned=True)
-    p_main, l_main = params["blocks"], _sub(lp, "blocks")
+    p_main, l_main, k_main = params["blocks"], _sub(lp, "blocks"), _sub(kv, "blocks")
 
     def scan_main(x_BSD, layer_ids):
-        return jax.lax.scan(lambda x, i: (main(p_main, l_main, i, x), None), x_BSD, layer_ids)[0]
+        return jax.lax.scan(lambda x, i: (main(p_main, l_main, k_main, i, x), None), x_BSD, layer_ids)[0]
 
     if not cfg.has_vace:
         return scan_main(x0_BSD, jnp.arange(cfg.num_layers))
 
     j, per = len(cfg.vace_layers), scan_period(cfg)
-    p_vace, l_vace = params["vace_blocks"], _sub(lp, "vace_blocks")
+    p_vace, l_vace, k_vace = params["vace_blocks"], _sub(lp, "vace_blocks"), _sub(kv, "vace_blocks")
 
     def super_block(carry, xs):
         x_BSD, c_BSD = carry
         jj, scale = xs
-        x_BSD = main(p_main, l_main, jj * per, x_BSD)
-        hint_BSD, c_BSD = vace(p_vace, l_vace, jj, c_BSD)
+        x_BSD = main(p_main, l_main, k_main, jj * per, x_BSD)
+        hint_BSD, c_BSD = vace(p_vace, l_vace, k_vace, jj, c_BSD)
         x_BSD = x_BSD + scale * hint_BSD
         if per > 1:
             x_BSD = scan_main(x_BSD, jj * per + jnp.arange(1, per))
@@ -507,8 +553,198 @@ def _run_scanned(ctx: _Ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J):
     return jax.lax.scan(super_block, (x0_BSD, c_BSD), (jnp.arange(j), scales_J))[0][0]
 
 
-def forward(cfg: WanConfig, params, x, t, text, vace_context=None, *, lora=None, context_scale=1.0,
-            text_lens=None, options: Options | None = None):
+# --------------------------------------------------------------------------------------- forward in stages
+#
+# forward = embed -> run_blocks -> apply_head. What depends only on the text and the VACE context (the text MLP,
+# every block's cross-attention K/V, the context's patch embedding) is a `Prepared`, computed once per video by
+# `prepare` and reused at every denoising step; TeaCache (sample/sampler.py) reuses run_blocks' residual.
+
+
+@struct.dataclass
+class Prepared:
+    """A forward's per-video constants (`prepare`), with the batch axis of the forward they serve.
+
+    kv: every block's cross-attention (k, v) of the embedded text, each [B, L', N, K] in the compute dtype (k after
+        norm_k; L' = the folded text length): {"blocks": {"i": (k, v)}, "vace_blocks": {"j": (k, v)}} for flat
+        params, {"blocks": (k, v), "vace_blocks": (k, v)} with a leading layer axis [num_layers | J, ...] for
+        stacked ones (scanned with the weights);
+    text_bias: [B, L'] fp32, the padding fold's logit bias (`fold_text`), or None;
+    context: [B, S, D] fp32, the VACE context's patch embedding (before before_proj), or None (T2V, or not given:
+        `embed_context` computes one; `prepared.replace(context=...)` sets it).
+    They hold the text embedding, K/V and context embedding of the weights and LoRA they were prepared with."""
+
+    kv: Any
+    text_bias: Any = None
+    context: Any = None
+
+
+@struct.dataclass
+class Embedded:
+    """What `embed` gives for one step: x0 [B, S, D] fp32 patch tokens of the latents (S padded to a multiple of a
+    context axis's size, if the layout has one), e [B, D] and e0 [B, 6, D]
+    fp32 time embeddings (head / blocks), and the token grid (static)."""
+
+    x0: jax.Array
+    e: jax.Array
+    e0: jax.Array
+    grid: tuple = struct.field(pytree_node=False, default=())
+
+
+def _setup(cfg: WanConfig, opts: Options, stacked: bool, lora, grid=None):
+    """(ctx, lp): the per-call context (RoPE tables for `grid`, if given) and the LoRA tree in the params' layout."""
+    lp = None
+    if lora is not None:
+        unknown = [path for path in lora_lib.adapter_paths(lora) if path not in _dense_paths(cfg)]
+        if unknown:
+            raise ValueError(f"LoRA adapters without a matching Dense layer in the model: {unknown}")
+        lp = stack_lora(cfg, lora.params) if stacked else lora.params
+    ctx = _Ctx(cfg, opts, _DTYPES[opts.dtype], 1.0 if lora is None else lora.config.scale)
+    if grid is not None:
+        # a context axis of c devices splits the S tokens: they are padded to a multiple of c (`_tokens`, the RoPE
+        # tables here), the padded keys are masked in self-attention (everything else is per token) and the padded
+        # rows are dropped before the head
+        tokens = math.prod(grid)
+        padded = _padded(tokens)
+        rope = tuple(jnp.pad(a, ((0, 0), (0, padded - tokens), (0, 0), (0, 0)))
+                     for a in layers.rope_tables(cfg.head_dim, grid, theta=cfg.rope_theta))
+        ctx = dataclasses.replace(ctx, rope=rope, tokens=tokens, padded=padded)
+    return ctx, lp
+
+
+def _stem_of(cfg: WanConfig, params):
+    return layers.bind(_stem, cfg, {k: v for k, v in params.items() if k not in STACKED_KEYS})
+
+
+def _grid(cfg: WanConfig, x):
+    _, f, h, w, _ = x.shape
+    return (f // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
+
+
+def _scales(cfg: WanConfig, context_scale):
+    if not cfg.has_vace:
+        return None
+    return jnp.broadcast_to(jnp.asarray(context_scale, f32).reshape(-1), (len(cfg.vace_layers),))
+
+
+def _text_kv(ctx: _Ctx, params, lp, stacked: bool, text_BLD):
+    """`Prepared.kv`: every block's cross-attention (k, v) of text_BLD, in the params' layout (stacked: one
+    lax.map over the layer axis, the same per-layer computation as inside the scanned blocks)."""
+    kv_of = lambda p, l: layers.bind(Attention, ctx.cfg, p["cross_attn"]).text_kv(ctx, text_BLD, _sub(l, "cross_attn"))
+    out = {}
+    for name in ("blocks", "vace_blocks") if ctx.cfg.has_vace else ("blocks",):
+        if stacked:
+            out[name] = jax.lax.map(lambda pl: kv_of(*pl), (params[name], _sub(lp, name)))
+        else:
+            out[name] = {i: kv_of(p, _sub(lp, name, i)) for i, p in params[name].items()}
+    return out
+
+
+def _run_blocks(ctx: _Ctx, stacked: bool, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
+    """The block stack (main + VACE) on patch tokens x0: the residual stream x before the head [B, S, D] fp32. c is
+    the VACE context's patch embedding (before before_proj)."""
+    if stacked:
+        if ctx.cfg.has_vace:  # VACE block 0's input projection, hoisted out of the scan
+            before = layers.bind(_before_proj, ctx.cfg, params["vace_before_proj"])
+            c_BSD = _lin(ctx, before, c_BSD, lp, "vace_before_proj", out_dtype=f32) + x0_BSD
+        return _run_scanned(ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J)
+    return _run_unrolled(ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J)
+
+
+def _layout(cfg: WanConfig, *arrays):
+    return layers.layout(arrays, units=(_heads(cfg),))
+
+
+def _check_prepared(cfg: WanConfig, stacked: bool, b: int, s: int, prepared: Prepared):
+    if not isinstance(prepared, Prepared):
+        raise ValueError(f"prepared must be a wan.Prepared (from wan.prepare), got {type(prepared).__name__}")
+    k = jax.tree.leaves(prepared.kv)[0]
+    if isinstance(prepared.kv["blocks"], dict) == stacked:
+        raise ValueError(f"prepared was made for {'flat' if stacked else 'stacked'} params, these are "
+                         f"{'stacked' if stacked else 'flat'}: prepare with the params the forward runs")
+    if k.shape[-4] != b:
+        raise ValueError(f"prepared has batch {k.shape[-4]}, x has {b}: prepare the text of every sample")
+    if cfg.has_vace and (prepared.context is None or tuple(prepared.context.shape) != (b, s, cfg.dim)):
+        raise ValueError(f"this VACE model needs prepared.context of shape {(b, s, cfg.dim)} (wan.embed_context of "
+                         f"the vace_context), got {None if prepared.context is None else prepared.context.shape}")
+
+
+def prepare(cfg: WanConfig, params, text, vace_context=None, *, lora=None, text_lens=None,
+            options: Options | None = None) -> Prepared:
+    """The per-video constants of `forward(..., prepared=)`: the folded text's bias, every block's cross-attention
+    K/V of the embedded text and (if vace_context is given) the context's patch embedding. Arguments as in
+    `forward`; lora and options must be the ones the forward runs with (a LoRA on text_embedding, cross_attn.k/v
+    or vace_patch_embedding changes these constants), params in the same layout (flat or stacked)."""
+    b = text.shape[0] if getattr(text, "ndim", 0) == 3 else None
+    if b is None or text.shape[2] != cfg.text_dim or text.shape[1] > cfg.text_len:
+        raise ValueError(f"text must be [B, L <= {cfg.text_len}, {cfg.text_dim}], got shape {np.shape(text)}")
+    if text_lens is not None and np.shape(text_lens) != (b,):
+        raise ValueError(f"text_lens must have shape [B] = [{b}], got {np.shape(text_lens)}")
+    stacked = is_stacked(cfg, params)
+    options = Options.default() if options is None else options
+    context = None if vace_context is None else embed_context(cfg, params, vace_context, lora=lora, options=options)
+    with _layout(cfg, params, lora, text):
+        ctx, lp = _setup(cfg, options, stacked, lora)
+        text_BLC, text_bias = fold_text(cfg, text, text_lens, fold=options.fold_text_padding)
+        text_BLD = _stem_of(cfg, params).embed_text(ctx, text_BLC, lp)
+        return Prepared(kv=_text_kv(ctx, params, lp, stacked, text_BLD), text_bias=text_bias, context=context)
+
+
+def embed_context(cfg: WanConfig, params, vace_context, *, lora=None, options: Options | None = None):
+    """The VACE context's patch embedding [B, S, D] fp32 (`Prepared.context`; before vace_blocks.0.before_proj).
+    vace_context [B, F, H, W, vace_in_dim]."""
+    if not cfg.has_vace:
+        raise ValueError("vace_context given but this config has no VACE layers (vace_layers=())")
+    if vace_context.ndim != 5 or vace_context.shape[-1] != cfg.vace_in_dim or any(
+            n % p for n, p in zip(vace_context.shape[1:4], cfg.patch_size)):
+        raise ValueError(f"vace_context must be [B, F, H, W, {cfg.vace_in_dim}] with (F, H, W) divisible by the "
+                         f"patch size {cfg.patch_size}, got {vace_context.shape}")
+    options = Options.default() if options is None else options
+    with _layout(cfg, params, lora, vace_context):
+        ctx, lp = _setup(cfg, options, is_stacked(cfg, params), lora)
+        return _stem_of(cfg, params).embed_context(ctx, vace_context, lp)
+
+
+def embed(cfg: WanConfig, params, x, t, *, lora=None, options: Options | None = None) -> Embedded:
+    """The per-step input stage: latents x [B, F, H, W, in_dim] at times t [B] -> `Embedded` (x0, e, e0)."""
+    check_latents(cfg, x, t)
+    options = Options.default() if options is None else options
+    with _layout(cfg, params, lora, x):
+        ctx, lp = _setup(cfg, options, is_stacked(cfg, params), lora)
+        x0_BSD, e_BD, e0_B6D = _stem_of(cfg, params).embed_latents(ctx, x, t, lp)
+        return Embedded(x0=x0_BSD, e=e_BD, e0=e0_B6D, grid=_grid(cfg, x))
+
+
+def run_blocks(cfg: WanConfig, params, embedded: Embedded, prepared: Prepared, *, lora=None, context_scale=1.0,
+               options: Options | None = None):
+    """The block stack (main + VACE, hints added) on embedded.x0: the residual stream before the head, [B, S, D]
+    fp32. TeaCache caches run_blocks(...) - embedded.x0."""
+    stacked = is_stacked(cfg, params)
+    b, s, _ = embedded.x0.shape
+    _check_prepared(cfg, stacked, b, s, prepared)
+    if cfg.has_vace and (np.ndim(context_scale) > 1 or np.size(context_scale) not in (1, len(cfg.vace_layers))):
+        raise ValueError(f"context_scale must be a scalar or have {len(cfg.vace_layers)} entries, "
+                         f"got shape {np.shape(context_scale)}")
+    options = Options.default() if options is None else options
+    with _layout(cfg, params, lora, embedded.x0):
+        ctx, lp = _setup(cfg, options, stacked, lora, embedded.grid)
+        ctx = dataclasses.replace(ctx, text_bias=prepared.text_bias)
+        return _run_blocks(ctx, stacked, params, lp, prepared.kv, embedded.x0, prepared.context, embedded.e0,
+                           _scales(cfg, context_scale))
+
+
+def apply_head(cfg: WanConfig, params, x_BSD, embedded: Embedded, *, lora=None, options: Options | None = None):
+    """The output stage: the residual stream x [B, S, D] through the head, modulated by embedded.e (this step's
+    time), unpatchified to the velocity [B, F, H, W, out_dim] fp32."""
+    options = Options.default() if options is None else options
+    with _layout(cfg, params, lora, x_BSD):
+        ctx, lp = _setup(cfg, options, is_stacked(cfg, params), lora)
+        # the rows a context axis padded the tokens with (`_tokens`) end here
+        out = _stem_of(cfg, params).head(ctx, x_BSD[:, :math.prod(embedded.grid)], embedded.e, _sub(lp, "head"))
+        return unpatchify(out, embedded.grid, cfg.patch_size)
+
+
+def forward(cfg: WanConfig, params, x, t, text=None, vace_context=None, *, lora=None, context_scale=1.0,
+            text_lens=None, options: Options | None = None, prepared: Prepared | None = None):
     """Flow velocity of the Wan DiT (+ VACE) at latents x and timesteps t.
 
     params: the flat tree (blocks run unrolled) or the stacked one (`stack_layers`; blocks run under lax.scan): the
@@ -521,44 +757,36 @@ def forward(cfg: WanConfig, params, x, t, text, vace_context=None, *, lora=None,
     bias, exactly, even when the prompts of one batch differ in length.
     options: the run-time `Options` (compute dtype, attention kernel and blocks, remat, text fold); None means
     `Options.default()` for the current backend.
+    prepared: a `Prepared` from `prepare` (text, text_lens and vace_context are then taken from it and must be
+    None): embed -> run_blocks -> apply_head with the per-video constants precomputed, the same numbers.
     Returns the velocity [B, F, H, W, out_dim] in fp32.
 
     Sharded params and inputs need nothing more than a plain `jax.jit`: the forward pins its own layout on the mesh
     they live on (`layers.layout`), so its value and gradients equal the one-device ones under any sharding.
     """
+    options = Options.default() if options is None else options
+    if prepared is not None:
+        if text is not None or vace_context is not None or text_lens is not None:
+            raise ValueError("pass either prepared or text / text_lens / vace_context, not both")
+        emb = embed(cfg, params, x, t, lora=lora, options=options)
+        x_BSD = run_blocks(cfg, params, emb, prepared, lora=lora, context_scale=context_scale, options=options)
+        return apply_head(cfg, params, x_BSD, emb, lora=lora, options=options)
+    if text is None:
+        raise ValueError("forward needs text (or prepared, from wan.prepare)")
     check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens)
     stacked = is_stacked(cfg, params)
-    options = Options.default() if options is None else options
-    with layers.layout((params, lora, x, vace_context), units=(_heads(cfg),)):
+    with _layout(cfg, params, lora, x, vace_context):
         return _forward(cfg, options, stacked, params, x, t, text, vace_context, lora, context_scale, text_lens)
 
 
 def _forward(cfg: WanConfig, opts: Options, stacked: bool, params, x, t, text, vace_context, lora, context_scale,
              text_lens):
-    b, f, h, w, _ = x.shape
-    grid = (f // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
-    lp = None
-    if lora is not None:
-        unknown = [path for path in lora_lib.adapter_paths(lora) if path not in _dense_paths(cfg)]
-        if unknown:
-            raise ValueError(f"LoRA adapters without a matching Dense layer in the model: {unknown}")
-        lp = stack_lora(cfg, lora.params) if stacked else lora.params
-    ctx = _Ctx(cfg, opts, _DTYPES[opts.dtype], 1.0 if lora is None else lora.config.scale,
-               rope=layers.rope_tables(cfg.head_dim, grid, theta=cfg.rope_theta))
-
-    stem = layers.bind(_stem, cfg, {k: v for k, v in params.items() if k not in STACKED_KEYS})
+    grid = _grid(cfg, x)
+    ctx, lp = _setup(cfg, opts, stacked, lora, grid)
+    stem = _stem_of(cfg, params)
     # text: with fold_text_padding the (text_len - L) identical padded rows are one row with a log(count) bias
     text_BLC, text_bias = fold_text(cfg, text, text_lens, fold=opts.fold_text_padding)
     x0_BSD, c_BSD, e_BD, e0_B6D, text_BLD = stem.embed(ctx, x, t, text_BLC, vace_context, lp)
     ctx = dataclasses.replace(ctx, text_BLD=text_BLD, text_bias=text_bias)
-    scales_J = None
-    if cfg.has_vace:
-        scales_J = jnp.broadcast_to(jnp.asarray(context_scale, f32).reshape(-1), (len(cfg.vace_layers),))
-    if stacked:
-        if cfg.has_vace:  # VACE block 0's input projection, hoisted out of the scan
-            before = layers.bind(_before_proj, cfg, params["vace_before_proj"])
-            c_BSD = _lin(ctx, before, c_BSD, lp, "vace_before_proj", out_dtype=f32) + x0_BSD
-        x_BSD = _run_scanned(ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J)
-    else:
-        x_BSD = _run_unrolled(ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J)
-    return unpatchify(stem.head(ctx, x_BSD, e_BD, _sub(lp, "head")), grid, cfg.patch_size)
+    x_BSD = _run_blocks(ctx, stacked, params, lp, None, x0_BSD, c_BSD, e0_B6D, _scales(cfg, context_scale))
+    return unpatchify(stem.head(ctx, x_BSD[:, :ctx.tokens], e_BD, _sub(lp, "head")), grid, cfg.patch_size)

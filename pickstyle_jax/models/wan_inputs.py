@@ -52,7 +52,8 @@ def fold_text(cfg, text_BLC, text_lens=None, *, fold: bool = True):
     return jnp.pad(text_BLC, ((0, 0), (0, 1), (0, 0))), bias_BL
 
 
-def check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens=None):
+def check_latents(cfg, x, t):
+    """The checks of the latents x and times t (`wan.embed`'s inputs)."""
     if x.ndim != 5 or x.shape[-1] != cfg.in_dim:
         raise ValueError(f"x must be [B, F, H, W, {cfg.in_dim}] channels-last latents, got shape {x.shape}")
     b, f, h, w, _ = x.shape
@@ -60,6 +61,11 @@ def check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens=None):
         raise ValueError(f"latent (F, H, W) = {(f, h, w)} must be divisible by the patch size {cfg.patch_size}")
     if np.shape(t) not in ((b,), ()):
         raise ValueError(f"t must have shape [B] = [{b}] (or be a scalar), got {np.shape(t)}")
+
+
+def check_inputs(cfg, x, t, text, vace_context, context_scale, text_lens=None):
+    check_latents(cfg, x, t)
+    b, f, h, w, _ = x.shape
     if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_dim:
         raise ValueError(f"text must be [B={b}, L, {cfg.text_dim}], got shape {text.shape}")
     if text.shape[1] > cfg.text_len:

@@ -26,16 +26,36 @@ alignment with the video, reproducible for a seed. "text": (text, z), (null, z).
 Start (partial noise): x = (1 - sigma_skip) * source_latents + sigma_skip * eps, eps ~ N(0, 1) in fp32 from the key;
 the solver starts at index `skip` with a fresh state, so its first step is first order.
 
-TeaCache (cache="teacache") is the *output-level* variant: `wan.forward` is one fused function with no residual
-hook, so instead of the reference's block residual (x_out - x_in across all blocks, re-added to the new patch
-embedding) the cache holds every branch's last velocity and returns it when skipping. The decision is the
-reference's: the relative L1 change of the timestep modulation e0 (computed here from the time-embedding weights),
-rescaled by the 14B polynomial and accumulated until it reaches the threshold; a skipped step reuses every branch's
-cached velocity exactly (the guidance, APG's momentum included, and the solver step still run). Unlike the reference
-it counts executed steps (not calls), keys the cache by branch, always computes the first 5 and the last executed
-step, and starts fresh in every sampler call. cache_threshold <= 0 never skips (it equals the uncached sampler
-exactly): the polynomial's constant term is negative (-0.042), so a plain `acc >= threshold` test would skip
-nearly-equal steps even at threshold 0. It is an approximation; leave it off for parity.
+Per video, not per step: the DiT runs in stages (`wan.prepare` -> `wan.embed` -> `wan.run_blocks` ->
+`wan.apply_head`). Before the step scan, once per call, `wan.prepare` embeds every branch's text and computes every
+block's cross-attention K/V of it (main and VACE blocks), and `wan.embed_context` the fixed branches' VACE context
+patch embeddings; each step then embeds only the latents and the time. The permuted branch of CS-CFG is the
+exception: its context's patch embedding is recomputed every step. The frame permutation alone keeps patches whole
+(p_t = 1), but the row and column ones do not: a patch takes rows (pi(2i), pi(2i+1)), which is a patch of the
+unpermuted context, in order, for every i only with probability (h/2)! / h! (3e-5 for h = 10, 3e-50 for h = 60), so
+the embedding of the permuted context is not a permutation of the embedding's tokens. Recomputing it costs
+2 S (4 * 96) D FLOPs, 0.13 TFLOP at vace-14B, 81 x 480 x 832 (bench/cache.py: under 0.01% of a step).
+
+TeaCache (cache="teacache") follows the reference (PickStyle's and TeaCache4Wan2.1's): on a computed step it caches
+every branch's residual of the block stack, R = run_blocks(x0) - x0 (the main and VACE blocks, hints included, before
+the head); on a skipped step it adds R to the *current* step's patch-embedded input x0 and runs the *current* head
+(modulated by this step's time embedding), so only the blocks are skipped. The decision is the reference's: the
+relative L1 change of the timestep modulation e0 (computed here from the time-embedding weights), rescaled by the
+model's polynomial (`teacache_polynomial`: TeaCache's Wan2.1 1.3B fit for dim-1536 models, else the 14B fit PickStyle
+ships) and accumulated until it reaches the threshold; the guidance (APG's momentum included) and the solver step run
+on every step. Unlike the reference it counts executed steps (not calls), keys the cache by branch (the rows of the
+batched forward), always computes the first 5 and the last executed step, and starts fresh in every sampler call.
+cache_threshold <= 0 never skips (it equals the uncached sampler exactly): the polynomial's constant term is
+negative, so a plain `acc >= threshold` test would skip nearly-equal steps even at threshold 0. It is an
+approximation; leave it off for parity. The cache holds [n_branches * B, S, dim] fp32 (2.0 GB at vace-14B, 81 x 480
+x 832, 3 branches).
+
+A schedule decided ahead of time (cache="static", MagCache-style): cache_steps names the executed steps whose blocks
+run, e.g. from `magcache_schedule` on the residual magnitudes of a cache="calibrate" run. Its step loop has no
+lax.cond: a lax.scan over the computed steps, each followed by a fixed number of skipped sub-steps (the longest run
+of skips in the schedule) that are masked out where a shorter run ends; a skipped sub-step is TeaCache's (this
+step's patch tokens + the cached residual, this step's head), so a masked one costs only embeddings, head, guidance
+and solver.
 """
 from __future__ import annotations
 
@@ -57,10 +77,15 @@ from pickstyle_jax.sample.settings import SamplerSettings
 f32 = jnp.float32
 
 __all__ = ["make_sampler", "Sampler", "SamplerState", "TeaCacheState", "permute_context", "null_context_key",
-           "time_modulation", "teacache_decide", "TEACACHE_POLY_14B", "TEACACHE_WARMUP"]
+           "time_modulation", "teacache_decide", "teacache_polynomial", "magcache_schedule", "TEACACHE_POLY_14B",
+           "TEACACHE_POLY_1_3B", "TEACACHE_WARMUP"]
 
-# TeaCache rescale polynomial of Wan2.1-14B with "ret-steps" (modulated input = e0), highest degree first.
+# TeaCache rescale polynomials with "ret-steps" (modulated input = e0), highest degree first. 14B: the one PickStyle
+# ships for 14B (TeaCache4Wan2.1's Wan2.1-I2V-14B-720P fit). 1.3B: TeaCache4Wan2.1's Wan2.1-T2V-1.3B fit, its only
+# 1.3B ret-steps polynomial (PickStyle's "1.3B" entry is TeaCache's I2V-14B-480P fit, 2.57151496e5, ...).
 TEACACHE_POLY_14B = (8.10705460e3, 2.13393892e3, -3.72934672e2, 1.66203073e1, -4.17769401e-2)
+TEACACHE_POLY_1_3B = (-5.21862437e4, 9.23041404e3, -5.28275948e2, 1.36987616e1, -4.99875664e-2)
+_TEACACHE_POLYS = {1536: TEACACHE_POLY_1_3B, 5120: TEACACHE_POLY_14B}  # by model width: 1.3B and 14B Wan2.1
 TEACACHE_WARMUP = 5  # executed steps always computed at the start
 
 _DEFAULT = SamplerSettings()  # make_sampler's defaults are these
@@ -91,6 +116,37 @@ def time_modulation(cfg: wan.WanConfig, params, t):
     return layers.dense(jax.nn.silu(e), tp["1"], dtype=f32).reshape(-1)
 
 
+def teacache_polynomial(cfg: wan.WanConfig) -> tuple:
+    """The TeaCache polynomial of a model, chosen by its width: dim 1536 (Wan2.1 1.3B) -> TEACACHE_POLY_1_3B, dim
+    5120 (14B) -> TEACACHE_POLY_14B; any other width (tiny and demo models, uncalibrated) takes the 14B one."""
+    return _TEACACHE_POLYS.get(cfg.dim, TEACACHE_POLY_14B)
+
+
+def magcache_schedule(norms, n_exec: int | None = None, *, threshold: float = 0.06, max_skips: int = 2,
+                      warmup: int = TEACACHE_WARMUP) -> tuple:
+    """A static schedule (make_sampler's cache_steps) by MagCache's rule from calibrated residual magnitudes.
+
+    norms: [n_exec, ...] the block residual's mean per-token norm of every executed step (and branch), from a
+    cache="calibrate" sampler on a representative input; the ratio of step i is mean(norms[i] / norms[i - 1]) over
+    the trailing axes. The first `warmup` and the last step are computed; after a computed step the skipped ones
+    accumulate r *= ratio[i] and err += |1 - r| and a step is skipped while err < threshold and at most max_skips in
+    a row are. Host-side NumPy; the result is static. Returns the executed-step indices that run the blocks."""
+    norms = np.asarray(norms, np.float64).reshape(len(norms), -1)
+    n_exec = len(norms) if n_exec is None else n_exec
+    ratio = np.ones(n_exec)
+    ratio[1:] = np.mean(norms[1:n_exec] / np.maximum(norms[:n_exec - 1], 1e-30), axis=1)
+    computed, acc_r, acc_err, run = [], 1.0, 0.0, 0
+    for i in range(n_exec):
+        if i >= warmup and i < n_exec - 1:
+            acc_r, run = acc_r * ratio[i], run + 1
+            acc_err += abs(1.0 - acc_r)
+            if acc_err < threshold and run <= max_skips:
+                continue
+        computed.append(i)
+        acc_r, acc_err, run = 1.0, 0.0, 0
+    return tuple(computed)
+
+
 def teacache_decide(prev_e0, acc, e0, i, n_exec, threshold, poly):
     """(compute?, new accumulator) of executed step i: the reference rule on the relative L1 change of e0 from
     prev_e0, warm-up and last step forced; a threshold <= 0 computes every step (the polynomial can be negative, so
@@ -105,11 +161,11 @@ def teacache_decide(prev_e0, acc, e0, i, n_exec, threshold, poly):
 @struct.dataclass
 class TeaCacheState:
     """What TeaCache carries from step to step: the last e0 [6 dim], the accumulated change [] and every branch's
-    last computed velocity [n_branches * B, f, h, w, 16], all fp32."""
+    last computed residual of the block stack, run_blocks(x0) - x0 [n_branches * B, S, dim], all fp32."""
 
     e0: jax.Array
     acc: jax.Array
-    v: jax.Array
+    residual: jax.Array
 
 
 @struct.dataclass
@@ -126,15 +182,14 @@ class SamplerState:
 
 @struct.dataclass
 class _Inputs:
-    """A run's inputs that every step reads unchanged: the weights, every branch's text (padded to one length) and
-    true lengths, the fixed branches' contexts, the real context (CS-CFG permutes it per step), the permutation key,
-    and the pinned latents keep [B, m, ...] with their noise (m = 0: nothing pinned)."""
+    """A run's inputs that every step reads unchanged: the weights, the per-video constants of every branch
+    (`wan.Prepared`: text K/V of every block, and the fixed branches' context embeddings in .context), the real
+    context (CS-CFG permutes it per step), the permutation key, and the pinned latents keep [B, m, ...] with their
+    noise (m = 0: nothing pinned)."""
 
     params: Any
     adapters: Any
-    text: jax.Array
-    text_lens: jax.Array
-    fixed_context: jax.Array
+    prepared: wan.Prepared
     context: jax.Array
     perm_key: jax.Array
     keep: jax.Array | None
@@ -156,6 +211,8 @@ class _Plan:
     cache: str | None
     cache_threshold: float
     teacache_poly: tuple
+    cache_steps: tuple
+    calibrate: bool
     mesh: Any
     rules: Any
     progress: Callable | None
@@ -250,30 +307,53 @@ def _constrain_batch(plan: _Plan, a):
     return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(plan.mesh, spec))
 
 
-def _velocities(plan: _Plan, inputs: _Inputs, x, k):
-    """Every branch's velocity at (x, grid step k) from one batched forward: [n_branches * B, ...] fp32."""
+def _embed(plan: _Plan, inputs: _Inputs, x, k) -> wan.Embedded:
+    """Every branch's patch tokens and time embeddings at (x, grid step k): the batch is [n_branches * B]."""
     n = plan.n_branches
-    ctx = inputs.fixed_context
-    if plan.mode == "cs_cfg":
-        ctx = jnp.concatenate([ctx, permute_context(null_context_key(inputs.perm_key, k), inputs.context)], axis=0)
     x_all = _constrain_batch(plan, jnp.concatenate([x] * n, axis=0))
     t_all = jnp.full((n * x.shape[0],), jnp.asarray(plan.scheduler.timesteps, f32)[k], f32)
-    v = wan.forward(plan.cfg, inputs.params, x_all, t_all, inputs.text, _constrain_batch(plan, ctx),
-                    lora=inputs.adapters, text_lens=inputs.text_lens, options=plan.options)
-    return v.astype(f32)
+    return wan.embed(plan.cfg, inputs.params, x_all, t_all, lora=inputs.adapters, options=plan.options)
+
+
+def _blocks(plan: _Plan, inputs: _Inputs, emb: wan.Embedded, k):
+    """Every branch's block stack at grid step k (the residual stream before the head), with the per-video
+    constants; CS-CFG's permuted branch embeds its context of step k here (see the module docstring)."""
+    c_all = inputs.prepared.context
+    if plan.mode == "cs_cfg":
+        perm = _constrain_batch(plan, permute_context(null_context_key(inputs.perm_key, k), inputs.context))
+        c_perm = wan.embed_context(plan.cfg, inputs.params, perm, lora=inputs.adapters, options=plan.options)
+        c_all = jnp.concatenate([c_all, c_perm], axis=0)
+    prepared = inputs.prepared.replace(context=_constrain_batch(plan, c_all))
+    return wan.run_blocks(plan.cfg, inputs.params, emb, prepared, lora=inputs.adapters, options=plan.options)
 
 
 def _sample_step(plan: _Plan, inputs: _Inputs, text_scale, context_scale, state: SamplerState, k):
-    """Grid step k: the branches' velocities (or TeaCache's), guidance, a solver step, the pinned frames reset."""
+    """Grid step k: the branches' velocities (TeaCache: the blocks skipped or not), guidance, a solver step, the
+    pinned frames reset."""
     cache = state.cache
+    emb = _embed(plan, inputs, state.x, k)
     if plan.cache == "teacache":
         e0 = time_modulation(plan.cfg, inputs.params, jnp.asarray(plan.scheduler.timesteps, f32)[k])
         compute, acc = teacache_decide(cache.e0, cache.acc, e0, k - plan.skip, plan.n_exec, plan.cache_threshold,
                                        plan.teacache_poly)
-        v_all = jax.lax.cond(compute, lambda: _velocities(plan, inputs, state.x, k), lambda: cache.v)
-        cache = TeaCacheState(e0=e0, acc=acc, v=v_all)
+
+        def run():  # the head reads x_out itself (not x0 + (x_out - x0)): never skipping is exact
+            x_out = _blocks(plan, inputs, emb, k)
+            return x_out, x_out - emb.x0
+
+        x_out, residual = jax.lax.cond(compute, run, lambda: (emb.x0 + cache.residual, cache.residual))
+        cache = TeaCacheState(e0=e0, acc=acc, residual=residual)
     else:
-        v_all = _velocities(plan, inputs, state.x, k)
+        x_out = _blocks(plan, inputs, emb, k)
+    return _finish(plan, inputs, text_scale, context_scale, state.replace(cache=cache), k, x_out, emb), None
+
+
+def _finish(plan: _Plan, inputs: _Inputs, text_scale, context_scale, state: SamplerState, k, x_out, emb,
+            active=True) -> SamplerState:
+    """The rest of grid step k from the block stack's output x_out: the head (this step's time), guidance, a solver
+    step, the pinned frames reset, progress (only if `active`)."""
+    v_all = wan.apply_head(plan.cfg, inputs.params, x_out, emb, lora=inputs.adapters,
+                           options=plan.options).astype(f32)
     v, g_state = guidance.combine(plan.mode, v_all, text_scale=text_scale, context_scale=context_scale,
                                   apg=plan.apg, state=state.guidance)
     x, solver_state = plan.scheduler.step(state.solver, state.x, v.astype(f32), k)
@@ -282,14 +362,44 @@ def _sample_step(plan: _Plan, inputs: _Inputs, text_scale, context_scale, state:
         m = inputs.keep.shape[1]
         x = jnp.concatenate([(1 - sigma) * inputs.keep + sigma * inputs.keep_eps, x[:, m:]], axis=1)
     if plan.progress is not None:
-        jax.debug.callback(plan.progress, k)
-    return SamplerState(x=x, solver=solver_state, guidance=g_state, cache=cache), None
+        jax.debug.callback(lambda k, on: plan.progress(k) if on else None, k, active)
+    return SamplerState(x=x, solver=solver_state, guidance=g_state, cache=state.cache)
+
+
+def _schedule_segments(plan: _Plan):
+    """The static schedule as scan inputs: per computed step its grid index and how many skipped steps follow."""
+    comp = sorted(plan.cache_steps)
+    after = [(comp[i + 1] if i + 1 < len(comp) else plan.n_exec) - c - 1 for i, c in enumerate(comp)]
+    return np.asarray([plan.skip + c for c in comp], np.int32), np.asarray(after, np.int32)
+
+
+def _segment(plan: _Plan, inputs: _Inputs, text_scale, context_scale, max_after: int, state: SamplerState, xs):
+    """cache="static": a computed grid step k, then the n (<= max_after, static) skipped steps after it, each this
+    step's patch tokens + k's block residual through this step's head. No lax.cond: the max_after sub-steps always
+    run (embeddings, head, guidance and solver only: cheap) and those beyond n are masked out. ys: the residual's
+    mean per-token L2 norm of every branch (magcache_schedule's calibration)."""
+    k, n = xs
+    emb = _embed(plan, inputs, state.x, k)
+    x_out = _blocks(plan, inputs, emb, k)
+    residual = x_out - emb.x0
+    state = _finish(plan, inputs, text_scale, context_scale, state, k, x_out, emb)
+
+    def skipped(j, st):
+        kj = jnp.minimum(k + 1 + j, plan.steps - 1)  # masked sub-steps past the last step stay in range
+        e = _embed(plan, inputs, st.x, kj)
+        new = _finish(plan, inputs, text_scale, context_scale, st, kj, e.x0 + residual, e, active=j < n)
+        return jax.tree.map(lambda a, b: jnp.where(j < n, a, b), new, st)
+
+    if max_after:
+        state = jax.lax.fori_loop(0, max_after, skipped, state)
+    return state, jnp.mean(jnp.linalg.norm(residual, axis=-1), axis=1)
 
 
 # ------------------------------------------------------------------------------------------------ one run
 def _inputs(plan: _Plan, params, adapters, context, text, null_text, text_lens, null_text_lens, null_context,
             perm_key, keep, keep_eps) -> _Inputs:
-    """Every branch's text padded to one length (the true lengths make the padding exact) and contexts."""
+    """Every branch's text padded to one length (the true lengths make the padding exact) and contexts, prepared
+    once: the text K/V of every block and the fixed branches' context embeddings (`wan.prepare`)."""
     b, n_br = context.shape[0], plan.n_branches
     n = max(text.shape[1], null_text.shape[1])
     txt = _pad_text(jnp.broadcast_to(text, (b, *text.shape[1:])), n)
@@ -302,13 +412,17 @@ def _inputs(plan: _Plan, params, adapters, context, text, null_text, text_lens, 
         fixed = jnp.concatenate([context, jnp.broadcast_to(null_context, context.shape).astype(f32)])
     else:
         fixed = jnp.concatenate([context] * min(n_br, 2), axis=0)
-    return _Inputs(params=params, adapters=adapters, text=text_all, text_lens=lens_all, fixed_context=fixed,
-                   context=context, perm_key=perm_key, keep=keep, keep_eps=keep_eps)
+    prepared = wan.prepare(plan.cfg, params, text_all, _constrain_batch(plan, fixed), lora=adapters,
+                           text_lens=lens_all, options=plan.options)
+    prepared = prepared.replace(context=_constrain_batch(plan, prepared.context))
+    return _Inputs(params=params, adapters=adapters, prepared=prepared, context=context, perm_key=perm_key, keep=keep,
+                   keep_eps=keep_eps)
 
 
 def _sample(plan: _Plan, params, adapters, source_latents, context, text, null_text, key, text_lens=None,
             null_text_lens=None, null_context=None, keep_latents=None, *, text_scale, context_scale):
-    """The jitted sampler (make_sampler documents the arguments): latents [B, f, h, w, 16] fp32."""
+    """The jitted sampler (make_sampler documents the arguments): latents [B, f, h, w, 16] fp32 (cache="calibrate":
+    (latents, residual norms [n_exec, n_branches * B]))."""
     _check(plan.cfg, source_latents, context, text, null_text, null_context, keep_latents, plan.mode)
     text_scale, context_scale = _scale("text_scale", text_scale), _scale("context_scale", context_scale)
     pins = contextlib.nullcontext() if plan.mesh is None else sharding.rules_context(plan.mesh, plan.rules,
@@ -333,9 +447,15 @@ def _sample(plan: _Plan, params, adapters, source_latents, context, text, null_t
         x0 = (1 - sigma0) * x_src + sigma0 * eps
         cache = None
         if plan.cache == "teacache":
+            s = np.prod(x0.shape[1:4]) // np.prod(plan.cfg.patch_size)
             cache = TeaCacheState(e0=jnp.zeros((6 * plan.cfg.dim,), f32), acc=jnp.zeros((), f32),
-                                  v=jnp.zeros((plan.n_branches * x0.shape[0], *x0.shape[1:]), f32))
+                                  residual=jnp.zeros((plan.n_branches * x0.shape[0], int(s), plan.cfg.dim), f32))
         state = SamplerState(x=x0, solver=plan.scheduler.init(x0), guidance=guidance.init_state(x0), cache=cache)
+        if plan.cache == "static":
+            ks, after = _schedule_segments(plan)
+            step = functools.partial(_segment, plan, inputs, text_scale, context_scale, int(after.max()))
+            state, norms = jax.lax.scan(step, state, (jnp.asarray(ks), jnp.asarray(after)))
+            return (state.x, norms) if plan.calibrate else state.x
         step = functools.partial(_sample_step, plan, inputs, text_scale, context_scale)
         state, _ = jax.lax.scan(step, state, jnp.arange(plan.skip, plan.steps))
         return state.x
@@ -393,14 +513,14 @@ def make_sampler(cfg: wan.WanConfig, solver: str = _DEFAULT.solver, steps: int =
                  context_scale: float = _DEFAULT.context_scale, apg: bool | str = _DEFAULT.apg, mesh=None,
                  mode: str = _DEFAULT.mode, cache: str | None = _DEFAULT.cache,
                  cache_threshold: float = _DEFAULT.cache_threshold, rules=None,
-                 progress: Callable[[np.ndarray], None] | None = None, teacache_poly=TEACACHE_POLY_14B,
+                 progress: Callable[[np.ndarray], None] | None = None, teacache_poly=None, cache_steps=None,
                  options: wan.Options | None = None) -> Sampler:
     """The compiled sampler (a `Sampler`) `sampler(params, adapters, source_latents, context, text, null_text, key,
     text_lens=None, null_text_lens=None, null_context=None, keep_latents=None, text_scale=None,
     context_scale=None) -> latents [B, f, h, w, 16]` (fp32). Defaults: `SamplerSettings`' (the paper's).
 
     Static (compiled in; a new value is a new make_sampler and a new compile): cfg, solver, steps, shift, skip,
-    apg, mode, cache, cache_threshold, mesh, rules, progress, teacache_poly. Traced (call-time inputs):
+    apg, mode, cache, cache_threshold, cache_steps, mesh, rules, progress, teacache_poly. Traced (call-time inputs):
     text_scale and context_scale, real scalars passed as f32[]; the values given here are only their defaults,
     so any scales, called in any order, share one compile. The number of guidance branches depends on `mode`
     only (`guidance.MODES`), never on the scale values (a scale of 1 or 0 still runs every branch of the mode).
@@ -423,19 +543,38 @@ def make_sampler(cfg: wan.WanConfig, solver: str = _DEFAULT.solver, steps: int =
     (`sharding.DEFAULT_RULES` if None) layout: several devices then run the CFG branches in parallel.
     progress: a host callback called with the grid index after every step (jax.debug.callback); keep it None for
     jax.export, which cannot serialise host callbacks.
+    teacache_poly: TeaCache's rescale polynomial (highest degree first); None: `teacache_polynomial(cfg)` (by model
+    size).
+    cache="static" with cache_steps: a schedule decided ahead of time (MagCache-style; `magcache_schedule` makes
+    one): the executed-step indices (0 = the first executed step, which must be in it) whose blocks run; every other
+    step reuses the last computed step's block residual as TeaCache does, with no lax.cond (the module docstring).
+    None: every step. cache="calibrate" runs every step and returns (latents, norms [n_exec, n_branches * B]): the
+    residuals' mean per-token norms that `magcache_schedule` takes. make_sampler API only (not a SamplerSettings
+    choice).
     options: how the DiT runs (`wan.Options`, static; None: the backend default). The params' layout (flat or
     stacked) is read from the params themselves.
     """
     options = wan.Options.default() if options is None else options
     if mode not in guidance.MODES:
         raise ValueError(f"mode must be one of {tuple(guidance.MODES)}, got {mode!r}")
-    if cache not in (None, "teacache"):
-        raise ValueError(f"cache must be None or 'teacache', got {cache!r}")
+    if cache not in (None, "teacache", "static", "calibrate"):
+        raise ValueError(f"cache must be None, 'teacache', 'static' or 'calibrate', got {cache!r}")
     if not 0 <= skip < steps:
         raise ValueError(f"skip must be in [0, steps) = [0, {steps}), got {skip}")
+    n_exec = steps - skip
+    if cache_steps is not None and cache != "static":
+        raise ValueError(f"cache_steps is the schedule of cache='static', got cache={cache!r}")
+    if cache == "static" and cache_steps is not None:
+        cache_steps = tuple(sorted({int(c) for c in cache_steps}))
+        if not cache_steps or cache_steps[0] != 0 or cache_steps[-1] >= n_exec:
+            raise ValueError(f"cache_steps must be executed-step indices in [0, {n_exec}) starting with 0 (the "
+                             f"first step computes the residual the next ones reuse), got {cache_steps}")
     scales = _scale("text_scale", text_scale), _scale("context_scale", context_scale)  # bad defaults fail here
     plan = _Plan(cfg=cfg, options=options, mode=mode, n_branches=guidance.MODES[mode], apg=guidance.apg_setting(apg),
-                 scheduler=schedulers.make(solver, steps=steps, shift=shift), skip=skip, steps=steps, cache=cache,
-                 cache_threshold=cache_threshold, teacache_poly=tuple(teacache_poly), mesh=mesh,
+                 scheduler=schedulers.make(solver, steps=steps, shift=shift), skip=skip, steps=steps,
+                 cache="static" if cache == "calibrate" else cache,
+                 cache_threshold=cache_threshold, cache_steps=cache_steps or tuple(range(n_exec)),
+                 calibrate=cache == "calibrate", mesh=mesh,
+                 teacache_poly=tuple(teacache_polynomial(cfg) if teacache_poly is None else teacache_poly),
                  rules=sharding.DEFAULT_RULES if rules is None else rules, progress=progress)
     return Sampler(jax.jit(functools.partial(_sample, plan)), *scales)

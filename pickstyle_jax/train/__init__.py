@@ -11,4 +11,6 @@ The flow, one module each (this file imports nothing, so `pickstyle_jax.train.co
   loop.py           the run: data, steps, metrics.jsonl, checkpoints, resume, signals, the LoRA export
   checkpointing.py  Orbax checkpoints of state + key + data iterator, signals, the LoRA export
   plan.py           the memory plan of the step on N simulated devices
+  tensorboard.py    TensorBoard event files of the logged scalars, written without TensorFlow
+  plot.py           loss.png: the loss curve drawn with numpy
 """

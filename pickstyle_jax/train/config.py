@@ -19,6 +19,8 @@ def default_config() -> ml_collections.ConfigDict:
         variant="vace-14B", dit="", vae_variant="wan2.1", vae="", umt5_variant="umt5-xxl", umt5="",
         tokenizer="", param_dtype="bfloat16", dtype="bfloat16", attention="cudnn", remat_policy="full",
         ffn_chunk=0, scan_layers=True))
+    # how self-attention meets video tokens split over a "context" mesh axis: "auto" | "ulysses" | "ring" (wan.Options)
+    c.model.context_parallel = "auto"
     # q, k, v of the VACE blocks' self-attention (re.fullmatch against dotted module paths)
     c.lora = ml_collections.ConfigDict(dict(rank=128, alpha=128.0, targets=r"vace_blocks\.\d+\.self_attn\.(q|k|v)"))
     c.schedule = ml_collections.ConfigDict(dict(shift=5.0, num_train_timesteps=1000))
@@ -27,14 +29,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = data_config()
     c.total_steps = -1          # -1: all of data.num_epochs
     c.log_every = 10
+    c.peak_flops = 0.0          # dense bf16 FLOP/s of one device, for the logged MFU; 0: flops.PEAK_BF16's table
     c.checkpoint_every = 10
     c.keep = 3
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # logical axis -> mesh axis (or a tuple of them, or None = replicated); strict: an array the rules split must
     # divide, or the run is refused (sharding.py)
     c.rules = ml_collections.ConfigDict(dict(
-        batch=("data", "fsdp"), layers=None, embed="fsdp", heads="tensor", mlp="tensor", mod=None, vocab=None,
-        length=None, allow_replicate=False))
+        batch=("data", "fsdp"), layers=None, embed=("fsdp", "context"), heads="tensor", mlp="tensor", mod=None,
+        vocab=None, length="context", allow_replicate=False))
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0, auto=False))
     c.text = ml_collections.ConfigDict(dict(cache_dir="", text_len=512))
     return c

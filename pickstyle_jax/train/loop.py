@@ -7,8 +7,13 @@ the compiled step): the Grain iterator over the source prepare built, resume fro
 step key, iterator position), then the steps. Metrics are read one step behind, as nanodo does: step N+1 is
 dispatched before step N's loss is pulled to the host, so the host never stalls the device queue; a step's metrics are
 always read (and its loss checked for NaN) before its state is checkpointed, and the last step's before the run ends.
-Checkpoints every `checkpoint_every` steps and on SIGTERM/SIGINT, metrics.jsonl (process 0), and the LoRA exported
-at the end (checkpoint dir, PickStyle .pth and PEFT safetensors).
+Checkpoints every `checkpoint_every` steps and on SIGTERM/SIGINT, and the LoRA exported at the end (checkpoint dir,
+PickStyle .pth and PEFT safetensors). Process 0 logs every `log_every` steps to metrics.jsonl and to a TensorBoard
+event file beside it (tensorboard.py: a new events.out.tfevents.* per run start, which marks a restart after the step
+it starts from, so TensorBoard drops what a killed run logged past its checkpoint, as trim_metrics does for
+metrics.jsonl): loss, grad_norm, lr, steps_per_s, tokens_per_s, and mfu where the device's peak is known
+(config.peak_flops, else flops.PEAK_BF16; the step's analytic FLOPs, flops.train_step_flops, per second over all
+devices' peak); when the run stops (done or by a signal) it draws loss.png from metrics.jsonl (plot.py).
 """
 from __future__ import annotations
 
@@ -22,10 +27,10 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
-from pickstyle_jax import errors, lora as lora_lib
+from pickstyle_jax import errors, flops, lora as lora_lib
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.data.sources import DataError
-from pickstyle_jax.train import checkpointing, setup as setup_lib
+from pickstyle_jax.train import checkpointing, plot, setup as setup_lib, tensorboard
 
 __all__ = ["LossNotFinite", "run", "main"]
 
@@ -38,7 +43,8 @@ class LossNotFinite(FloatingPointError):
 class _Metrics:
     """Step metrics, read one step behind: `push(step, metrics)` hands in a dispatched step's device metrics and
     reports the previous one; `flush()` reports the pending one now. Reporting pulls to the host, raises
-    LossNotFinite, and on log steps writes metrics.jsonl (process 0) and the console line or progress bar."""
+    LossNotFinite, and on log steps writes metrics.jsonl and the event file (process 0) and the console line or
+    progress bar."""
 
     def __init__(self, config, tr: setup_lib.TrainSetup, start: int, mgr):
         self.log_every, self.total, self.tokens = int(config.log_every), tr.total, tr.tokens_per_step
@@ -46,6 +52,11 @@ class _Metrics:
         self.mgr = mgr
         self.main = jax.process_index() == 0
         self.file = open(tr.workdir / "metrics.jsonl", "a") if self.main else None
+        self.events = tensorboard.EventWriter(tr.workdir, resume_step=start) if self.main else None
+        peak = float(config.peak_flops) or flops.peak_flops(jax.devices()[0].device_kind)
+        batch = int(config.data.batch_size)
+        step_flops = flops.train_step_flops(tr.cfg.wcfg, tr.tokens_per_step // batch, batch)
+        self.mfu_terms = None if peak is None else (step_flops, peak * jax.device_count())
         self.bar = None
         if self.main and sys.stderr.isatty():
             from tqdm import tqdm  # optional: only an interactive run draws a bar
@@ -75,15 +86,20 @@ class _Metrics:
             sps = self.window_n / dt if dt > 0 else 0.0
             row = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": self.lr,
                    "steps_per_s": sps, "tokens_per_s": sps * self.tokens}
+            if self.mfu_terms is not None:
+                step_flops, peak = self.mfu_terms
+                row["mfu"] = step_flops * sps / peak
             if self.file:
                 self.file.write(json.dumps(row) + "\n")
                 self.file.flush()
+                self.events.scalars(step, {k: v for k, v in row.items() if k != "step"})
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{loss:.4f}", gnorm=f"{row['grad_norm']:.3f}")
             elif self.main:
                 eta = (self.total - step) / sps if sps else float("nan")
+                mfu = f" mfu {row['mfu']:.1%}" if "mfu" in row else ""
                 print(f"step {step}/{self.total} loss {loss:.5f} grad_norm {row['grad_norm']:.4f} "
-                      f"{sps:.2f} steps/s {row['tokens_per_s']:.0f} tokens/s eta {eta:.0f}s", flush=True)
+                      f"{sps:.2f} steps/s {row['tokens_per_s']:.0f} tokens/s{mfu} eta {eta:.0f}s", flush=True)
             self.window_t, self.window_n = time.perf_counter(), 0
         if self.bar is not None:
             self.bar.update(1)
@@ -93,6 +109,7 @@ class _Metrics:
             self.bar.close()
         if self.file:
             self.file.close()
+            self.events.close()
 
 
 def run(config, workdir) -> int:
@@ -114,9 +131,9 @@ def run(config, workdir) -> int:
         start = int(mgr.latest_step())
         restored = checkpointing.restore_state(mgr, start, {"train": tr.abstract.state, "key": tr.abstract.key}, it)
         state, step_key = restored["train"], restored["key"]
-        if main_proc:
-            checkpointing.trim_metrics(workdir / "metrics.jsonl", start)
         say(f"resumed from {mgr.directory} at step {start}")
+    if main_proc:  # what a killed run logged past its checkpoint (or before its first) is logged again
+        checkpointing.trim_metrics(workdir / "metrics.jsonl", start)
 
     metrics = _Metrics(config, tr, start, mgr)
     step, code, saved = start, 0, start
@@ -149,6 +166,8 @@ def run(config, workdir) -> int:
             metrics.flush()
     finally:
         metrics.close()
+    if main_proc:
+        _loss_png(workdir)
     if code == 0 and saved != step:
         checkpointing.save(mgr, step, state, step_key, it)
     mgr.close()
@@ -159,6 +178,13 @@ def run(config, workdir) -> int:
             print(f"done: step {step}; LoRA in {out}, {workdir / 'pickstyle_lora.pth'} (PickStyle) and "
                   f"{workdir / 'lora.safetensors'} (PEFT / diffusers)", flush=True)
     return code
+
+
+def _loss_png(workdir: Path) -> None:
+    """WORKDIR/loss.png from every step metrics.jsonl holds (earlier runs of a resumed run included)."""
+    rows = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    if rows:
+        plot.write_loss_png(workdir / "loss.png", [r["step"] for r in rows], [r["loss"] for r in rows])
 
 
 def _kept(mgr) -> str:
