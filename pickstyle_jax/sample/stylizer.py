@@ -253,6 +253,15 @@ class Stylizer:
                 "window_keep_latents": [win.keep(i) for i in range(len(win.starts))], "timing": timing}
         return result, info
 
+    def _host(self, x) -> np.ndarray:
+        """A result as a host array on every process: on several hosts the mesh's shards are gathered
+        (`process_allgather`), since no one process addresses them all."""
+        if self.mesh is not None and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
     def _windows(self, src, win, text, null, key, sampler, mode) -> np.ndarray:
         """src uint8 [F, H, W, 3] -> [F, H, W, 3] in [-1, 1], window by window (`sizing.Windows`). Window i samples
         with fold_in(key, i) (the first with `key`), its first keep(i) latent frames pinned to E(the result so far
@@ -261,7 +270,7 @@ class Stylizer:
         for i, s in enumerate(win.starts):
             p = win.pinned(i)
             keep = self._encode(self.vae_params, jnp.asarray(out[s: s + p])[None]) if p else None
-            video = np.asarray(self._sample_clip(src[s: s + win.length], text, null,
+            video = self._host(self._sample_clip(src[s: s + win.length], text, null,
                                                  key if i == 0 else jax.random.fold_in(key, i), sampler, mode, keep))
             if out is None:
                 out = np.zeros((win.n, *video.shape[1:]), np.float32)
