@@ -46,12 +46,14 @@ OPTIONS = ("allow_replicate",)  # rule keys that are options, not logical axes
 DEFAULT_RULES: dict = {
     "batch": ("data", "fsdp"),
     "layers": None,    # the stacked-layer axis of scanned parameters
-    "embed": "fsdp",   # FSDP: weights split along the model width, gathered per layer
+    # FSDP: weights split along the model width, gathered per layer. The devices that split the video tokens
+    # ("context") hold a share of the weights too, so a data x context mesh does not keep a whole copy per device
+    "embed": ("fsdp", "context"),
     "heads": "tensor",  # tensor parallelism over attention heads ...
     "mlp": "tensor",   # ... and the FFN hidden dimension
     "mod": None,
     "vocab": None,     # umT5 token embedding rows (the encoder runs replicated or off-device)
-    "length": None,    # video tokens; "context" here shards the sequence (context parallelism)
+    "length": "context",  # video tokens: context parallelism (layers.self_attention), when the mesh has the axis
     "allow_replicate": True,
 }
 

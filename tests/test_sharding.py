@@ -147,7 +147,9 @@ def test_sharded_forward_matches_single_device(seed):
 def test_rules_and_mesh_errors():
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     assert mesh.shape == {"data": jax.device_count(), "fsdp": 1}
-    assert sharding.logical_to_spec(("embed", "heads"), sharding.DEFAULT_RULES) == P("fsdp", "tensor")
+    # weights over fsdp and the devices that split the tokens; a mesh without a context axis drops it
+    assert sharding.logical_to_spec(("embed", "heads"), sharding.DEFAULT_RULES) == P(("fsdp", "context"), "tensor")
+    assert sharding.logical_to_spec(("embed", "length"), sharding.DEFAULT_RULES, mesh) == P("fsdp", None)
     with pytest.raises(KeyError, match="no sharding rule for logical axis 'nope'"):
         sharding.logical_to_spec(("nope",), sharding.DEFAULT_RULES)
     with pytest.raises(ValueError, match="does not fit 1 devices"):

@@ -130,6 +130,42 @@ _MODEL = _PRELUDE + textwrap.dedent("""
     assert len(grads) == len(jax.tree.leaves(adapters)), (len(grads), len(jax.tree.leaves(adapters)))
 """)
 
+_CONTEXT = _PRELUDE + textwrap.dedent("""
+    from flax import linen as nn
+    from pickstyle_jax import lora
+    from pickstyle_jax.models import wan
+
+    # the video tokens split over a context axis of 4: Ulysses all-to-alls around the splash kernel, which runs
+    # inside the model's own shard_map (per device: one of the 4 heads, every token); 30 tokens, padded to 32
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1, "context": 4})
+    cfg = wan.WanConfig.named("tiny", dim=512, num_heads=4, ffn_dim=256, num_layers=2, vace_layers=(0,))
+    opts = wan.Options(attention="splash", scan_layers=True, dtype="bfloat16", remat_policy="full",
+                       context_parallel="ulysses")
+    shapes = wan.param_shapes(cfg, stacked=True)
+    shardings = sharding.tree_shardings(wan.param_axes(cfg, stacked=True), mesh, RULES, shapes)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    assert any("context" in str(sh.spec) for sh in jax.tree.leaves(shardings)), "weights not split over context"
+    lcfg = lora.LoraConfig(rank=4, alpha=4)  # PickStyle's targets: the VACE blocks' self-attention q, k, v
+    adapters = jax.eval_shape(lambda: lora.init(lcfg, wan.init(cfg, jax.random.key(0)), jax.random.key(1)))
+    adapters = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, P())),
+                            adapters)
+    b, f, h, w = 2, 2, 6, 10
+    def batch(shape, dtype=jnp.float32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), RULES))
+    inputs = (batch((b, f, h, w, 16)), batch((b,)), batch((b, 20, cfg.text_dim)), batch((b, f, h, w, 96)))
+
+    def loss_and_lora_grad(adapters, params, x, t, text, context):
+        loss = lambda a: jnp.mean(wan.forward(cfg, params, x, t, text, context, lora=a, options=opts) ** 2)
+        return jax.value_and_grad(loss)(adapters)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.flax_rules(RULES, mesh)):
+        exported, text = export_tpu(loss_and_lora_grad, adapters, params, *inputs)
+    calls, a2a = text.count("@tpu_custom_call"), text.count("stablehlo.all_to_all")
+    print("tpu_custom_call", calls, "all_to_all", a2a)
+    assert calls >= 8 and a2a >= 8, (calls, a2a)  # main and VACE: forward, remat forward, dq, dkv; q/k/v/out a2a
+    assert '[{"data", "fsdp"}, {"context"}, {"tensor"}, {}]' in text, "q/k/v not split batch over data, tokens over context"
+""")
+
 
 def _run(script, seed):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -146,3 +182,8 @@ def test_splash_kernel_exports_for_tpu_sharded(seed):
 def test_wan_forward_and_lora_grad_export_for_tpu():
     """wan.forward + the LoRA gradient, attention="splash", scan_layers=True, params FSDP-sharded over 8 devices."""
     _run(_MODEL, 0)
+
+
+def test_context_parallel_forward_and_lora_grad_export_for_tpu():
+    """The same with a context axis (data 2 x context 4): Ulysses around the splash kernel, padded tokens masked."""
+    _run(_CONTEXT, 0)

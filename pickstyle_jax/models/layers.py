@@ -170,7 +170,20 @@ def _attend_online(q_BNSK, k_BNTK, v_BNTK, bias_BT, kv_chunk):
 
     Each key step is rematerialised: its backward recomputes the [B, N, S, kv_chunk] logits from the carry
     instead of saving them for every key chunk (which cost 10 x 5 GiB per device in the 14B plan)."""
+    acc, _, denom = _online(_online_init(q_BNSK), q_BNSK, k_BNTK, v_BNTK, bias_BT, kv_chunk)
+    return acc / denom
+
+
+def _online_init(q_BNSK):
+    """The empty state (acc [B, N, S, K], row max [B, N, S, 1], denominator [B, N, S, 1]) of `_online`."""
     b, n, s, kd = q_BNSK.shape
+    return jnp.zeros((b, n, s, kd), f32), jnp.full((b, n, s, 1), -jnp.inf, f32), jnp.zeros((b, n, s, 1), f32)
+
+
+def _online(carry, q_BNSK, k_BNTK, v_BNTK, bias_BT, kv_chunk):
+    """The online-softmax state after also attending to keys k/v (with bias [B, T] or None) in blocks of kv_chunk:
+    the recurrence of `_attend_online`, and of ring attention's steps (one key block per device)."""
+    b, n, _, kd = q_BNSK.shape
     t = k_BNTK.shape[2]
     n_chunks = -(-t // kv_chunk)
     pad = n_chunks * kv_chunk - t
@@ -194,9 +207,7 @@ def _attend_online(q_BNSK, k_BNTK, v_BNTK, bias_BT, kv_chunk):
         denom_BNS1 = denom_BNS1 * correction + jnp.sum(weights, axis=-1, keepdims=True)
         return (acc_BNSK, new_max, denom_BNS1), None
 
-    init = (jnp.zeros((b, n, s, kd), f32), jnp.full((b, n, s, 1), -jnp.inf, f32), jnp.zeros((b, n, s, 1), f32))
-    (acc, _, denom), _ = jax.lax.scan(step, init, (bias_chunks, k_chunks, v_chunks))
-    return acc / denom
+    return jax.lax.scan(step, carry, (bias_chunks, k_chunks, v_chunks))[0]
 
 
 def resolve_attention(implementation, dtype, backend=None) -> str:
@@ -533,3 +544,118 @@ def gathered(w, axes):
     # propagates the gathered layout back into the scanned stack and gathers every layer up front
     w = constrain(w, axes)
     return constrain(w, tuple(a if a in _SHARDED_OUT else None for a in axes))
+
+
+# ------------------------------------------------------------------------------------------------- context parallelism
+#
+# The rules may split the video tokens ("length") over mesh axes (DEFAULT_RULES: "context"). Everything per token
+# (norms, dense layers, the FFN, cross-attention's queries) then runs split as it is; self-attention is the one
+# place where every token meets every other, so it runs under a shard_map over the whole mesh (batch over the
+# "batch" axes, heads over the "heads" axes as before, tokens over the "length" axes) and moves data itself:
+#   "ulysses"  all-to-all from token-split [B, S/c, N, K] to head-split [B, S, N/c, K], the local kernel
+#              (`attention`: chunked, cudnn or splash, whatever `implementation` resolves to), all-to-all back.
+#              Needs c to divide the heads each device holds (num_heads / tensor).
+#   "ring"     each device keeps its query block and passes its key/value block around the ring (ppermute), c
+#              steps of the online-softmax recurrence of `_attend_online`; any head count; XLA einsums, not the
+#              fused kernels.
+#   "auto"     ulysses where the heads divide, else ring.
+
+CONTEXT_PARALLEL = ("auto", "ulysses", "ring")
+
+
+def _length_axes(layout_) -> tuple[str, ...]:
+    target = layout_.rules.get("length")
+    names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    return tuple(n for n in names if n in layout_.mesh.shape)
+
+
+def context_shards() -> int:
+    """How many devices the enclosing model layout splits the video tokens over (the product of the mesh axes the
+    "length" rule names; 1 outside a layout or without such axes). A forward pads its tokens to a multiple of it."""
+    layout_ = _LAYOUT.get()
+    if layout_ is None:
+        return 1
+    return math.prod(layout_.mesh.shape[n] for n in _length_axes(layout_))
+
+
+def _as_tuple(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def self_attention(q_BSNK, k_BSNK, v_BSNK, *, kv_len=None, context_parallel="auto", implementation="xla",
+                   scale=None, chunk_size=1024, kv_chunk_size=None, block_q=512, block_kv=512):
+    """`attention` of a token sequence with itself, where the enclosing layout may split the tokens over devices.
+
+    q, k, v [B, S, N, K]; kv_len: the number of real tokens (static int; keys at positions >= kv_len are padding
+    and are never attended to), None = all S. Without a layout whose "length" rule splits S, this is `attention`.
+    With one, it runs under a shard_map over the whole mesh, by `context_parallel` ("auto" | "ulysses" | "ring",
+    see the section comment); the rest are `attention`'s kernel arguments. The result equals the unsplit one.
+    """
+    if context_parallel not in CONTEXT_PARALLEL:
+        raise ValueError(f"context_parallel must be one of {CONTEXT_PARALLEL}, got {context_parallel!r}")
+    b, s, n, _ = q_BSNK.shape
+    kernel = dict(implementation=implementation, scale=scale, chunk_size=chunk_size, kv_chunk_size=kv_chunk_size,
+                  block_q=block_q, block_kv=block_kv)
+    kv_len = None if kv_len is None or kv_len >= s else int(kv_len)
+    layout_ = _LAYOUT.get()
+    spec = None if layout_ is None else _spec(layout_, q_BSNK.shape, ("batch", "length", "heads", None))
+    ctx_axes = () if spec is None else _as_tuple(spec[1])
+    if not ctx_axes:
+        lens = None if kv_len is None else jnp.full((b,), kv_len, jnp.int32)
+        return attention(q_BSNK, k_BSNK, v_BSNK, kv_lens=lens, **kernel)
+    mesh = layout_.mesh
+    c = math.prod(mesh.shape[a] for a in ctx_axes)
+    local_heads = n // math.prod(mesh.shape[a] for a in _as_tuple(spec[2]))
+    mode = context_parallel
+    if mode == "auto":
+        mode = "ulysses" if local_heads % c == 0 else "ring"
+    if mode == "ulysses" and local_heads % c:
+        raise sharding.ShardingError(
+            f"context_parallel='ulysses' splits each device's {local_heads} heads (num_heads {n} / heads axes "
+            f"{_as_tuple(spec[2]) or '()'}) over the {c} devices of mesh axes {ctx_axes}, which do not divide them: "
+            f"pick a mesh whose tensor x context size divides num_heads, or set Options(context_parallel='ring')")
+    if mode == "ulysses":
+        body = functools.partial(_ulysses, axes=ctx_axes, kv_len=kv_len, kernel=kernel)
+    else:
+        body = functools.partial(_ring, axes=ctx_axes, n_shards=c, kv_len=kv_len, scale=scale,
+                                 kv_chunk=kv_chunk_size)
+    # check_vma=False: the Pallas and cuDNN calls inside declare no varying-manual-axes types (see splash.py);
+    # the transpose then divides and psums the cotangents of axes a spec leaves out, which is still exact
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+        q_BSNK, k_BSNK, v_BSNK)
+
+
+def _ulysses(q_BSNK, k_BSNK, v_BSNK, *, axes, kv_len, kernel):
+    """Per device: [b, S/c, n, K] blocks -> all-to-all -> [b, S, n/c, K], attention, and back."""
+    to_heads = lambda a: jax.lax.all_to_all(a, axes, split_axis=2, concat_axis=1, tiled=True)
+    q, k, v = (to_heads(a) for a in (q_BSNK, k_BSNK, v_BSNK))
+    lens = None if kv_len is None else jnp.full((q.shape[0],), kv_len, jnp.int32)
+    out = attention(q, k, v, kv_lens=lens, **kernel)
+    return jax.lax.all_to_all(out, axes, split_axis=1, concat_axis=2, tiled=True)
+
+
+def _ring(q_BSNK, k_BSNK, v_BSNK, *, axes, n_shards, kv_len, scale, kv_chunk):
+    """Per device: its query block against every key/value block in turn, each passed on to the next device by
+    ppermute after use; the online-softmax state carries across the c steps. Keys beyond kv_len are masked by their
+    global position, so padding is exact whatever block it falls in."""
+    b, s_loc, n, kd = q_BSNK.shape
+    scale = 1.0 / math.sqrt(kd) if scale is None else scale
+    q = q_BSNK if scale == 1.0 else (q_BSNK.astype(f32) * scale).astype(q_BSNK.dtype)
+    q_BNSK, k_BNTK, v_BNTK = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k_BSNK, v_BSNK))
+    me = jax.lax.axis_index(axes)
+    ring = [(i, (i + 1) % n_shards) for i in range(n_shards)]
+    chunk = min(kv_chunk or s_loc, s_loc)
+
+    def step(carry, i):
+        state, k_blk, v_blk = carry
+        owner = (me - i) % n_shards  # the device whose keys are here at step i
+        bias_BT = None
+        if kv_len is not None:
+            pos_T = owner * s_loc + jnp.arange(s_loc)
+            bias_BT = jnp.broadcast_to(jnp.where(pos_T < kv_len, 0.0, -jnp.inf).astype(f32), (b, s_loc))
+        state = _online(state, q_BNSK, k_blk, v_blk, bias_BT, chunk)
+        k_blk, v_blk = (jax.lax.ppermute(a, axes, ring) for a in (k_blk, v_blk))
+        return (state, k_blk, v_blk), None
+
+    (acc, _, denom), _, _ = jax.lax.scan(step, (_online_init(q_BNSK), k_BNTK, v_BNTK), jnp.arange(n_shards))[0]
+    return jnp.transpose(acc / denom, (0, 2, 1, 3)).astype(q_BSNK.dtype)

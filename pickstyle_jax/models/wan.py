@@ -144,6 +144,8 @@ class _Ctx:
     rope: Any = None
     text_BLD: Any = None
     text_bias: Any = None
+    tokens: int = 0  # video tokens S (before the context axis's padding)
+    padded: int = 0  # S rounded up to a multiple of the devices the layout splits tokens over (layers.context_shards)
 
 
 def _sub(tree, *keys):
@@ -187,9 +189,12 @@ class Attention(nnx.Module):
         # 1/sqrt(K) is folded into q while it is still fp32
         q_BSNK = (layers.apply_rope(split(q_BSD), *ctx.rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
         k_BSNK = layers.apply_rope(split(k_BSD), *ctx.rope).astype(ctx.dtype)
-        out_BSNK = layers.attention(q_BSNK, k_BSNK, v_BSNK, implementation=opts.attention, scale=1.0,
-                                    chunk_size=opts.attention_chunk, kv_chunk_size=opts.attention_kv_chunk or None,
-                                    block_q=opts.splash_block_q, block_kv=opts.splash_block_kv)
+        # tokens split over a context axis meet here (Ulysses or ring, layers.self_attention); padded keys masked
+        out_BSNK = layers.self_attention(q_BSNK, k_BSNK, v_BSNK, kv_len=ctx.tokens,
+                                         context_parallel=opts.context_parallel, implementation=opts.attention,
+                                         scale=1.0, chunk_size=opts.attention_chunk,
+                                         kv_chunk_size=opts.attention_kv_chunk or None,
+                                         block_q=opts.splash_block_q, block_kv=opts.splash_block_kv)
         out_BSNK = layers.constrain(out_BSNK, _HEAD_AXES)
         return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
 
@@ -299,7 +304,7 @@ class WanModel(nnx.Module):
         """(x0 [B,S,D], c [B,S,D] or None (before before_proj), e [B,D], e0 [B,6,D], text [B,L',D])."""
         cfg, b = ctx.cfg, x.shape[0]
         fp32 = dataclasses.replace(ctx, dtype=f32)
-        x0_BSD = _lin(ctx, self.patch_embedding, patchify(x, cfg.patch_size), lp, "patch_embedding", out_dtype=f32)
+        x0_BSD = _lin(ctx, self.patch_embedding, _tokens(ctx, x), lp, "patch_embedding", out_dtype=f32)
         # time conditioning, fp32 throughout
         sinusoid_BT = layers.timestep_embedding(jnp.broadcast_to(jnp.asarray(t, f32), (b,)), cfg.freq_dim)
         te = self.time_embedding
@@ -311,10 +316,16 @@ class WanModel(nnx.Module):
         text_BLD = _lin(ctx, tx["2"], text_BLD, lp, "text_embedding", "2")
         c_BSD = None
         if cfg.has_vace:
-            c_BSD = _lin(ctx, self.vace_patch_embedding, patchify(vace_context, cfg.patch_size), lp,
-                         "vace_patch_embedding", out_dtype=f32)
+            c_BSD = _lin(ctx, self.vace_patch_embedding, _tokens(ctx, vace_context), lp, "vace_patch_embedding",
+                         out_dtype=f32)
             c_BSD = layers.constrain(c_BSD, _RESIDUAL_AXES)
         return layers.constrain(x0_BSD, _RESIDUAL_AXES), c_BSD, e_BD, e0_B6D.reshape(b, 6, cfg.dim), text_BLD
+
+
+def _tokens(ctx: _Ctx, x_BFHWC):
+    """Patch tokens [B, padded, P]: the padding rows (zeros) only exist where a context axis needs them."""
+    x_BSP = patchify(x_BFHWC, ctx.cfg.patch_size)
+    return jnp.pad(x_BSP, ((0, 0), (0, ctx.padded - ctx.tokens), (0, 0)))
 
 
 def _vace_block_first(cfg, *, rngs):
@@ -496,8 +507,14 @@ def _forward(cfg: WanConfig, opts: Options, stacked: bool, params, x, t, text, v
         if unknown:
             raise ValueError(f"LoRA adapters without a matching Dense layer in the model: {unknown}")
         lp = stack_lora(cfg, lora.params) if stacked else lora.params
-    ctx = _Ctx(cfg, opts, _DTYPES[opts.dtype], 1.0 if lora is None else lora.config.scale,
-               rope=layers.rope_tables(cfg.head_dim, grid, theta=cfg.rope_theta))
+    # a context axis of c devices splits the S tokens: pad them to a multiple of c (RoPE tables included), mask
+    # the padded keys in self-attention (everything else is per token) and drop the padded rows before the head
+    tokens = math.prod(grid)
+    padded = -(-tokens // layers.context_shards()) * layers.context_shards()
+    rope = tuple(jnp.pad(a, ((0, 0), (0, padded - tokens), (0, 0), (0, 0)))
+                 for a in layers.rope_tables(cfg.head_dim, grid, theta=cfg.rope_theta))
+    ctx = _Ctx(cfg, opts, _DTYPES[opts.dtype], 1.0 if lora is None else lora.config.scale, rope=rope,
+               tokens=tokens, padded=padded)
 
     stem = layers.bind(_stem, cfg, {k: v for k, v in params.items() if k not in STACKED_KEYS})
     # text: with fold_text_padding the (text_len - L) identical padded rows are one row with a log(count) bias
@@ -514,4 +531,4 @@ def _forward(cfg: WanConfig, opts: Options, stacked: bool, params, x, t, text, v
         x_BSD = _run_scanned(ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J)
     else:
         x_BSD = _run_unrolled(ctx, params, lp, x0_BSD, c_BSD, e0_B6D, scales_J)
-    return unpatchify(stem.head(ctx, x_BSD, e_BD, _sub(lp, "head")), grid, cfg.patch_size)
+    return unpatchify(stem.head(ctx, x_BSD[:, :tokens], e_BD, _sub(lp, "head")), grid, cfg.patch_size)

@@ -15,6 +15,10 @@ per benchmark, per training config) and is never saved. Changing an option never
     fold_text_padding   the zero rows that pad the text to text_len all embed to one constant key/value: attending
                         to that row once with a log(count) logit bias is exact and skips (text_len - L - 1) rows of
                         text MLP, k/v projections and cross-attention
+    context_parallel    how self-attention meets tokens that a "context" mesh axis splits (layers.self_attention):
+                        "ulysses" (all-to-all to a head split; tensor x context must divide num_heads), "ring"
+                        (key/value blocks passed around the devices; any head count) or "auto" (ulysses where the
+                        heads divide, else ring). Nothing changes on a mesh without a context axis
     scan_layers         the layout a loader or init produces: True the stacked tree (blocks under lax.scan), False
                         the flat one. `wan.forward` reads the layout from the tree it is given, never from here.
 `Options.default(backend)` gives the per-backend defaults: on CPU query blocks of 256 and the flat layout, on an
@@ -62,11 +66,13 @@ class Options:
     splash_block_kv: int = 512
     remat_policy: str = "none"
     fold_text_padding: bool = True
+    context_parallel: str = "auto"
     scan_layers: bool = False
 
     def __post_init__(self):
         for name, allowed in (("dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
-                              ("attention", layers.ATTENTION_IMPLEMENTATIONS)):
+                              ("attention", layers.ATTENTION_IMPLEMENTATIONS),
+                              ("context_parallel", layers.CONTEXT_PARALLEL)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(self, name)!r}")
         for name in ("attention_chunk", "splash_block_q", "splash_block_kv"):

@@ -33,8 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
     # logical axis -> mesh axis (or a tuple of them, or None = replicated); strict: an array the rules split must
     # divide, or the run is refused (sharding.py)
     c.rules = ml_collections.ConfigDict(dict(
-        batch=("data", "fsdp"), layers=None, embed="fsdp", heads="tensor", mlp="tensor", mod=None, vocab=None,
-        length=None, allow_replicate=False))
+        batch=("data", "fsdp"), layers=None, embed=("fsdp", "context"), heads="tensor", mlp="tensor", mod=None,
+        vocab=None, length="context", allow_replicate=False))
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0, auto=False))
     c.text = ml_collections.ConfigDict(dict(cache_dir="", text_len=512))
     return c

@@ -1,0 +1,166 @@
+"""Context parallelism (a "context" mesh axis splitting the video tokens) equals one device: the DiT forward and the
+gradient of a LoRA on the VACE blocks' self-attention q/k/v, and the training step (loss, gradient norm, new LoRA).
+
+8 simulated CPU devices, fp32, a tiny DiT (one main and one VACE block) with 8 heads (so context 2, 4 and 8 divide them, alone and after a
+tensor split of 2), 3 x 10 x 14 = 105 video tokens (x [B, 3, 20, 28, 16], patch 1 x 2 x 2), which no context size
+divides: every case pads to a multiple of its context size and masks the padding, so the padding is checked too.
+Cases: context 2, 4, 8 alone, data 2 x context 4, fsdp 2 x context 4, tensor 2 x context 4; Ulysses and ring;
+flat and scanned layouts; all under a plain jax.jit with no rules_context. The train step runs the tiny training
+config (2 heads: "auto" takes the ring) on context 8 and on fsdp 2 x context 4.
+
+XLA_FLAGS must be set before JAX starts, so each group runs in its own Python process; each case compiles once.
+"""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_PRELUDE = textwrap.dedent("""
+    import os, sys, json, functools
+    # LLVM at -O0: the same HLO, compiled in about half the time (compiling is most of this test)
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from absl import flags; flags.FLAGS.mark_as_parsed()
+    from pickstyle_jax import lora, sharding
+    from pickstyle_jax.models import wan
+    from pickstyle_jax.train import setup, step as step_lib
+    seed = int(sys.argv[1])
+    print("seed", seed, flush=True)
+    rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-30))
+    errors = []
+
+    def check(name, got, want, tol=1e-5):
+        err = rel(got, want)
+        print(f"{name}: relative error {err:.2e}", flush=True)
+        if not err <= tol:
+            errors.append(f"{name}: {err:.3g}")
+
+    def random_b(adapters, key):  # lora.init zeroes B, which would zero every A gradient
+        return jax.tree.map(lambda a: a + 0.1 * jax.random.normal(key, a.shape), adapters)
+""")
+
+_MODEL = _PRELUDE + textwrap.dedent("""
+    cases = json.loads(sys.argv[2])
+    cfg = wan.WanConfig.named("tiny").replace(dim=64, ffn_dim=64, num_heads=8, num_layers=1, vace_layers=(0,))
+    params = wan.init(cfg, jax.random.key(seed))
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(seed + 1), a.shape), params)
+    lcfg = lora.LoraConfig(rank=4, alpha=4.0, targets=r"vace_blocks\\.\\d+\\.self_attn\\.(q|k|v)")
+    adapters = random_b(lora.init(lcfg, params, jax.random.key(seed + 2)), jax.random.key(seed + 3))
+    rng = np.random.default_rng(seed)
+    b = 2
+    x, ctx, target = (rng.standard_normal((b, 3, 20, 28, c), dtype=np.float32) for c in (16, 96, 16))
+    t = rng.uniform(0, 1000, b).astype(np.float32)
+    text = rng.standard_normal((b, 7, cfg.text_dim), dtype=np.float32)
+    inputs = (x, t, text, ctx, target)
+
+    def run(opts, p, ad, x, t, text, ctx, target):  # forward and the LoRA gradient of an MSE, one compile
+        v, vjp = jax.vjp(lambda ad: wan.forward(cfg, p, x, t, text, ctx, lora=ad, options=opts), ad)
+        return v, vjp((v - target) / v.size)[0]
+
+    want_v, want_g = jax.jit(functools.partial(run, wan.Options()))(params, adapters, *inputs)
+    for case in cases:
+        mesh = sharding.make_mesh(case["mesh"], jax.devices()[:case["devices"]])
+        scan, opts = case["scan"], wan.Options(context_parallel=case["mode"])
+        p = wan.stack_layers(cfg, params) if scan else params
+        p = jax.device_put(p, sharding.tree_shardings(wan.param_axes(cfg, stacked=scan), mesh, sharding.DEFAULT_RULES,
+                                                      wan.param_shapes(cfg, stacked=scan)))
+        q = p["vace_blocks"]["self_attn"]["q"]["kernel"] if scan else p["vace_blocks"]["0"]["self_attn"]["q"]["kernel"]
+        assert "context" in str(q.sharding.spec), q.sharding.spec  # the weights are split over the context axis too
+        lora_sh = sharding.tree_shardings(step_lib.lora_axes(lcfg, cfg, adapters.params), mesh, sharding.DEFAULT_RULES,
+                                          adapters.params)
+        ad = jax.device_put(adapters, lora.Lora(lora_sh, lcfg))
+        put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))
+        lowered = jax.jit(functools.partial(run, opts)).lower(p, ad, *map(put, inputs))
+        collective = {"ulysses": "all_to_all", "ring": "collective_permute"}[case["expect"]]
+        assert collective in lowered.as_text(), f"{case}: no {collective} in the lowered forward"
+        got_v, got_g = lowered.compile()(p, ad, *map(put, inputs))
+        name = f"{case['mesh']} {case['mode']} ({case['expect']}) {'scanned' if scan else 'flat'}"
+        check(name + ", forward", got_v, want_v)
+        errs = jax.tree.leaves(jax.tree.map(rel, got_g.params, want_g.params))
+        print(f"{name}, LoRA gradients: worst relative error {max(errs):.2e}", flush=True)
+        if not max(errs) <= 1e-5:
+            errors.append(f"{name}, LoRA gradients: {max(errs):.3g}")
+
+    # Ulysses on heads the context axis cannot divide is refused with what to change; auto takes the ring
+    mesh = sharding.make_mesh({"context": 4}, jax.devices()[:4])
+    cfg6 = cfg.replace(dim=96, num_heads=6)
+    p6 = jax.device_put(wan.init(cfg6, jax.random.key(0)), sharding.tree_shardings(
+        wan.param_axes(cfg6), mesh, sharding.DEFAULT_RULES, wan.param_shapes(cfg6)))
+    small = [jax.device_put(a[:, :1, :4, :4], sharding.replicated(mesh)) for a in (x, ctx)]
+    args = (small[0], t, text[..., :cfg6.text_dim], small[1])
+    try:
+        jax.eval_shape(lambda p: wan.forward(cfg6, p, *args, options=wan.Options(context_parallel="ulysses")), p6)
+        errors.append("ulysses with 6 heads over context 4 was not refused")
+    except sharding.ShardingError as e:
+        print("refused:", e)
+        assert "context_parallel='ring'" in str(e) and "\\n" not in str(e), e
+    jax.eval_shape(lambda p: wan.forward(cfg6, p, *args, options=wan.Options(context_parallel="auto")), p6)
+    assert not errors, errors
+""")
+
+_TRAIN = _PRELUDE + textwrap.dedent("""
+    import importlib.util, ml_collections
+    from pickstyle_jax.data import pipeline
+    spec = importlib.util.spec_from_file_location("cfg", "configs/pickstyle.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    reference = None  # the one-device step: the same config, seed and batch for every mesh, so compiled once
+    for i, mesh_shape in enumerate(json.loads(sys.argv[2])):
+        c = mod.get_config("tiny")
+        c.unlock()
+        c.mesh = ml_collections.ConfigDict(mesh_shape)
+        c.seed, c.data.batch_size = seed, 4
+        c.lock()
+        tr = setup.prepare(c, os.path.join(sys.argv[3], str(i)))
+        assert tr.mesh.shape["context"] > 1, tr.mesh.shape
+        lora_sh = tr.abstract.shardings(tr.abstract.lora)
+        state = {**tr.state, "lora": jax.device_put(random_b(tr.state["lora"], jax.random.key(seed)), lora_sh)}
+        batch = setup.device_batch(tr, next(pipeline.make_iterator(c.data, seed=seed)))
+        host = jax.device_get((tr.base, state, batch, tr.step_key))
+        step = lambda: jax.jit(functools.partial(step_lib.train_step, tr.cfg))  # a plain jit: no rules_context
+        lowered = step().lower(tr.base, state, batch, tr.step_key)
+        assert "collective_permute" in lowered.as_text(), "the step's self-attention is not the ring"
+        new, m = lowered.compile()(tr.base, state, batch, tr.step_key)
+        if reference is None:
+            reference = host, step()(*jax.device_put(host, jax.devices()[0]))
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(reference[0])))
+        ref_new, ref_m = reference[1]
+        check(f"{mesh_shape} train_step loss", m["loss"], ref_m["loss"])
+        check(f"{mesh_shape} train_step grad norm", m["grad_norm"], ref_m["grad_norm"])
+        flat = lambda tree: np.concatenate([np.asarray(a).ravel() for a in jax.tree.leaves(tree)])
+        check(f"{mesh_shape} train_step new LoRA", flat(new["lora"]), flat(ref_new["lora"]))
+        # Adam's first update is ill-conditioned where |g| ~ eps (tests/test_sharded_model.py explains the 1e-3)
+        d = lambda s: jax.tree.map(lambda a, b: np.asarray(a) - b, s["lora"], host[1]["lora"])
+        check(f"{mesh_shape} train_step LoRA update", flat(d(new)), flat(d(ref_new)), tol=1e-3)
+    assert not errors, errors
+""")
+
+
+def _run(*args, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=timeout)
+    print(r.stdout)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-4000:]}"
+
+
+def test_forward_and_lora_gradient_over_context(seed):
+    case = lambda mesh, mode, expect, scan: dict(mesh=mesh, mode=mode, expect=expect, scan=scan,
+                                                 devices=math.prod(mesh.values()))
+    cases = [case({"context": 8}, "ulysses", "ulysses", False),
+             case({"context": 2}, "ring", "ring", True),
+             case({"context": 4}, "ring", "ring", False),
+             case({"data": 2, "context": 4}, "auto", "ulysses", True),
+             case({"fsdp": 2, "context": 4}, "ring", "ring", False),
+             case({"tensor": 2, "context": 4}, "auto", "ulysses", True)]
+    _run(_MODEL, seed % 10000, json.dumps(cases))
+
+
+def test_train_step_over_context(tmp_path, seed):
+    meshes = [dict(data=1, fsdp=1, tensor=1, context=8), dict(data=1, fsdp=2, tensor=1, context=4)]
+    _run(_TRAIN, seed % 10000, json.dumps(meshes), tmp_path)
