@@ -3,7 +3,8 @@ models, in the layout accelerators run the released variants in (`wan.Options(sc
 read flat and stacked on load), with a LoRA:
 
 - `Stylizer.load(mesh=devices.make("data=2,fsdp=4"))` places the weights stacked and fsdp-sharded and gives the
-  one-device frames within 1 grey level on average;
+  one-device frames within 1 grey level on average, and so does data=2,context=4 (the tokens split inside
+  attention);
 - its VAE splits every frame over the devices (latents come back split along width/height) and its encoder
   equals the one-device one (the decoder is checked through the frames);
 - `cli.stylize` on process 1 of 2 writes nothing (the CLI's multi-host flags are tests/test_stylize.py's).
@@ -55,6 +56,13 @@ _SCRIPT = textwrap.dedent("""
           f"(frames std {want.std():.1f}; {time.perf_counter() - t0:.1f} s)")
     assert got.shape == want.shape == (5, 32, 64, 3)
     assert diff.mean() <= 1.0 and diff.max() <= 2, (diff.mean(), diff.max())
+
+    # context parallelism: the video tokens split 4 ways inside self-attention, the weights over (fsdp, context)
+    ctx = sample.Stylizer.load(**saved, mesh=devices.make("data=2,context=4"), options=scanned)
+    got_c = ctx(clip, prompt, **kw)
+    diff_c = np.abs(got_c.astype(np.int16) - want.astype(np.int16))
+    print(f"data=2,context=4 vs one device: mean {diff_c.mean():.4f}, max {diff_c.max()} grey levels")
+    assert diff_c.mean() <= 1.0 and diff_c.max() <= 2, (diff_c.mean(), diff_c.max())
 
     # the VAE ran split: the source's latents [1, 2, 4, 8, 16] (the stylizers' own compiled encoders, cached) come
     # back split over all 8 devices along width (and height), and equal one device's

@@ -5,12 +5,12 @@
     mesh_shape("auto", 8, n_branches=3)       -> a layout for 8 devices (`auto_shape`)
     mesh = make("auto", n_branches=3)         -> a jax Mesh over every device (every process's), or None for ""
 
-A layout names mesh axes the inference rules use (`sharding.DEFAULT_RULES`: "data" and "fsdp" split the branch
-batch, "fsdp" also the weights' model width, "tensor" the heads and FFN; "context" the video tokens where the rules
-map "length" to it). "auto" puts the CFG branches over "data" (as many ways as divide the branch batch: 3 for
-CS-CFG, so on 8 devices the data axis is 1), and every other device on the axis that splits the rest of the work:
-"context" when the rules split the tokens over it, else "fsdp" (weights split, gathered one layer at a time; the
-branch batch it cannot divide stays replicated there, so its compute is too: the planner's FLOPs say so).
+A layout names mesh axes the inference rules use (`sharding.DEFAULT_RULES`): "data" and "fsdp" split the branch
+batch, "fsdp" and "context" the weights' model width (gathered one layer at a time), "context" also the video
+tokens (context parallelism inside self-attention), "tensor" the heads and FFN. "auto" puts the CFG branches over
+"data" (as many ways as divide the branch batch: 3 for CS-CFG, so on 8 devices the data axis is 1) and every other
+device on "context" when the rules split the tokens over it, else on "fsdp" (weights split; the branch batch it
+cannot divide stays replicated there, and so does its compute: the planner's FLOPs say so).
 """
 from __future__ import annotations
 

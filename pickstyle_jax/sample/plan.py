@@ -6,7 +6,8 @@
 AOT-compiles, on N host CPU devices with abstract weights (jax.ShapeDtypeStructs carrying the shardings
 `Stylizer.load(mesh=...)` places them in: nothing is allocated), what one video costs:
 - "dit_step": ONE CS-CFG denoising step, the real sampler (`make_sampler` with one executed step: 3 branches as one
-  batched forward, guidance, the solver step) on the clip's latents, text padded to text_len (the worst case);
+  batched forward, guidance, the solver step) on the clip's latents, text padded to text_len (the worst case;
+  --text_len sets it);
 - "vae_encode" / "vae_decode": the VAE on the clip (split over the devices, models/vae.py), once each per window
   (the encode also runs on the all-zero clip, once per shape);
 - "text": the umT5 encoder on one prompt of text_len tokens, placed replicated as the Stylizer places it.
@@ -55,10 +56,13 @@ def clip_size(size: str, frames: int) -> tuple[int, int, int]:
     return p.windows.length, p.height, p.width
 
 
-def _compile(fn, *args, **kw):
+def _compile(fn, *args, what: str = "", **kw):
     t0 = time.perf_counter()
     compiled = fn.lower(*args, **kw).compile()
-    return compiled, time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    if what:
+        print(f"  ({what}: compiled in {secs:.1f} s)", flush=True)
+    return compiled, secs
 
 
 def _dit_step(wcfg, lcfg, options, mesh, rules, f, h, w, text_len):
@@ -78,8 +82,9 @@ def _dit_step(wcfg, lcfg, options, mesh, rules, f, h, w, text_len):
     text = jax.ShapeDtypeStruct((1, text_len, wcfg.text_dim), f32, sharding=rep)
     lens = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)  # raw key data (the sampler wraps it)
+    what = f"DiT step on {dict(mesh.shape)}, {'scanned' if stacked else 'unrolled'} layers"
     compiled, secs = _compile(sampler, params, adapters, z, ctx, text, text, key, text_lens=lens,
-                              null_text_lens=lens)
+                              null_text_lens=lens, what=what)
     return compiled, secs, (params, adapters)
 
 
@@ -111,26 +116,28 @@ def _measure(wcfg, vcfg, tcfg, lcfg, options, mesh, rules, clip, text_len, wante
             continue
         stages[name] = {}
         if memory:
-            compiled, secs = _compile(jax.jit(fn, static_argnums=0), vcfg, vparams, x)
+            compiled, secs = _compile(jax.jit(fn, static_argnums=0), vcfg, vparams, x, what=name)
             stages[name] = {**planning.memory(compiled), "flops": planning.flops(compiled), "compile_s": secs}
         if x.shape[1] > 1 or not memory:  # one frame runs unchunked already
-            loop_free, _ = _compile(jax.jit(functools.partial(fn, chunked=False), static_argnums=0), vcfg, vparams, x)
+            loop_free, _ = _compile(jax.jit(functools.partial(fn, chunked=False), static_argnums=0), vcfg, vparams, x,
+                                    what=f"{name} unchunked, for FLOPs")
             stages[name]["flops"] = planning.flops(loop_free)
 
     tparams = planning.abstract(umt5.param_shapes(tcfg), sharding=rep)  # stored dtype (bf16 for umt5-xxl)
     weights["umt5"] = planning.bytes_per_device(tparams)
     if "text" in wanted:
         ids = jax.ShapeDtypeStruct((1, text_len), jnp.int32, sharding=rep)
-        compiled, secs = _compile(jax.jit(umt5.encode, static_argnums=0), tcfg, tparams, ids, ids)
+        compiled, secs = _compile(jax.jit(umt5.encode, static_argnums=0), tcfg, tparams, ids, ids, what="text")
         stages["text"] = {**planning.memory(compiled), "flops": planning.flops(compiled), "compile_s": secs}
     return stages, weights
 
 
 def plan(config, n_devices: int, *, size: str = "480p", frames: int = 81, mesh: str = "auto",
-         stages: tuple[str, ...] = STAGES, baseline: bool = False) -> dict:
+         stages: tuple[str, ...] = STAGES, baseline: bool = False, text_len: int | None = None) -> dict:
     """Compiles `stages` (module docstring; "dit_step" always) on the first `n_devices` devices; returns the JSON
     fields (a peak over the stages compiled). baseline: also the stages' FLOPs on one device, and each stage's
-    per-device FLOPs over 1/n_devices of them ("flops_ratio": 1.0 when no compute is repeated)."""
+    per-device FLOPs over 1/n_devices of them ("flops_ratio": 1.0 when no compute is repeated). text_len: the
+    prompts' padded length (None: the DiT's text_len, the worst case; a prompt's power-of-two bucket otherwise)."""
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise errors.InputError(f"--stages: unknown {unknown}; choose from {list(STAGES)}")
@@ -148,7 +155,7 @@ def plan(config, n_devices: int, *, size: str = "480p", frames: int = 81, mesh: 
     f, h, w = 1 + (F - 1) // tf, H // sf, W // sf
     pt, ph, pw = wcfg.patch_size
     tokens = (f // pt) * (h // ph) * (w // pw)
-    text_len = wcfg.text_len
+    text_len = wcfg.text_len if text_len is None else int(text_len)
     print(f"stylize plan: mesh {dict(mesh.shape)} on {n_devices} simulated devices; {config.model.variant} "
           f"({wcfg.param_dtype} weights, {options.dtype} compute, attention {options.attention}, scan_layers "
           f"{options.scan_layers}); clip {F}x{H}x{W} -> latents {f}x{h}x{w}, {tokens} tokens x 3 CS-CFG branches, "
@@ -198,6 +205,7 @@ def main(argv=None):
     flags.DEFINE_string("mesh", "auto", "auto or axis=size pairs, as stylize's --mesh")
     flags.DEFINE_list("stages", list(STAGES), "what to compile (dit_step always)")
     flags.DEFINE_boolean("baseline", False, "also each stage's FLOPs on one device, and the ratio")
+    flags.DEFINE_integer("text_len", None, "padded prompt length (default: the DiT's text_len, the worst case)")
     flags.mark_flags_as_required(["config"])
 
     def _main(argv):
@@ -210,6 +218,7 @@ def main(argv=None):
                 f"--devices={n}: only {jax.device_count()} devices; run as `python -m pickstyle_jax.plan "
                 f"--job=stylize --devices={n}` so it can simulate them (XLA_FLAGS is set before JAX starts)")
         print(json.dumps(plan(config, n, size=fl.size, frames=fl.frames, mesh=fl.mesh,
-                                     stages=tuple(fl.stages) + ("dit_step",), baseline=fl.baseline)), flush=True)
+                                     stages=tuple(fl.stages) + ("dit_step",), baseline=fl.baseline,
+                                     text_len=fl.text_len)), flush=True)
 
     errors.absl_run(_main, argv)
