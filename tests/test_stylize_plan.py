@@ -16,14 +16,14 @@ def test_stylize_plan_json_and_flops_split(seed):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-m", "pickstyle_jax.plan", "--job=stylize",
-                        "--config=configs/pickstyle.py:tiny", "--devices=4", "--mesh=auto", "--size=64x128",
+                        "--config=configs/pickstyle.py:tiny", "--devices=4", "--mesh=auto", "--size=128x128",
                         "--frames=1", "--text_len=16", "--stages=vae_decode", "--baseline"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     print(r.stdout)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["job"] == "stylize" and out["devices"] == 4 and out["mesh"] == {"data": 1, "context": 4}
-    assert out["size"] == [1, 64, 128] and out["tokens"] == 1 * 4 * 8
+    assert out["size"] == [1, 128, 128] and out["tokens"] == 1 * 8 * 8
     assert set(out["stages"]) == {"dit_step", "vae_decode"}
     for st in out["stages"].values():
         assert 0 < st["peak_bytes"] <= out["peak_bytes_per_device"] and st["flops"] > 0
