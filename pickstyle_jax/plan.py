@@ -33,7 +33,10 @@ def _pop_job(argv) -> str:
 if __name__ == "__main__":
     job = _pop_job(sys.argv)
     if job not in ("train", "stylize"):
-        sys.exit(f"error: --job={job}: choose train or stylize")
+        from pickstyle_jax import errors  # imports no JAX
+
+        print(f"error: --job={job}: choose train or stylize", file=sys.stderr)
+        sys.exit(errors.EXIT_CODE)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_devices_from_argv(sys.argv)}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

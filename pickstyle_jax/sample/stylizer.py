@@ -10,6 +10,10 @@ with E(0) the latents of an all-zero video (cached per shape); null text the umT
 default) and the rate to write them at. A clip longer than one window is covered by overlapping windows (`sizing.windows`, the last one ending at the clip's end): window i samples with
 fold_in(key, i), its first latent frames pinned to the result so far on the frames it shares (`keep_latents`), the
 pinned frames cross-faded linearly.
+
+On a mesh (`Stylizer.load(mesh=...)`, the CLI's --mesh) the DiT's weights are sharded by the rules, the small models
+replicated; the sampler splits the CFG branches (and, with a context axis, the tokens), the VAE splits every frame
+into spatial tiles (models/vae.py), and on several hosts the decoded frames are gathered to every process.
 """
 from __future__ import annotations
 
