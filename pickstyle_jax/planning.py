@@ -33,8 +33,8 @@ def abstract(shapes, dtype=None, sharding=None):
     with `sharding` (one sharding for every leaf, or a tree of them)."""
     is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)  # noqa: E731
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
-    shards = (treedef.flatten_up_to(sharding) if sharding is not None and not isinstance(sharding, jax.sharding.Sharding)
-              else [sharding] * len(leaves))
+    one = sharding is None or isinstance(sharding, jax.sharding.Sharding)
+    shards = [sharding] * len(leaves) if one else treedef.flatten_up_to(sharding)
     out = [jax.ShapeDtypeStruct(tuple(s) if is_shape(s) else s.shape, dtype if is_shape(s) else s.dtype, sharding=sh)
            for s, sh in zip(leaves, shards)]
     return jax.tree.unflatten(treedef, out)
