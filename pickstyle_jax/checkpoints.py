@@ -259,7 +259,9 @@ def load_dit(path, dtype=None, sharding=None, scan_layers: bool | None = False):
     stacked_sh = jax.tree_util.tree_map_with_path(
         lambda kp, sds: _leaf_sharding(sharding, tuple(getattr(k, "key", k) for k in kp), sds, default),
         wan.param_shapes(cfg, stacked=True))  # raises for irregular vace_layers
-    flat_sh = wan.unstack_layers(cfg, jax.tree.map(_unstacked_sharding, stacked_sh, is_leaf=_is_sharding))
+    # only the scanned blocks carry a leading layer axis (head, embeddings and vace_before_proj do not)
+    flat_sh = wan.unstack_layers(cfg, {k: jax.tree.map(_unstacked_sharding, v, is_leaf=_is_sharding)
+                                       if k in ("blocks", "vace_blocks") else v for k, v in stacked_sh.items()})
     cfg_read, flat = load(path, "wan", dtype=dtype, sharding=flat_sh)
     fns = {}
 

@@ -136,6 +136,23 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return out
 
 
+def init_distributed(d: Mapping, where: str = "distributed") -> None:
+    """jax.distributed from the multi-host settings `d` (keys coordinator "host:port", num_processes, process_id,
+    auto), before any device is touched: auto=True lets JAX read the cluster (TPU pod, SLURM, OMPI, Kubernetes); a
+    coordinator starts it explicitly; neither is a one-process run. The one home of this for train
+    (`--config.distributed.*`) and stylize (`--distributed.*`); `where` prefixes the settings' names in errors."""
+    if d["auto"]:
+        jax.distributed.initialize()
+    elif d["coordinator"]:
+        if not 0 <= int(d["process_id"]) < int(d["num_processes"]):
+            raise ShardingError(f"{where}.process_id={d['process_id']} is not in [0, {where}.num_processes="
+                                f"{d['num_processes']})")
+        jax.distributed.initialize(d["coordinator"], int(d["num_processes"]), int(d["process_id"]))
+    elif int(d["num_processes"]) != 1:
+        raise ShardingError(f"{where}.num_processes={d['num_processes']} needs {where}.coordinator=host:port "
+                            f"(or {where}.auto=True on a TPU pod / SLURM / OMPI / Kubernetes)")
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
     """A mesh with named axes; one size may be -1 (all remaining devices)."""
     devices = list(jax.devices() if devices is None else devices)

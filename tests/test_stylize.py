@@ -210,6 +210,16 @@ def test_bad_input(saved, tmp_path, capsys, monkeypatch):
     fails(argv, "does not fit the DiT")
     fails(_argv(models, src, out, "--steps", "3", "--skip", "3"), "--skip")
     fails(_argv(models, src, out, "--size", "100x100"), "multiples of 16")
+    # devices and hosts: a mesh that does not fit the devices or names an unknown axis, a multi-host run without a
+    # coordinator; the multi-host flags reach jax.distributed.initialize (mocked) before anything else runs
+    fails(_argv(models, src, out, *FAST, "--mesh", f"data={jax.device_count() + 1}"), "--mesh data=")
+    fails(_argv(models, src, out, *FAST, "--mesh", "pipeline=1"), "unknown mesh axes ['pipeline']")
+    fails(_argv(models, src, out, *FAST, "--distributed.num_processes", "2"), "--distributed.coordinator")
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: calls.append(a))
+    fails(_argv(models, src, out, *FAST, "--distributed.coordinator", "10.0.0.1:1234", "--distributed.num_processes",
+                "2", "--distributed.process_id", "1", "--mesh", "data=0"), "--mesh data=0")
+    assert calls == [("10.0.0.1:1234", 2, 1)], calls
 
 
 def test_check_lora_reads_adapters_in_either_layout():

@@ -295,3 +295,16 @@ def test_chunked_attention_never_builds_full_score_matrix():
         for jaxpr in (jax.make_jaxpr(fn)(q, q, q),
                       jax.make_jaxpr(jax.grad(lambda a, b, c: fn(a, b, c).sum(), argnums=(0, 1, 2)))(q, q, q)):
             assert _max_intermediate_elems(jaxpr.jaxpr) <= 256 * s * n  # one query block of logits at most
+
+
+def test_chunked_attention_balances_query_blocks():
+    """Equal query blocks of at most chunk_size: 1,280 queries at chunk 1,024 run as 2 x 640 (the accelerator default
+    once computed 768 padded rows here); exact, so the result still equals the plain path."""
+    assert layers.query_blocks(1280, 1024) == (2, 640)
+    assert layers.query_blocks(1280, 256) == (5, 256)
+    assert layers.query_blocks(32760, 256) == (128, 256)  # 8 padded rows at 81 x 480 x 832
+    assert layers.query_blocks(70, 16) == (5, 14) and layers.query_blocks(5, 1024) == (1, 5)
+    s, n, kd = 1280, 1, 8
+    q = jax.ShapeDtypeStruct((1, s, n, kd), jnp.float32)
+    fn = lambda a, b, c: layers.attention(a, b, c, implementation="chunked", chunk_size=1024)
+    assert _max_intermediate_elems(jax.make_jaxpr(fn)(q, q, q).jaxpr) == 640 * s * n

@@ -213,6 +213,14 @@ def _online(carry, q_BNSK, k_BNTK, v_BNTK, bias_BT, kv_chunk):
     return jax.lax.scan(step, carry, (bias_chunks, k_chunks, v_chunks))[0]
 
 
+def query_blocks(s, chunk_size):
+    """(count, size) of the query blocks "chunked" attention splits s queries into: the fewest blocks of at most
+    `chunk_size`, all the same size, so at most count - 1 padded rows are computed and dropped (1,280 queries in
+    blocks of at most 1,024 are 2 x 640, not 2 x 1,024 with 768 rows of padding)."""
+    n_chunks = -(-s // max(1, min(chunk_size, s)))
+    return n_chunks, -(-s // n_chunks)
+
+
 def resolve_attention(implementation, dtype, backend=None) -> str:
     """The concrete implementation `attention` runs for `implementation` and compute dtype on `backend`.
 
@@ -245,9 +253,9 @@ def attention(q_BSNK, k_BTNK, v_BTNK, *, implementation="xla", scale=None, kv_le
       "auto"    per backend and dtype, see `resolve_attention` (cudnn on GPU in bf16, splash on TPU, else chunked).
       "xla"     plain einsum/softmax; materialises [B, N, S, T] fp32 logits.
       "cudnn"   jax.nn.dot_product_attention(implementation="cudnn"): GPU only, bf16/fp16 inputs, no key_bias.
-      "chunked" memory-bounded: queries in blocks of `chunk_size` under lax.map, each block rematerialised in
-                the backward pass, so only [B, N, chunk_size, T] logits live at once; with `kv_chunk_size`,
-                keys are also streamed with an online softmax ([B, N, chunk_size, kv_chunk_size]).
+      "chunked" memory-bounded: queries in equal blocks of at most `chunk_size` (`query_blocks`) under lax.map,
+                each block rematerialised in the backward pass, so only [B, N, chunk_size, T] logits live at once;
+                with `kv_chunk_size`, keys are also streamed with an online softmax ([B, N, chunk_size, kv_chunk_size]).
       "splash"  the Pallas TPU splash kernel (`models/splash.py`) with tiles `block_q` x `block_kv`; any S and T
                 (padded and masked inside); interpret mode off TPU; no key_bias.
     An implementation that cannot take its inputs (a bias, a dtype) raises; nothing falls back silently.
@@ -281,8 +289,7 @@ def attention(q_BSNK, k_BTNK, v_BTNK, *, implementation="xla", scale=None, kv_le
         out_BNSK = _attend(q_BNSK, k_BNTK, v_BNTK, bias_BT)
     else:
         b, n, s, kd = q_BNSK.shape
-        chunk = min(chunk_size, s)
-        n_chunks = -(-s // chunk)
+        n_chunks, chunk = query_blocks(s, chunk_size)
         q_pad = jnp.pad(q_BNSK, ((0, 0), (0, 0), (0, n_chunks * chunk - s), (0, 0)))
         q_chunks = jnp.moveaxis(q_pad.reshape(b, n, n_chunks, chunk, kd), 2, 0)
 

@@ -8,8 +8,11 @@ The model is a Flax NNX module (`WanVae`) whose attribute paths mirror the offic
 `[kT,kH,kW,I,O]` / `[kH,kW,I,O]`, RMS-norm gammas are `scale` of shape (C,). Outside jit the parameters are a plain
 nested dict (`init`, checkpoints, converters); `encode`/`decode` merge them into the module inside the jitted
 function (`layers.bind`). Every parameter's logical axes are None (replicated): the VAE is small (127 M parameters,
-0.5 GB in fp32) and its convolutions are activation-bound, so splitting kernels would only add gathers; shard the
-batch instead.
+0.5 GB in fp32) and its convolutions are activation-bound, so splitting kernels would only add gathers. On a mesh
+(params or input placed on several devices) the activations are split instead: the batch over the rules' "batch"
+axes, the other mesh axes over the frames' width and height (`_spatial_layout`), so every device convolves its own
+tile of every frame and XLA exchanges the halo rows; the causal cache runs along time, so chunking is unchanged and
+the result equals one device's (fp32: ~1e-6, tests/test_stylize_multidevice.py).
 
 Two executions that agree to ~1e-6 relative (§4.2, §4.3):
   chunked=True (default): the official scheme. Encode runs frames [0], [1-4], [5-8], ...; decode one latent frame at a
@@ -35,6 +38,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from pickstyle_jax import sharding
 from pickstyle_jax.models import layers
 
 # Per-channel statistics of Wan2.1 latents (official `WanVAE.mean/std`; diffusers' `latents_mean/std` defaults).
@@ -186,10 +190,14 @@ def _rms_norm(x, scale):
 
 class _History:
     """Causal state across chunks, keyed by layer name: `old` from the previous chunk (None at the clip start, i.e.
-    zeros), `new` collected for the next. The pytree `new` is the `lax.scan` carry."""
+    zeros), `new` collected for the next. The pytree `new` is the `lax.scan` carry. `layout`: the clip's sharding
+    on a mesh (`_spatial_layout`, None on one device), which every layer's output is pinned to."""
 
-    def __init__(self, old: dict | None):
-        self.old, self.new = old, {}
+    def __init__(self, old: dict | None, layout=None):
+        self.old, self.new, self.layout = old, {}, layout
+
+    def pin(self, x_BTHWC):
+        return x_BTHWC if self.layout is None else lax.with_sharding_constraint(x_BTHWC, self.layout)
 
     def causal_conv(self, p, x, name):
         """CausalConv3d with kT=3: history (or zero padding) in front, then remember the last 2 input frames."""
@@ -198,7 +206,7 @@ class _History:
         else:
             xx = jnp.concatenate([self.old[name], x], axis=1)
         self.new[name] = xx[:, -2:]
-        return _conv3d_valid_t(p, xx)
+        return self.pin(_conv3d_valid_t(p, xx))
 
 
 # ------------------------------------------------------------------------------------------------- modules
@@ -340,7 +348,7 @@ def _head(cin: int, cout: int, key: str, rngs: nnx.Rngs) -> nnx.Dict:
 
 def _run(seq, x, hist: _History, first: bool):
     for k in range(len(seq)):
-        x = seq[str(k)](x, hist, first)
+        x = hist.pin(seq[str(k)](x, hist, first))
     return x
 
 
@@ -406,15 +414,40 @@ def param_axes(cfg: VaeConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- execution
-def _run_chunked(fn, x0, rest):
+def _spatial_layout(arrays, b: int, h: int, w: int):
+    """The layout of the clip's activations [B, T, H, W, C] on the mesh that `arrays` (params and input) live on:
+    the batch over the rules' "batch" mesh axes that divide `b`, then every other mesh axis over the latent width
+    `w` while it divides, then the latent height `h` (the causal cache is along time, so a spatial split keeps the
+    chunked scheme; XLA's partitioner exchanges the 3x3 convolutions' halo rows). Every level of the VAE is a
+    multiple of the latent grid, so one spec holds at all of them. None on one device. Rules: those of an enclosing
+    `sharding.axis_rules`, else DEFAULT_RULES (only "batch" is read)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        mesh = layers.mesh_of(arrays)
+    if mesh is None or math.prod(mesh.shape.values()) <= 1:
+        return None
+    batch = sharding.batch_mesh_axes(sharding.active_rules() or sharding.DEFAULT_RULES, mesh.shape, b)
+    split = {"w": [], "h": []}
+    for name in mesh.axis_names:
+        if name in batch or mesh.shape[name] == 1:
+            continue
+        for dim, size in (("w", w), ("h", h)):
+            if size % (math.prod(mesh.shape[a] for a in split[dim]) * mesh.shape[name]) == 0:
+                split[dim].append(name)
+                break
+    spec = [tuple(batch) or None, None, tuple(split["h"]) or None, tuple(split["w"]) or None, None]
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _run_chunked(fn, x0, rest, layout=None):
     """fn(x, hist, first) -> y on chunk 0, then lax.scan over `rest` [n, B, t, ...] carrying the history."""
-    hist = _History(None)
+    hist = _History(None, layout)
     y0 = fn(x0, hist, True)
     if rest.shape[0] == 0:
         return y0
 
     def step(carry, xc):
-        h = _History(carry)
+        h = _History(carry, layout)
         y = fn(xc, h, False)
         return h.new, y
 
@@ -438,13 +471,15 @@ def _bound(cfg: VaeConfig, params) -> WanVae:
 @partial(jax.jit, static_argnames=("cfg", "chunked"))
 def _encode(cfg: VaeConfig, params, video, chunked: bool):
     model = _bound(cfg, params)
-    x = video.astype(jnp.dtype(cfg.dtype))
+    s = cfg.spatial_factor
+    layout = _spatial_layout((params, video), video.shape[0], video.shape[2] // s, video.shape[3] // s)
+    x = _History(None, layout).pin(video.astype(jnp.dtype(cfg.dtype)))
     if chunked:
         b, f, tf = *x.shape[:2], cfg.temporal_factor  # chunks: frame 0, then 4 frames (one latent frame) each
         rest = x[:, 1:].reshape(b, (f - 1) // tf, tf, *x.shape[2:])
-        h = _run_chunked(model.encoder, x[:, :1], jnp.moveaxis(rest, 1, 0))
+        h = _run_chunked(model.encoder, x[:, :1], jnp.moveaxis(rest, 1, 0), layout)
     else:
-        h = model.encoder(x, _History(None), True)
+        h = model.encoder(x, _History(None, layout), True)
     mu = _dense(model.conv1.p, h)[..., : cfg.z_dim].astype(jnp.float32)
     mean = jnp.asarray(cfg.latents_mean, jnp.float32)
     inv_std = 1.0 / jnp.asarray(cfg.latents_std, jnp.float32)  # the official (mu - mean) * (1/std)
@@ -456,13 +491,14 @@ def _decode(cfg: VaeConfig, params, z, chunked: bool, clamp: bool = True):
     """Decoder output, float32, clamped to [-1, 1] if `clamp`."""
     model = _bound(cfg, params)
     dt = jnp.dtype(cfg.dtype)
+    layout = _spatial_layout((params, z), z.shape[0], z.shape[2], z.shape[3])
     z = z.astype(jnp.float32) * jnp.asarray(cfg.latents_std, jnp.float32) + jnp.asarray(cfg.latents_mean,
                                                                                          jnp.float32)
-    x = _dense(model.conv2.p, z.astype(dt))
+    x = _History(None, layout).pin(_dense(model.conv2.p, z.astype(dt)))
     if chunked:
-        out = _run_chunked(model.decoder, x[:, :1], jnp.moveaxis(x[:, 1:, None], 1, 0))
+        out = _run_chunked(model.decoder, x[:, :1], jnp.moveaxis(x[:, 1:, None], 1, 0), layout)
     else:
-        out = model.decoder(x, _History(None), True)
+        out = model.decoder(x, _History(None, layout), True)
     out = out.astype(jnp.float32)
     return jnp.clip(out, -1.0, 1.0) if clamp else out
 

@@ -10,6 +10,10 @@ with E(0) the latents of an all-zero video (cached per shape); null text the umT
 default) and the rate to write them at. A clip longer than one window is covered by overlapping windows (`sizing.windows`, the last one ending at the clip's end): window i samples with
 fold_in(key, i), its first latent frames pinned to the result so far on the frames it shares (`keep_latents`), the
 pinned frames cross-faded linearly.
+
+On a mesh (`Stylizer.load(mesh=...)`, the CLI's --mesh) the DiT's weights are sharded by the rules, the small models
+replicated; the sampler splits the CFG branches (and, with a context axis, the tokens), the VAE splits every frame
+into spatial tiles (models/vae.py), and on several hosts the decoded frames are gathered to every process.
 """
 from __future__ import annotations
 
@@ -253,6 +257,15 @@ class Stylizer:
                 "window_keep_latents": [win.keep(i) for i in range(len(win.starts))], "timing": timing}
         return result, info
 
+    def _host(self, x) -> np.ndarray:
+        """A result as a host array on every process: on several hosts the mesh's shards are gathered
+        (`process_allgather`), since no one process addresses them all."""
+        if self.mesh is not None and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
     def _windows(self, src, win, text, null, key, sampler, mode) -> np.ndarray:
         """src uint8 [F, H, W, 3] -> [F, H, W, 3] in [-1, 1], window by window (`sizing.Windows`). Window i samples
         with fold_in(key, i) (the first with `key`), its first keep(i) latent frames pinned to E(the result so far
@@ -261,7 +274,7 @@ class Stylizer:
         for i, s in enumerate(win.starts):
             p = win.pinned(i)
             keep = self._encode(self.vae_params, jnp.asarray(out[s: s + p])[None]) if p else None
-            video = np.asarray(self._sample_clip(src[s: s + win.length], text, null,
+            video = self._host(self._sample_clip(src[s: s + win.length], text, null,
                                                  key if i == 0 else jax.random.fold_in(key, i), sampler, mode, keep))
             if out is None:
                 out = np.zeros((win.n, *video.shape[1:]), np.float32)

@@ -25,22 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pickstyle_jax import errors, sharding
+from pickstyle_jax import errors, planning, sharding
 from pickstyle_jax.models import autoencoders, wan
 from pickstyle_jax.train import setup as setup_lib, step as step_lib
 
 __all__ = ["plan", "main"]
-
-_HOST_KERNELS = {"cudnn": "chunked", "splash": "chunked", "auto": "chunked"}
-
-
-def _bytes_per_device(tree) -> int:
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += math.prod(shape) * np.dtype(x.dtype).itemsize
-    return int(total)
-
 
 def plan(config, n_devices: int) -> dict:
     """Compiles the step for `config` on the current (simulated) devices; returns the JSON fields."""
@@ -49,12 +38,9 @@ def plan(config, n_devices: int) -> dict:
     mesh = sharding.make_mesh(mesh_shape, jax.devices()[:n_devices])
     wcfg, vcfg, _, lcfg = setup_lib.model_configs(config)
     cfg = step_lib.step_config(config, wcfg, vcfg, lcfg)
-    opts = cfg.options
-    if opts.attention in _HOST_KERNELS and jax.default_backend() == "cpu":
-        print(f"attention {opts.attention!r} does not lower on CPU: planning with "
-              f"{_HOST_KERNELS[opts.attention]!r}", flush=True)
-        # key blocks too (online softmax): [B, N, 1024, 1024] logits at a time, the working set of a flash kernel
-        opts = opts.replace(attention=_HOST_KERNELS[opts.attention], attention_chunk=1024, attention_kv_chunk=1024)
+    opts, note = planning.host_options(cfg.options)
+    if note:
+        print(note, flush=True)
         cfg = dataclasses.replace(cfg, options=opts)
     rep = sharding.replicated(mesh)
 
@@ -91,12 +77,12 @@ def plan(config, n_devices: int) -> dict:
     temp = int(mem.temp_size_in_bytes)
     peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp)
     out = {"devices": n_devices, "mesh": dict(mesh.shape),
-           "param_bytes_per_device": _bytes_per_device(base),
-           "optimizer_bytes_per_device": _bytes_per_device(state),
+           "param_bytes_per_device": planning.bytes_per_device(base),
+           "optimizer_bytes_per_device": planning.bytes_per_device(state),
            "temp_bytes_per_device": temp, "peak_bytes_per_device": peak, "compile_s": round(compile_s, 2)}
     gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     print(f"compiled in {compile_s:.1f} s; per device: params {gb(out['param_bytes_per_device'])}, LoRA + "
-          f"optimizer {gb(out['optimizer_bytes_per_device'])}, batch {gb(_bytes_per_device(batch))}, "
+          f"optimizer {gb(out['optimizer_bytes_per_device'])}, batch {gb(planning.bytes_per_device(batch))}, "
           f"temporaries {gb(temp)}, peak {gb(peak)}", flush=True)
     return out
 

@@ -27,7 +27,7 @@ from pickstyle_jax.models import umt5, vae, wan
 from pickstyle_jax.sample import CompatibilityError, check_compatible
 from pickstyle_jax.train import base as base_lib, step as step_lib
 
-__all__ = ["ConfigError", "model_configs", "check_config", "init_distributed", "tokens_per_sample", "total_steps",
+__all__ = ["ConfigError", "model_configs", "check_config", "tokens_per_sample", "total_steps",
            "text_table", "AbstractState", "abstract_state", "TrainSetup", "prepare", "device_batch"]
 
 
@@ -114,19 +114,6 @@ def _check_checkpoints(config):
         used = ", ".join(f"config.model.{k}={config.model[k]!r}" if config.model[k] else
                          f"config.model.{k}='' (random {config.model[variant[k]]!r})" for k in variant)
         raise CompatibilityError(f"{used}: {e}") from e
-
-
-def init_distributed(d) -> None:
-    """jax.distributed from config.distributed (before any device is touched)."""
-    if d.auto:
-        jax.distributed.initialize()
-    elif d.coordinator:
-        if not 0 <= int(d.process_id) < int(d.num_processes):
-            raise ConfigError(f"config.distributed: process_id {d.process_id} is not in [0, {d.num_processes})")
-        jax.distributed.initialize(d.coordinator, int(d.num_processes), int(d.process_id))
-    elif int(d.num_processes) != 1:
-        raise ConfigError(f"config.distributed.num_processes={d.num_processes} needs a coordinator host:port "
-                          f"(or auto=True on a TPU pod / SLURM / OMPI / Kubernetes)")
 
 
 def tokens_per_sample(config, wcfg, vcfg) -> int:
@@ -227,7 +214,7 @@ def prepare(config, workdir, say: Callable[[str], None] = lambda msg: None) -> T
     workdir = Path(workdir).absolute()
     for key in ("dit", "vae", "umt5"):
         _check_path(config, key)
-    init_distributed(config.distributed)
+    sharding.init_distributed(config.distributed, where="config.distributed")
     mesh_shape = check_config(config)
     rules = sharding.normalize_rules(config.rules)
     mesh = sharding.make_mesh(mesh_shape)
