@@ -1,14 +1,25 @@
 """CPU fp32 cost of one CS-CFG step, ours (three branches as one jitted batch-3 forward) against the official way
 (three sequential batch-1 diffusers WanVACETransformer3DModel calls), and the wall time of a whole 20-step tiny
-stylisation (Stylizer: text, VAE, sampler, decode).
+stylisation (Stylizer: text, VAE, sampler, decode); then, in a child process, the context-parallel rows.
 
     .venv/bin/python -m bench.sample [--reps 5] [--threads 2] [--latent 3x16x16] [--quick]
+    .venv/bin/python -m bench.sample --only context [--devices 8] [--meshes "context=8;fsdp=2,context=4;..."]
 
 Same random weights (converted from the torch model) and inputs; both sides get --threads CPUs. The step config
 is a small Wan (D 512, 4 heads, FFN 2048, 8 layers, VACE after 0/2/4/6) at latent 3x16x16 (S = 192 tokens); the
 prompt is 40 tokens and the null prompt 120, both padded to 512 as the pipelines do (we fold the padding exactly,
 diffusers attends to all 512). Our step includes the guidance (APG) and the DPM++ update; the official one
 adds a plain torch combination, whose cost is negligible next to three forwards.
+
+Context-parallel rows (`--only context`, which sets XLA_FLAGS=--xla_force_host_platform_device_count=--devices
+before JAX starts; a plain run starts it as a child process): our same step, same weights and inputs, on each
+--meshes layout (each on the first devices it needs; weights sharded by `sharding.DEFAULT_RULES`, as
+`Stylizer.load(mesh=...)` places them) against the same sampler on one device, timed in interleaved rounds. It
+prints each layout's time ratio, the max abs and relative difference of its latents from one device's (over
+--cp-tol: MISMATCH and a non-zero exit) and the load average. The simulated devices share this machine's cores and
+their collectives are memory copies, so the ratios measure the sharded program's overhead, never a speed-up. With
+4 heads, context=8 takes the ring (`wan.Options(context_parallel="auto")`), fsdp=2,context=4 Ulysses; fsdp=2
+cannot split the 3 branches, so its two halves repeat the work (`sample.devices` says so).
 """
 from __future__ import annotations
 
@@ -111,7 +122,7 @@ def bench_context(args):
     cfg, options, _, params, (f, h, w), src, ctx, text, null, _ = _step_case(args)
     inputs = (src, ctx, text, null)
     key = jax.random.key(0)
-    runs = {}  # name -> (run(), latents of the first call, compile + first call seconds)
+    runs = {}  # name -> (run(), latents of the first call, compile + first call seconds, attention collective)
 
     def add(name, mesh):
         if mesh is None:
@@ -123,10 +134,16 @@ def bench_context(args):
         a = put(inputs)
         k = put(key)
         sampler = sample.make_sampler(cfg, steps=20, skip=19, options=options, mesh=mesh)
-        run = lambda: jax.block_until_ready(sampler(p, None, *a, k))  # noqa: E731
         t0 = time.perf_counter()
+        lowered = sampler.lower(p, None, *a, k)
+        text = lowered.as_text()  # which context-parallel attention XLA got: Ulysses' all-to-all or the ring's permute
+        how = "+".join(n for op, n in (("all_to_all", "Ulysses all-to-all"), ("collective_permute", "ring permute"))
+                       if op in text) or "no token collective"
+        compiled = lowered.compile()
+        scales = dict(text_scale=sampler.text_scale, context_scale=sampler.context_scale)
+        run = lambda: jax.block_until_ready(compiled(p, None, *a, k, **scales))  # noqa: E731
         out = np.asarray(run())
-        runs[name] = run, out, time.perf_counter() - t0
+        runs[name] = run, out, time.perf_counter() - t0, how
 
     add("1 device", None)
     for spec in args.meshes.split(";"):
@@ -138,10 +155,10 @@ def bench_context(args):
         shape = devices.mesh_shape(spec, n, flag="--meshes")
         add(f"{spec} ({n} dev)", sharding.make_mesh(shape, jax.devices()[:n]))
     times = {name: [] for name in runs}
-    for name, (run, _, _) in runs.items():  # warm each once more
+    for name, (run, *_) in runs.items():  # warm each once more
         run()
     for _ in range(args.reps):  # interleaved: every layout once per round, so load drifts hit them alike
-        for name, (run, _, _) in runs.items():
+        for name, (run, *_) in runs.items():
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
@@ -154,10 +171,11 @@ def bench_context(args):
     print(f"load average before {load0[0]:.1f}, after {load1[0]:.1f} (1 min; {os.cpu_count()} cores on the machine)")
     ok = True
     base_med, base_min = np.median(times["1 device"]), min(times["1 device"])
-    for name, (_, out, first) in runs.items():
+    for name, (_, out, first, how) in runs.items():
         med, mn = float(np.median(times[name])), min(times[name])
         line = f"{name:28s} median {med * 1e3:8.1f} ms (min {mn * 1e3:.1f}), compile+first {first:.1f} s"
         if name != "1 device":
+            line += f", {how}"
             rel = float(np.linalg.norm(out - want) / np.linalg.norm(want))
             bad = not rel <= args.cp_tol
             ok &= not bad
