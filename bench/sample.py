@@ -136,9 +136,9 @@ def bench_context(args):
         sampler = sample.make_sampler(cfg, steps=20, skip=19, options=options, mesh=mesh)
         t0 = time.perf_counter()
         lowered = sampler.lower(p, None, *a, k)
-        text = lowered.as_text()  # which context-parallel attention XLA got: Ulysses' all-to-all or the ring's permute
+        hlo = lowered.as_text()  # which context-parallel attention XLA got: Ulysses' all-to-all or the ring's permute
         how = "+".join(n for op, n in (("all_to_all", "Ulysses all-to-all"), ("collective_permute", "ring permute"))
-                       if op in text) or "no token collective"
+                       if op in hlo) or "no token collective"
         compiled = lowered.compile()
         scales = dict(text_scale=sampler.text_scale, context_scale=sampler.context_scale)
         run = lambda: jax.block_until_ready(compiled(p, None, *a, k, **scales))  # noqa: E731
