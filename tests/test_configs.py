@@ -10,7 +10,7 @@ import pytest
 from pickstyle_jax import base, lora, sharding
 from pickstyle_jax.data import synthetic
 from pickstyle_jax.models import umt5, vae, wan
-from pickstyle_jax.train import config as train_config
+from pickstyle_jax.train import config as train_config, setup
 
 ROOT = pathlib.Path(__file__).parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -40,8 +40,8 @@ def test_config_is_complete_and_locked(path, arg):
     sharding.normalize_rules(c.rules)
     wcfg = wan.WanConfig.named(c.model.variant, param_dtype=c.model.param_dtype)
     opts = base.options_from(c.model)  # the run-time keys become wan.Options (never saved)
-    assert (opts.dtype, opts.attention, opts.remat_policy, opts.scan_layers) == (
-        c.model.dtype, c.model.attention, c.model.remat_policy, c.model.scan_layers)
+    assert (opts.dtype, opts.attention, opts.remat_policy, opts.ffn_chunk, opts.scan_layers) == (
+        c.model.dtype, c.model.attention, c.model.remat_policy, c.model.ffn_chunk, c.model.scan_layers)
     vae.VaeConfig.named(c.model.vae_variant)
     umt5.Umt5Config.named(c.model.umt5_variant)
     lcfg = lora.LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=c.lora.targets)
@@ -67,10 +67,10 @@ def test_loading_a_config_does_not_import_jax():
         "mod.get_config(arg).lock()\n"
         "heavy = sorted(m for m in ('jax', 'jaxlib', 'flax', 'grain', 'orbax', 'optax') if m in sys.modules)\n"
         "assert not heavy, f'{path}:{arg} imported {heavy}'\n")
-    for path in CONFIGS:
-        for arg in ("", "tiny"):
-            r = subprocess.run([sys.executable, "-c", code, str(path), arg], cwd=ROOT, capture_output=True, text=True)
-            assert r.returncode == 0, r.stderr[-2000:]
+    cases = [(path, arg) for path in CONFIGS for arg in ("", "tiny")] + [(ROOT / "configs/pickstyle.py", "node")]
+    for path, arg in cases:
+        r = subprocess.run([sys.executable, "-c", code, str(path), arg], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_stated_defaults_match_the_library_defaults():
@@ -79,3 +79,16 @@ def test_stated_defaults_match_the_library_defaults():
     assert c.lora.targets == lora.LoraConfig().targets
     assert {**c.rules.to_dict(), "allow_replicate": True} == {**sharding.DEFAULT_RULES, "allow_replicate": True}
     assert tuple(c.data.synthetic_styles) == synthetic.SYNTHETIC_STYLES
+
+
+def test_pickstyle_node_is_the_recipe_on_one_8_device_node():
+    """configs/pickstyle.py:node: the full recipe's every value (batch 32, clips, LoRA, optimiser, loss) but the
+    gradient accumulation (4 micro-batches of 8: one sample per device), and it passes the 8-device checks."""
+    mod = _load(ROOT / "configs/pickstyle.py")
+    full, node = mod.get_config(None).to_dict(), mod.get_config("node")
+    assert setup.check_config(node, n_devices=8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    node = node.to_dict()
+    assert (full["optim"].pop("accumulate"), node["optim"].pop("accumulate")) == (1, 4)
+    assert node == full
+    with pytest.raises(setup.ConfigError, match="batch"):  # 8 micro-batches of 4 cannot feed 8 devices one each
+        setup.check_config(mod.get_config("node"), n_devices=16)

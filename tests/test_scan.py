@@ -1,6 +1,8 @@
-"""Scanned layers, the offload remat policy, per-sample text folding and attention dispatch (tiny configs, CPU)."""
+"""Scanned layers, the memory levers (sub-block remat, FFN token groups, offload), per-sample text folding and
+attention dispatch (tiny configs, CPU)."""
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +107,56 @@ def test_offload_policy_same_output_and_grad(seed):
     jaxpr = jax.make_jaxpr(jax.grad(lambda a: jnp.sum(wan.forward(cfg, wan.stack_layers(cfg, params), x, t,
                                                                   text, ctx, lora=a, options=offload))))(adapters)
     assert "f32<host>" in str(jaxpr)
+
+
+def test_offload_program_for_gpu_and_tpu_moves_block_inputs_to_pinned_host():
+    """What can be proven without an accelerator: XLA:CPU lowers the host transfers to nothing (its "pinned_host" is
+    the same RAM), so the step is lowered here for CUDA and TPU, the StableHLO those compilers get. The main and the
+    VACE block input are each annotated for pinned host memory on the way out, and for the device on the way back
+    (the backward's recompute); remat "full" has no annotation. That XLA then schedules the copies and frees the
+    device buffers, and the plan's device memory with offload, need the accelerator itself."""
+    cfg = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0, 1))
+    flat = wan.init(cfg, jax.random.key(0))  # shapes are all that matter: nothing runs
+    params = wan.stack_layers(cfg, flat)
+    adapters = lora.init(lora.LoraConfig(rank=3, alpha=5.0), flat, jax.random.key(1))
+    x, t, text, ctx, _ = _inputs(cfg, 0, b=1, text_lens=(5,))
+    s = 2 * 2 * 2  # tokens of a 2 x 4 x 4 latent in 1 x 2 x 2 patches
+
+    def placements(policy, platform):
+        opts = wan.Options(remat_policy=policy, attention="chunked")
+        step = jax.jit(jax.grad(lambda a: jnp.sum(wan.forward(cfg, params, x, t, text, ctx, lora=a, options=opts))))
+        text_ = step.trace(adapters).lower(lowering_platforms=(platform,)).as_text()
+        calls = [line for line in text_.splitlines() if "annotate_device_placement" in line]
+        return sorted((re.search(r'_xla_buffer_placement = "(\w+)"', c).group(1),
+                       re.search(r"\(tensor<([^>]*)>\)", c).group(1)) for c in calls)
+
+    for platform in ("cuda", "tpu"):
+        assert placements("offload", platform) == sorted(2 * [("device", f"1x{s}x48xf32"),
+                                                              ("pinned_host", f"1x{s}x48xf32")]), platform
+    assert placements("full", "cuda") == []
+
+
+def test_subblock_remat_and_ffn_groups_equal_no_remat(seed):
+    """remat "subblock" / "nested" and FFN token groups (3 strided groups over 8 tokens: one padded) change memory,
+    never the math: the loss and the LoRA gradients (adapters on self-attention and on the FFN) equal those of policy
+    "none", flat and scanned, to 1e-6 relative in fp32."""
+    cfg = wan.WanConfig.named("tiny").replace(num_layers=2, vace_layers=(0, 1))
+    params = _params(cfg, seed)
+    adapters = _adapters(params, seed + 1, targets=r"(vace_)?blocks\.\d+\.(self_attn\.(q|v)|ffn\.0)")
+    inputs = _inputs(cfg, seed + 2)
+    v_ref, g_ref = _value_and_lora_grad(cfg, params, adapters, inputs, wan.Options(remat_policy="none"))
+    assert all(np.abs(a).max() > 0 for a in jax.tree.leaves(g_ref))
+    stacked = wan.stack_layers(cfg, params)
+    # "nested" holds "subblock" inside it (flat, it is "subblock"); the inner scan's layer indices are
+    # test_vace_scan_equals_unrolled's
+    cases = [(params, "subblock", 3), (stacked, "nested", 3)]
+    for tree, policy, ffn_chunk in cases:
+        v, g = _value_and_lora_grad(cfg, tree, adapters, inputs, wan.Options(remat_policy=policy, ffn_chunk=ffn_chunk))
+        whole, worst_leaf = _tree_rel(g, g_ref)
+        layout = "scanned" if tree is stacked else "flat"
+        print(f"{layout} {policy} ffn_chunk {ffn_chunk}: value rel {_rel(v, v_ref):.1e}, LoRA grad rel L2 {whole:.1e} "
+              f"(worst leaf {worst_leaf:.1e})")
+        assert _rel(v, v_ref) <= 1e-6 and whole <= 1e-6 and worst_leaf <= 1e-5, (layout, policy, ffn_chunk, seed)
 
 
 def test_offload_needs_host_memory():

@@ -76,6 +76,7 @@ _RESIDUAL_AXES = ("batch", "length", "embed")  # sharding of the [B, S, D] strea
 _HEAD_AXES = ("batch", "length", "heads", None)  # [B, S, N, K]: whole heads per device
 _TEXT_HEAD_AXES = ("batch", None, "heads", None)  # [B, L, N, K] text keys: whole on every device (not "length")
 _MOD_AXES = (None, "mod", "embed")  # the modulation tables [1, rows, D]
+_SUBBLOCK = ("subblock", "nested")  # remat policies that rematerialise each sub-block again (wan_options.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,12 +194,19 @@ class Attention(nnx.Module):
         cfg, opts = ctx.cfg, ctx.opts
         b, s, _ = y_BSD.shape
         split = lambda a: layers.constrain(a.reshape(b, s, cfg.num_heads, cfg.head_dim), _HEAD_AXES)
-        q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32))
-        k_BSD = self.norm_k(_lin(ctx, self.k, y_BSD, lp, "k", out_dtype=f32))
-        v_BSNK = split(_lin(ctx, self.v, y_BSD, lp, "v"))
-        # 1/sqrt(K) is folded into q while it is still fp32
-        q_BSNK = (layers.apply_rope(split(q_BSD), *ctx.rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
-        k_BSNK = layers.apply_rope(split(k_BSD), *ctx.rope).astype(ctx.dtype)
+
+        def project(y_BSD):
+            q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32))
+            k_BSD = self.norm_k(_lin(ctx, self.k, y_BSD, lp, "k", out_dtype=f32))
+            v_BSNK = split(_lin(ctx, self.v, y_BSD, lp, "v"))
+            # 1/sqrt(K) is folded into q while it is still fp32
+            q_BSNK = (layers.apply_rope(split(q_BSD), *ctx.rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
+            k_BSNK = layers.apply_rope(split(k_BSD), *ctx.rope).astype(ctx.dtype)
+            return q_BSNK, k_BSNK, v_BSNK
+
+        # "subblock": the fp32 projections, norms and RoPE are recomputed in their own backward, apart from the
+        # attention's
+        q_BSNK, k_BSNK, v_BSNK = (_checkpoint(project) if opts.remat_policy in _SUBBLOCK else project)(y_BSD)
         # tokens split over a context axis meet here (Ulysses or ring, layers.self_attention); padded keys masked
         out_BSNK = layers.self_attention(q_BSNK, k_BSNK, v_BSNK, kv_len=ctx.tokens,
                                          context_parallel=opts.context_parallel, implementation=opts.attention,
@@ -249,16 +257,47 @@ class WanBlock(nnx.Module):
         m_B6D = layers.gathered(self.modulation[...], _MOD_AXES).astype(f32) + e0_B6D
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (m_B6D[:, k, None, :] for k in range(6))
 
-        y_BSD = layers.layer_norm(x_BSD, eps=eps) * (1 + scale_msa) + shift_msa
-        x_BSD = x_BSD + gate_msa * self.self_attn.self_attention(ctx, y_BSD, _sub(lp, "self_attn"))
+        def self_attn(x_BSD):
+            y_BSD = layers.layer_norm(x_BSD, eps=eps) * (1 + scale_msa) + shift_msa
+            return x_BSD + gate_msa * self.self_attn.self_attention(ctx, y_BSD, _sub(lp, "self_attn"))
 
-        y_BSD = self.norm3(x_BSD)
-        x_BSD = x_BSD + self.cross_attn.cross_attention(ctx, y_BSD, _sub(lp, "cross_attn"), kv)
+        def cross_attn(x_BSD):
+            return x_BSD + self.cross_attn.cross_attention(ctx, self.norm3(x_BSD), _sub(lp, "cross_attn"), kv)
 
-        y_BSD = layers.layer_norm(x_BSD, eps=eps) * (1 + scale_ffn) + shift_ffn
-        h_BSF = layers.gelu_tanh(_lin(ctx, self.ffn["0"], y_BSD, lp, "ffn", "0"))
-        x_BSD = x_BSD + gate_ffn * _lin(ctx, self.ffn["2"], h_BSF, lp, "ffn", "2", out_dtype=f32)
+        def ffn(x_BSD):  # token by token: any grouping of the tokens gives the same rows
+            y_BSD = layers.layer_norm(x_BSD, eps=eps) * (1 + scale_ffn) + shift_ffn
+            h_BSF = layers.gelu_tanh(_lin(ctx, self.ffn["0"], y_BSD, lp, "ffn", "0"))
+            return x_BSD + gate_ffn * _lin(ctx, self.ffn["2"], h_BSF, lp, "ffn", "2", out_dtype=f32)
+
+        # "subblock": the backward of the (already rematerialised) block keeps only the sub-blocks' fp32 inputs
+        # and recomputes one sub-block's intermediates at a time
+        sub = _checkpoint if ctx.opts.remat_policy in _SUBBLOCK else (lambda fn: fn)
+        x_BSD = sub(self_attn)(x_BSD)
+        x_BSD = sub(cross_attn)(x_BSD)
+        x_BSD = _token_groups(ffn, x_BSD, ctx.opts.ffn_chunk) if ctx.opts.ffn_chunk else sub(ffn)(x_BSD)
         return layers.constrain(x_BSD, _RESIDUAL_AXES)
+
+
+def _checkpoint(fn):
+    """fn rematerialised: its backward keeps only fn's inputs."""
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def _token_groups(fn, x_BSD, chunk: int):
+    """fn (which treats every token on its own) on groups of at most `chunk` tokens, one group at a time, each
+    rematerialised: fn's [B, chunk, ...] intermediates are alive for one group only, forward and backward.
+
+    Group k holds tokens k, k + n, k + 2n, ... (n groups): strided, so a length axis split into contiguous blocks
+    over devices stays split the same way inside every group."""
+    b, s, d = x_BSD.shape
+    n = -(-s // chunk)
+    if n == 1:
+        return _checkpoint(fn)(x_BSD)
+    per = -(-s // n)  # tokens per group, balanced: the padding is < n tokens
+    x_BSD = jnp.pad(x_BSD, ((0, 0), (0, n * per - s), (0, 0)))
+    x_GBCD = jnp.moveaxis(x_BSD.reshape(b, per, n, d), 2, 0)
+    y_GBCD = jax.lax.map(_checkpoint(fn), x_GBCD)
+    return jnp.moveaxis(y_GBCD, 0, 2).reshape(b, n * per, d)[:, :s]
 
 
 class VaceBlock(WanBlock):
@@ -443,8 +482,11 @@ def _remat(remat_policy: str, fn, *, scanned: bool):
 
 
 def _block_fns(ctx: _Ctx, x0_BSD, e0_B6D, *, scanned):
-    """(main(p, lp, kv, x) -> x, vace(p, lp, kv, c) -> (hint, c)) on plain per-layer dicts (kv: the block's text
-    (k, v) or None), each remat'd as configured."""
+    """(main, vace), each remat'd as configured. Unrolled: main(p, lp, kv, x) -> x and vace(p, lp, kv, c) -> (hint,
+    c) on plain per-layer dicts (kv: the block's text (k, v) or None). Scanned: main(ps, lps, kvs, i, x) and
+    vace(ps, lps, kvs, i, c) on the stacked trees and a layer index, the layer taken inside the rematerialised
+    function: its saved inputs are then the whole stacks, which are the same in every iteration (the scan keeps them
+    once), not layer i's weights, which the scan would stack into a second copy of every block's weights."""
     cfg = ctx.cfg
 
     def main(p, lp, kv, x_BSD):
@@ -456,6 +498,9 @@ def _block_fns(ctx: _Ctx, x0_BSD, e0_B6D, *, scanned):
         build = _vace_block_first if "before_proj" in p else VaceBlock
         return layers.bind(build, cfg, p)(ctx, c_BSD, x0_BSD, e0_B6D, lp, kv)
 
+    if scanned:
+        at = lambda fn: lambda ps, lps, kvs, i, x: fn(*jax.tree.map(lambda a: a[i], (ps, lps, kvs)), x)  # noqa: E731
+        main, vace = at(main), at(vace)
     policy = ctx.opts.remat_policy
     return _remat(policy, main, scanned=scanned), _remat(policy, vace, scanned=scanned)
 
@@ -479,35 +524,33 @@ def _run_unrolled(ctx: _Ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
 def _run_scanned(ctx: _Ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
     """One lax.scan over VACE super-blocks (main block j*P, VACE block j + hint, main blocks j*P+1 .. j*P+P-1 as an
     inner scan), or over all blocks for T2V. lp is the stacked LoRA tree (or None); kv the stacked `Prepared.kv`
-    (or None), scanned with the weights."""
+    (or None). The scans run over layer indices; every block reads its layer from the stacks (`_block_fns`)."""
     cfg = ctx.cfg
     main, vace = _block_fns(ctx, x0_BSD, e0_B6D, scanned=True)
+    p_main, l_main, k_main = params["blocks"], _sub(lp, "blocks"), _sub(kv, "blocks")
 
-    def scan_main(x_BSD, p, l, k):
-        return jax.lax.scan(lambda x, plk: (main(*plk, x), None), x_BSD, (p, l, k))[0]
+    def scan_main(x_BSD, layer_ids):
+        return jax.lax.scan(lambda x, i: (main(p_main, l_main, k_main, i, x), None), x_BSD, layer_ids)[0]
 
-    lp_main, lp_vace = _sub(lp, "blocks"), _sub(lp, "vace_blocks")
-    kv_main, kv_vace = _sub(kv, "blocks"), _sub(kv, "vace_blocks")
     if not cfg.has_vace:
-        return scan_main(x0_BSD, params["blocks"], lp_main, kv_main)
+        return scan_main(x0_BSD, jnp.arange(cfg.num_layers))
 
     j, per = len(cfg.vace_layers), scan_period(cfg)
-    by_super = lambda tree: jax.tree.map(lambda a: a.reshape(j, per, *a.shape[1:]), tree)  # a free reshape
+    p_vace, l_vace, k_vace = params["vace_blocks"], _sub(lp, "vace_blocks"), _sub(kv, "vace_blocks")
 
     def super_block(carry, xs):
         x_BSD, c_BSD = carry
-        p_main, l_main, k_main, p_vace, l_vace, k_vace, scale = xs
-        first, rest = (jax.tree.map(lambda a, sl=sl: a[sl], (p_main, l_main, k_main)) for sl in (0, slice(1, None)))
-        x_BSD = main(*first, x_BSD)
-        hint_BSD, c_BSD = vace(p_vace, l_vace, k_vace, c_BSD)
+        jj, scale = xs
+        x_BSD = main(p_main, l_main, k_main, jj * per, x_BSD)
+        hint_BSD, c_BSD = vace(p_vace, l_vace, k_vace, jj, c_BSD)
         x_BSD = x_BSD + scale * hint_BSD
         if per > 1:
-            x_BSD = scan_main(x_BSD, *rest)
+            x_BSD = scan_main(x_BSD, jj * per + jnp.arange(1, per))
         return (x_BSD, c_BSD), None
 
-    xs = (by_super(params["blocks"]), by_super(lp_main), by_super(kv_main), params["vace_blocks"], lp_vace, kv_vace,
-          scales_J)
-    return jax.lax.scan(super_block, (x0_BSD, c_BSD), xs)[0][0]
+    if ctx.opts.remat_policy == "nested":  # the scan keeps one (x, c) per super-block, not one per block
+        super_block = jax.checkpoint(super_block, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    return jax.lax.scan(super_block, (x0_BSD, c_BSD), (jnp.arange(j), scales_J))[0][0]
 
 
 # --------------------------------------------------------------------------------------- forward in stages

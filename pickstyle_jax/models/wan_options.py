@@ -12,6 +12,9 @@ per benchmark, per training config) and is never saved. Changing an option never
     attention_kv_chunk  > 0: "chunked" also streams keys in blocks of this size with an online softmax
     splash_block_q/kv   splash kernel tiles (multiples of 128)
     remat_policy        per-block jax.checkpoint policy, see REMAT_POLICIES
+    ffn_chunk           > 0: each block's FFN (norm, modulation, both matmuls, gate) runs over groups of at most
+                        this many tokens, one group at a time and each rematerialised, so the [B, S, ffn_dim]
+                        hidden activations never live all at once (forward or backward); 0: all tokens at once
     fold_text_padding   the zero rows that pad the text to text_len all embed to one constant key/value: attending
                         to that row once with a log(count) logit bias is exact and skips (text_len - L - 1) rows of
                         text MLP, k/v projections and cross-attention
@@ -43,6 +46,14 @@ REMAT_POLICIES = {
     "checkpoint_dots": "checkpoint_dots",
     "dots_with_no_batch_dims_saveable": "dots_with_no_batch_dims_saveable",
     "checkpoint_dots_with_no_batch_dims": "checkpoint_dots_with_no_batch_dims",
+    # as "full", and inside the recomputed block the self-attention, cross-attention and FFN are each
+    # rematerialised again: the block's backward holds one sub-block's intermediates at a time, not all three's
+    "subblock": "nothing_saveable",
+    # as "subblock", and in the scanned VACE layout every super-block (main block jP, VACE block j, main blocks
+    # jP+1 .. jP+P-1) is rematerialised as a whole: the forward keeps one (x, c) pair per super-block instead of
+    # one input per block (vace-14B: 16 instead of 48 fp32 [S, D] streams), for one more forward of every block
+    # in the backward. Unrolled or without VACE it is "subblock"
+    "nested": "nothing_saveable",
     # recompute everything, but keep each block's input in pinned host memory instead of on the device (the
     # official trainer's activation offload); needs a backend with a "pinned_host" memory kind
     "offload": "offload",
@@ -65,6 +76,7 @@ class Options:
     splash_block_q: int = 512
     splash_block_kv: int = 512
     remat_policy: str = "none"
+    ffn_chunk: int = 0
     fold_text_padding: bool = True
     context_parallel: str = "auto"
     scan_layers: bool = False
@@ -78,6 +90,8 @@ class Options:
         for name in ("attention_chunk", "splash_block_q", "splash_block_kv"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.ffn_chunk) < 0:
+            raise ValueError(f"ffn_chunk must be >= 0 (0: all tokens at once), got {self.ffn_chunk!r}")
         if int(self.attention_kv_chunk) < 0:
             raise ValueError(f"attention_kv_chunk must be >= 0 (0: no key blocks), got {self.attention_kv_chunk!r}")
         if self.attention == "cudnn" and self.dtype == "float32":

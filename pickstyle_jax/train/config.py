@@ -18,7 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         variant="vace-14B", dit="", vae_variant="wan2.1", vae="", umt5_variant="umt5-xxl", umt5="",
         tokenizer="", param_dtype="bfloat16", dtype="bfloat16", attention="cudnn", remat_policy="full",
-        scan_layers=True))
+        ffn_chunk=0, scan_layers=True))
     # how self-attention meets video tokens split over a "context" mesh axis: "auto" | "ulysses" | "ring" (wan.Options)
     c.model.context_parallel = "auto"
     # q, k, v of the VACE blocks' self-attention (re.fullmatch against dotted module paths)
