@@ -567,8 +567,8 @@ def gathered(w, axes):
 #              (`attention`: chunked, cudnn or splash, whatever `implementation` resolves to), all-to-all back.
 #              Needs c to divide the heads each device holds (num_heads / tensor).
 #   "ring"     each device keeps its query block and passes its key/value block around the ring (ppermute), c
-#              steps of the online-softmax recurrence of `_attend_online`; any head count; XLA einsums, not the
-#              fused kernels.
+#              steps of the online-softmax recurrence of `_attend_online` (queries in blocks of chunk_size, keys
+#              in blocks of kv_chunk_size); any head count; XLA einsums, not the fused kernels.
 #   "auto"     ulysses where the heads divide, else ring.
 
 CONTEXT_PARALLEL = ("auto", "ulysses", "ring")
