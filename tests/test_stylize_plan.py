@@ -43,7 +43,7 @@ _SPLIT = textwrap.dedent("""
     from pickstyle_jax.sample import devices
     from pickstyle_jax.sample.sampler import make_sampler
 
-    cfg = wan.WanConfig.named("tiny")  # 2 heads over context 4: the ring
+    cfg = wan.WanConfig.named("tiny").replace(ffn_dim=80)  # 2 heads over context 4: the ring; 80: not the head's 64
     opts = wan.Options(attention="chunked", attention_chunk=8, attention_kv_chunk=8, ffn_chunk=10, scan_layers=True)
     mesh = devices.make("context=4", n_branches=3, devices=jax.devices()[:4])
     rules = sharding.DEFAULT_RULES
@@ -59,8 +59,10 @@ _SPLIT = textwrap.dedent("""
     hlo = sampler.lower(params, adapters, arg(1, 3, 20, 28, 16), arg(1, 3, 20, 28, cfg.vace_in_dim),
                         arg(1, 16, cfg.text_dim), arg(1, 16, cfg.text_dim), arg(2, dtype=jnp.uint32),
                         text_lens=arg(1, dtype=jnp.int32), null_text_lens=arg(1, dtype=jnp.int32)).compile().as_text()
-    # 3 x 10 x 14 = 420 tokens, 105 per device: a [branches, tokens, features] activation gathered over more of them
-    gathered = [m for m in re.findall(r"= f32\\[(\\d+),(\\d+),(\\d+)\\][^ ]* all-gather", hlo) if int(m[1]) > 105]
+    # 3 x 10 x 14 = 420 tokens, 105 per device: a [branches, tokens, D or ffn_dim] activation gathered over more of
+    # them (the head's [branches, tokens, 4 x 16] velocities are gathered: the latents are whole on every device)
+    gathered = [m for m in re.findall(r"= f32\\[(\\d+),(\\d+),(\\d+)\\][^ ]* all-gather", hlo)
+                if int(m[1]) > 105 and int(m[2]) in (cfg.dim, cfg.ffn_dim)]
     # the ring's logits per step: [B, N, 8 queries, 8 keys], never a device's 105 queries at once
     whole_block = re.findall(r"f32\\[[\\d,]*\\b105,8\\]", hlo)
     print(f"{len(gathered)} token gathers, {len(whole_block)} arrays of 105 x 8 logits")
