@@ -173,7 +173,7 @@ def test_plan_bad_config(cache):
     r = _cli("pickstyle_jax.plan", "--config=configs/nothere.py", "--devices=2", cache=cache)
     print(_one_line(r.returncode, r.stderr, "configs/nothere.py", "no such file"))
     r = _cli("pickstyle_jax.plan", "--config=configs/pickstyle.py:huge", "--devices=2", cache=cache)
-    print(_one_line(r.returncode, r.stderr, "configs/pickstyle.py", "takes ':tiny' or nothing, got 'huge'"))
+    print(_one_line(r.returncode, r.stderr, "configs/pickstyle.py", "takes ':node', ':tiny' or nothing, got 'huge'"))
     r = _cli("pickstyle_jax.plan", "--config=configs/pickstyle.py:tiny", "--config.optim.learning_rate=1", cache=cache)
     print(_one_line(r.returncode, r.stderr, "--config.optim.learning_rate", "no field 'learning_rate'"))
     bad_mesh = ["--config=configs/pickstyle.py:tiny", "--config.mesh.data=3", "--devices=2"]

@@ -3,12 +3,13 @@ gradient of a LoRA on the VACE blocks' self-attention q/k/v (and cross-attention
 holds whole), and the training step (loss, gradient norm, new LoRA).
 
 8 simulated CPU devices, fp32, a tiny DiT (one main and one VACE block) with 8 heads (so context 2, 4 and 8
-divide them, alone and after a tensor split of 2), 3 x 10 x 14 = 105 video tokens (x [B, 3, 20, 28, 16], patch
-1 x 2 x 2), which no context size divides: every case pads to a multiple of its context size and masks the
-padding, so the padding is checked too.
-Cases: context 2, 4, 8 alone, data 2 x context 4, fsdp 2 x context 4, tensor 2 x context 4; Ulysses and ring;
-flat and scanned layouts; all under a plain jax.jit with no rules_context. The train step runs the tiny training
-config (2 heads: "auto" takes the ring) on context 8 and on fsdp 2 x context 4.
+divide them, alone and after a tensor split of 2), 3 x 10 x 14 = 420 video tokens (x [B, 3, 20, 28, 16], patch
+1 x 2 x 2), which context 8 does not divide: it pads to a multiple of its context size and masks the padding, so
+the padding is checked too.
+Cases: context 2, 4, 8 alone, data 2 x context 4, fsdp 2 x context 4, tensor 2 x context 4; Ulysses and ring (the
+ring also in query and key blocks, with the FFN in token groups: `Options.ffn_chunk`); flat and scanned layouts;
+all under a plain jax.jit with no rules_context. The train step runs the tiny training config (2 heads: "auto"
+takes the ring) on context 8 and on fsdp 2 x context 4.
 
 XLA_FLAGS must be set before JAX starts, so each group runs in its own Python process; each case compiles once.
 """
@@ -68,7 +69,7 @@ _MODEL = _PRELUDE + textwrap.dedent("""
     want_v, want_g = jax.jit(functools.partial(run, wan.Options()))(params, adapters, *inputs)
     for case in cases:
         mesh = sharding.make_mesh(case["mesh"], jax.devices()[:case["devices"]])
-        scan, opts = case["scan"], wan.Options(context_parallel=case["mode"])
+        scan, opts = case["scan"], wan.Options(context_parallel=case["mode"], **case["opts"])
         p = wan.stack_layers(cfg, params) if scan else params
         p = jax.device_put(p, sharding.tree_shardings(wan.param_axes(cfg, stacked=scan), mesh, sharding.DEFAULT_RULES,
                                                       wan.param_shapes(cfg, stacked=scan)))
@@ -82,7 +83,7 @@ _MODEL = _PRELUDE + textwrap.dedent("""
         collective = {"ulysses": "all_to_all", "ring": "collective_permute"}[case["expect"]]
         assert collective in lowered.as_text(), f"{case}: no {collective} in the lowered forward"
         got_v, got_g = lowered.compile()(p, ad, *map(put, inputs))
-        name = f"{case['mesh']} {case['mode']} ({case['expect']}) {'scanned' if scan else 'flat'}"
+        name = f"{case['mesh']} {case['mode']} ({case['expect']}) {'scanned' if scan else 'flat'} {case['opts']}"
         check(name + ", forward", got_v, want_v)
         errs = jax.tree.leaves(jax.tree.map(rel, got_g.params, want_g.params))
         print(f"{name}, LoRA gradients: worst relative error {max(errs):.2e}", flush=True)
@@ -165,11 +166,13 @@ def _run(*args, timeout=900):
 
 
 def test_forward_and_lora_gradient_over_context(seed):
-    case = lambda mesh, mode, expect, scan: dict(mesh=mesh, mode=mode, expect=expect, scan=scan,
-                                                 devices=math.prod(mesh.values()))
+    case = lambda mesh, mode, expect, scan, **opts: dict(mesh=mesh, mode=mode, expect=expect, scan=scan, opts=opts,
+                                                         devices=math.prod(mesh.values()))
+    # the ring in query blocks (105 queries per device in 14 blocks of 8; 210 in 14 of 15, keys in blocks of 16) and
+    # the FFN in token groups of each device's block (105 tokens in 11 groups of 10; 210 in 14 groups of 15)
     cases = [case({"context": 8}, "ulysses", "ulysses", False),
-             case({"context": 2}, "ring", "ring", True),
-             case({"context": 4}, "ring", "ring", False),
+             case({"context": 2}, "ring", "ring", True, attention_chunk=16, attention_kv_chunk=16, ffn_chunk=16),
+             case({"context": 4}, "ring", "ring", False, attention_chunk=8, ffn_chunk=10),
              case({"data": 2, "context": 4}, "auto", "ulysses", True),
              case({"fsdp": 2, "context": 4}, "ring", "ring", False),
              case({"tensor": 2, "context": 4}, "auto", "ulysses", True)]

@@ -567,8 +567,8 @@ def gathered(w, axes):
 #              (`attention`: chunked, cudnn or splash, whatever `implementation` resolves to), all-to-all back.
 #              Needs c to divide the heads each device holds (num_heads / tensor).
 #   "ring"     each device keeps its query block and passes its key/value block around the ring (ppermute), c
-#              steps of the online-softmax recurrence of `_attend_online`; any head count; XLA einsums, not the
-#              fused kernels.
+#              steps of the online-softmax recurrence of `_attend_online` (queries in blocks of chunk_size, keys
+#              in blocks of kv_chunk_size); any head count; XLA einsums, not the fused kernels.
 #   "auto"     ulysses where the heads divide, else ring.
 
 CONTEXT_PARALLEL = ("auto", "ulysses", "ring")
@@ -624,7 +624,7 @@ def self_attention(q_BSNK, k_BSNK, v_BSNK, *, kv_len=None, context_parallel="aut
         body = functools.partial(_ulysses, axes=ctx_axes, kv_len=kv_len, kernel=kernel)
     else:
         body = functools.partial(_ring, axes=ctx_axes, n_shards=c, kv_len=kv_len, scale=scale,
-                                 kv_chunk=kv_chunk_size)
+                                 q_chunk=chunk_size, kv_chunk=kv_chunk_size)
     # check_vma=False: the Pallas and cuDNN calls inside declare no varying-manual-axes types (see splash.py);
     # the transpose then divides and psums the cotangents of axes a spec leaves out, which is still exact
     return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
@@ -659,14 +659,19 @@ def _ulysses(q_BSNK, k_BSNK, v_BSNK, *, axes, kv_len, kernel):
     return jax.lax.all_to_all(out, axes, split_axis=1, concat_axis=2, tiled=True)
 
 
-def _ring(q_BSNK, k_BSNK, v_BSNK, *, axes, n_shards, kv_len, scale, kv_chunk):
+def _ring(q_BSNK, k_BSNK, v_BSNK, *, axes, n_shards, kv_len, scale, q_chunk, kv_chunk):
     """Per device: its query block against every key/value block in turn, each passed on to the next device by
     ppermute after use; the online-softmax state carries across the c steps. Keys beyond kv_len are masked by their
-    global position, so padding is exact whatever block it falls in."""
+    global position, so padding is exact whatever block it falls in. Within a step the device's queries go in equal
+    blocks of at most q_chunk (`query_blocks`) and its keys in blocks of kv_chunk, so at most [B, N, q_chunk,
+    kv_chunk] logits live at once (as in "chunked" attention; every query row's recurrence is the same)."""
     b, s_loc, n, kd = q_BSNK.shape
     scale = 1.0 / math.sqrt(kd) if scale is None else scale
     q = q_BSNK if scale == 1.0 else (q_BSNK.astype(f32) * scale).astype(q_BSNK.dtype)
     q_BNSK, k_BNTK, v_BNTK = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k_BSNK, v_BSNK))
+    n_q, q_blk = query_blocks(s_loc, q_chunk or s_loc)
+    q_QBNSK = jnp.moveaxis(jnp.pad(q_BNSK, ((0, 0), (0, 0), (0, n_q * q_blk - s_loc), (0, 0)))
+                           .reshape(b, n, n_q, q_blk, kd), 2, 0)
     me = jax.lax.axis_index(axes)
     ring = [(i, (i + 1) % n_shards) for i in range(n_shards)]
     chunk = min(kv_chunk or s_loc, s_loc)
@@ -678,9 +683,12 @@ def _ring(q_BSNK, k_BSNK, v_BSNK, *, axes, n_shards, kv_len, scale, kv_chunk):
         if kv_len is not None:
             pos_T = owner * s_loc + jnp.arange(s_loc)
             bias_BT = jnp.broadcast_to(jnp.where(pos_T < kv_len, 0.0, -jnp.inf).astype(f32), (b, s_loc))
-        state = _online(state, q_BNSK, k_blk, v_blk, bias_BT, chunk)
+        one_block = jax.checkpoint(lambda st, q_c: _online(st, q_c, k_blk, v_blk, bias_BT, chunk))
+        state = jax.lax.map(lambda xs: one_block(*xs), (state, q_QBNSK))
         k_blk, v_blk = (jax.lax.ppermute(a, axes, ring) for a in (k_blk, v_blk))
         return (state, k_blk, v_blk), None
 
-    (acc, _, denom), _, _ = jax.lax.scan(step, (_online_init(q_BNSK), k_BNTK, v_BNTK), jnp.arange(n_shards))[0]
-    return jnp.transpose(acc / denom, (0, 2, 1, 3)).astype(q_BSNK.dtype)
+    init = jax.vmap(_online_init)(q_QBNSK)
+    (acc, _, denom), _, _ = jax.lax.scan(step, (init, k_BNTK, v_BNTK), jnp.arange(n_shards))[0]
+    out_BNSK = jnp.moveaxis(acc / denom, 0, 2).reshape(b, n, n_q * q_blk, kd)[:, :, :s_loc]
+    return jnp.transpose(out_BNSK, (0, 2, 1, 3)).astype(q_BSNK.dtype)

@@ -287,17 +287,24 @@ def _token_groups(fn, x_BSD, chunk: int):
     """fn (which treats every token on its own) on groups of at most `chunk` tokens, one group at a time, each
     rematerialised: fn's [B, chunk, ...] intermediates are alive for one group only, forward and backward.
 
-    Group k holds tokens k, k + n, k + 2n, ... (n groups): strided, so a length axis split into contiguous blocks
-    over devices stays split the same way inside every group."""
+    Where the enclosing layout splits the tokens over c devices (`layers.context_shards`), each device's S/c tokens
+    are grouped alike: group k holds, from every device's block, its tokens k, k + n, k + 2n, ... (n groups, the
+    padding < n tokens per block). A group is then split over the same devices as the tokens, and nothing moves
+    between them (a strided grouping of all S tokens would, unless n divided S/c); with c = 1 it is the strided
+    grouping of all S tokens."""
     b, s, d = x_BSD.shape
-    n = -(-s // chunk)
+    c = layers.context_shards()
+    c = c if s % c == 0 else 1
+    local = s // c
+    n = -(-local // chunk)
     if n == 1:
         return _checkpoint(fn)(x_BSD)
-    per = -(-s // n)  # tokens per group, balanced: the padding is < n tokens
-    x_BSD = jnp.pad(x_BSD, ((0, 0), (0, n * per - s), (0, 0)))
-    x_GBCD = jnp.moveaxis(x_BSD.reshape(b, per, n, d), 2, 0)
-    y_GBCD = jax.lax.map(_checkpoint(fn), x_GBCD)
-    return jnp.moveaxis(y_GBCD, 0, 2).reshape(b, n * per, d)[:, :s]
+    per = -(-local // n)  # tokens per group and device block, balanced: the padding is < n tokens per block
+    x_BCLD = jnp.pad(x_BSD.reshape(b, c, local, d), ((0, 0), (0, 0), (0, n * per - local), (0, 0)))
+    x_GBSD = jnp.moveaxis(x_BCLD.reshape(b, c, per, n, d), 3, 0).reshape(n, b, c * per, d)
+    y_GBSD = jax.lax.map(_checkpoint(fn), x_GBSD)
+    y_BCLD = jnp.moveaxis(y_GBSD.reshape(n, b, c, per, d), 0, 3).reshape(b, c, n * per, d)
+    return y_BCLD[:, :, :local].reshape(b, s, d)
 
 
 class VaceBlock(WanBlock):

@@ -8,13 +8,15 @@ per benchmark, per training config) and is never saved. Changing an option never
                         Cross-attention over the <= 513 text keys always takes the plain "xla" path, in query
                         blocks of attention_chunk once the video is longer (it needs the fold's logit bias, which
                         cudnn and splash cannot take)
-    attention_chunk     query block of the "chunked" implementation (and of the long-video cross-attention)
+    attention_chunk     query block of the "chunked" implementation, of ring attention (context_parallel) and of the
+                        long-video cross-attention
     attention_kv_chunk  > 0: "chunked" also streams keys in blocks of this size with an online softmax
     splash_block_q/kv   splash kernel tiles (multiples of 128)
     remat_policy        per-block jax.checkpoint policy, see REMAT_POLICIES
     ffn_chunk           > 0: each block's FFN (norm, modulation, both matmuls, gate) runs over groups of at most
                         this many tokens, one group at a time and each rematerialised, so the [B, S, ffn_dim]
-                        hidden activations never live all at once (forward or backward); 0: all tokens at once
+                        hidden activations never live all at once (forward or backward); 0: all tokens at once.
+                        Under a context axis each device's S/c tokens are grouped (nothing moves between devices)
     fold_text_padding   the zero rows that pad the text to text_len all embed to one constant key/value: attending
                         to that row once with a log(count) logit bias is exact and skips (text_len - L - 1) rows of
                         text MLP, k/v projections and cross-attention

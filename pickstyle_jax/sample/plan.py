@@ -23,8 +23,10 @@ devices (its stage is reported, not added): `Stylizer` today keeps it resident, 
 
 FLOPs: XLA's cost analysis counts a loop body once, so they come from loop-free programs compiled for that purpose:
 the DiT step with unrolled layers (when the plan's layout is scanned) and the VAE without frame chunks (the same
-convolutions, all frames at once). Memory comes from the programs that run. Attention kernels that only lower on
-accelerators are planned with the chunked path (planning.host_options).
+convolutions, all frames at once). The attention's own loops (query and key blocks, the ring's steps) stay loops,
+so the DiT step's FLOPs undercount the attention (`pickstyle_jax.flops` has the analytic count). Memory comes from
+the programs that run. Attention kernels that only lower on accelerators are planned with the chunked path
+(planning.host_options).
 """
 from __future__ import annotations
 

@@ -296,14 +296,27 @@ def _scale(name, value):
 
 
 # ------------------------------------------------------------------------------------------------ one step
-def _constrain_batch(plan: _Plan, a):
+def _constrain_batch(plan: _Plan, a, *, tokens: bool = False):
     """On a mesh: the leading (branch x sample) axis over the longest prefix of the rules' "batch" mesh axes that
-    divides it, the other axes replicated."""
+    divides it, the other axes replicated; tokens=True: `a` is [batch, tokens, D] (the VACE context's embedding)
+    and its tokens are split over the mesh axes the "length" rule names (a context axis), as the blocks split them:
+    replicating them would hold every token's [D] row on every device."""
     if plan.mesh is None:
         return a
     used = sharding.batch_mesh_axes(plan.rules, plan.mesh.shape, a.shape[0])
     lead = None if not used else used[0] if len(used) == 1 else tuple(used)
-    spec = jax.sharding.PartitionSpec(lead, *([None] * (a.ndim - 1)))
+    rest = [None] * (a.ndim - 1)
+    if tokens:
+        target = sharding.normalize_rules(plan.rules).get("length")
+        names, ways = [], 1
+        for name in ((target,) if isinstance(target, str) else tuple(target or ())):
+            if name in plan.mesh.shape and name not in used and not a.shape[1] % (ways * plan.mesh.shape[name]):
+                names.append(name)
+                ways *= plan.mesh.shape[name]
+            else:
+                break
+        rest[0] = None if not names else names[0] if len(names) == 1 else tuple(names)
+    spec = jax.sharding.PartitionSpec(lead, *rest)
     return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(plan.mesh, spec))
 
 
@@ -323,7 +336,7 @@ def _blocks(plan: _Plan, inputs: _Inputs, emb: wan.Embedded, k):
         perm = _constrain_batch(plan, permute_context(null_context_key(inputs.perm_key, k), inputs.context))
         c_perm = wan.embed_context(plan.cfg, inputs.params, perm, lora=inputs.adapters, options=plan.options)
         c_all = jnp.concatenate([c_all, c_perm], axis=0)
-    prepared = inputs.prepared.replace(context=_constrain_batch(plan, c_all))
+    prepared = inputs.prepared.replace(context=_constrain_batch(plan, c_all, tokens=True))
     return wan.run_blocks(plan.cfg, inputs.params, emb, prepared, lora=inputs.adapters, options=plan.options)
 
 
@@ -414,7 +427,7 @@ def _inputs(plan: _Plan, params, adapters, context, text, null_text, text_lens, 
         fixed = jnp.concatenate([context] * min(n_br, 2), axis=0)
     prepared = wan.prepare(plan.cfg, params, text_all, _constrain_batch(plan, fixed), lora=adapters,
                            text_lens=lens_all, options=plan.options)
-    prepared = prepared.replace(context=_constrain_batch(plan, prepared.context))
+    prepared = prepared.replace(context=_constrain_batch(plan, prepared.context, tokens=True))
     return _Inputs(params=params, adapters=adapters, prepared=prepared, context=context, perm_key=perm_key, keep=keep,
                    keep_eps=keep_eps)
 
