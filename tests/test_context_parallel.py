@@ -15,13 +15,9 @@ XLA_FLAGS must be set before JAX starts, so each group runs in its own Python pr
 """
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests import multidevice
 
 _PRELUDE = textwrap.dedent("""
     import os, sys, json, functools
@@ -35,18 +31,7 @@ _PRELUDE = textwrap.dedent("""
     from pickstyle_jax.train import setup, step as step_lib
     seed = int(sys.argv[1])
     print("seed", seed, flush=True)
-    rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-30))
-    errors = []
-
-    def check(name, got, want, tol=1e-5):
-        err = rel(got, want)
-        print(f"{name}: relative error {err:.2e}", flush=True)
-        if not err <= tol:
-            errors.append(f"{name}: {err:.3g}")
-
-    def random_b(adapters, key):  # lora.init zeroes B, which would zero every A gradient
-        return jax.tree.map(lambda a: a + 0.1 * jax.random.normal(key, a.shape), adapters)
-""")
+""") + multidevice.CHECKS
 
 _MODEL = _PRELUDE + textwrap.dedent("""
     cases = json.loads(sys.argv[2])
@@ -157,12 +142,7 @@ _TRAIN = _PRELUDE + textwrap.dedent("""
 """)
 
 
-def _run(*args, timeout=900):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=timeout)
-    print(r.stdout)
-    assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-4000:]}"
+_run = multidevice.run
 
 
 def test_forward_and_lora_gradient_over_context(seed):

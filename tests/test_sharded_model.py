@@ -9,13 +9,9 @@ models pinned their own layout, those gave 10-70 % relative errors there.
 XLA_FLAGS must be set before JAX starts, so each group of cases runs in its own Python process.
 """
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests import multidevice
 
 _PRELUDE = textwrap.dedent("""
     import os, sys, json, functools, importlib.util
@@ -27,18 +23,7 @@ _PRELUDE = textwrap.dedent("""
     from pickstyle_jax.train import setup, step as step_lib
     from pickstyle_jax.models import wan
     seed = int(sys.argv[2])
-    rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-30))
-    errors = []
-
-    def check(name, got, want, tol=1e-5):
-        err = rel(got, want)
-        print(f"{name}: relative error {err:.2e}", flush=True)
-        if not err <= tol:
-            errors.append(f"{name}: {err:.3g}")
-
-    def random_b(adapters, key):  # lora.init zeroes B, which would zero every A gradient
-        return jax.tree.map(lambda a: a + 0.1 * jax.random.normal(key, a.shape), adapters)
-""")
+""") + multidevice.CHECKS
 
 _MODEL = _PRELUDE + textwrap.dedent("""
     cases = json.loads(sys.argv[3])
@@ -152,12 +137,7 @@ _TRIGGER = dict(dim=48, ffn_dim=64, text_dim=32, num_heads=3, num_layers=2, vace
 _TRIGGER_GRID = [8, 2, 4, 6, 11]
 
 
-def _run(*args, timeout=900):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=timeout)
-    print(r.stdout)
-    assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-4000:]}"
+_run = multidevice.run
 
 
 def _cases(*specs, **extra):
