@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(dict(variant="vace-14B", vae_variant="wan2.1", umt5_variant="umt5-xxl",
                         param_dtype="bfloat16", dtype="bfloat16", attention="cudnn", remat_policy="nested",
                         ffn_chunk=4096, scan_layers=True))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, context=1))
     if variant == "node":
         c.optim.accumulate = 4  # 32 = 4 x (8 devices x 1 sample)
     if variant == "tiny":
@@ -62,5 +62,5 @@ def tiny(c: ml_collections.ConfigDict) -> None:
                        num_workers=0, prefetch=0))
     c.text.text_len = 128
     c.total_steps, c.log_every, c.checkpoint_every, c.keep = 4, 1, 2, 2
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
     c.rules.allow_replicate = True  # 48-wide layers do not split over every mesh

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(dict(variant="vace-1.3B", param_dtype="bfloat16", dtype="bfloat16", attention="cudnn",
                         remat_policy="full", scan_layers=True))
     c.data.batch_size = 8
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=4, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=4, tensor=1, context=1))
     if variant == "tiny":
         c.model.update(dict(variant="tiny", vae_variant="tiny", umt5_variant="tiny", tokenizer="bytes",
                             param_dtype="float32", dtype="float32", attention="xla", remat_policy="full",
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            shift_range=(7, 14), num_workers=0, prefetch=0))
         c.text.text_len = 128
         c.total_steps, c.log_every, c.checkpoint_every, c.keep = 4, 1, 2, 2
-        c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+        c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
         c.rules.allow_replicate = True
     c.lock()
     return c

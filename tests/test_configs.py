@@ -86,7 +86,7 @@ def test_pickstyle_node_is_the_recipe_on_one_8_device_node():
     gradient accumulation (4 micro-batches of 8: one sample per device), and it passes the 8-device checks."""
     mod = _load(ROOT / "configs/pickstyle.py")
     full, node = mod.get_config(None).to_dict(), mod.get_config("node")
-    assert setup.check_config(node, n_devices=8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert setup.check_config(node, n_devices=8) == {"data": 1, "fsdp": 8, "tensor": 1, "context": 1}
     node = node.to_dict()
     assert (full["optim"].pop("accumulate"), node["optim"].pop("accumulate")) == (1, 4)
     assert node == full

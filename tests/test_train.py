@@ -149,7 +149,7 @@ def test_plan_prints_the_json_fields():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out) == {"devices", "mesh", "param_bytes_per_device", "optimizer_bytes_per_device",
                         "temp_bytes_per_device", "peak_bytes_per_device", "compile_s"}
-    assert out["devices"] == 2 and out["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert out["devices"] == 2 and out["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1, "context": 1}
     assert out["peak_bytes_per_device"] >= out["param_bytes_per_device"] > 0
 
 

@@ -32,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.peak_flops = 0.0          # dense bf16 FLOP/s of one device, for the logged MFU; 0: flops.PEAK_BF16's table
     c.checkpoint_every = 10
     c.keep = 3
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
     # logical axis -> mesh axis (or a tuple of them, or None = replicated); strict: an array the rules split must
     # divide, or the run is refused (sharding.py)
     c.rules = ml_collections.ConfigDict(dict(
