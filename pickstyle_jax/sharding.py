@@ -97,6 +97,11 @@ def normalize_rules(rules: Mapping) -> dict:
     return out
 
 
+def axes_of(entry) -> tuple[str, ...]:
+    """A rule's target or a PartitionSpec entry as a tuple of mesh-axis names (None: (), "fsdp": ("fsdp",))."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> dict[str, int]:
     """{axis: size} with the one -1 size (if any) filled in so the sizes multiply to `n_devices`; a ShardingError
     saying what to change otherwise. The one resolver of mesh shapes: configs, CLIs and `make_mesh` use it."""
@@ -165,7 +170,7 @@ def batch_mesh_axes(rules: Mapping, mesh_shape: Mapping[str, int], size: int | N
     e.g. `mesh.shape`). With `size`, only the longest prefix of them whose product divides it (3 CS-CFG branches of
     one sample on 2 data devices stay replicated rather than fail)."""
     target = normalize_rules(rules).get("batch")
-    names = [t for t in ((target,) if isinstance(target, str) else tuple(target or ())) if t in mesh_shape]
+    names = [t for t in axes_of(target) if t in mesh_shape]
     if size is None:
         return tuple(names)
     used, ways = [], 1
@@ -184,7 +189,7 @@ def _mesh_axes(name, rules, mesh, used):
         raise KeyError(f"no sharding rule for logical axis {name!r}; rules cover "
                        f"{sorted(k for k in rules if k not in OPTIONS)}")
     target = rules[name]
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = axes_of(target)
     if mesh is not None:
         axes = tuple(a for a in axes if a in mesh.shape and a not in used)
     return axes
@@ -269,7 +274,7 @@ def flax_rules(rules: Mapping, mesh: Mesh | None = None) -> tuple:
     for name, target in normalize_rules(rules).items():
         if name in OPTIONS:
             continue
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = axes_of(target)
         if mesh is not None:
             axes = tuple(a for a in axes if a in mesh.shape)
         out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))

@@ -512,7 +512,7 @@ def _spec(layout_, shape, axes):
     spec, used = [], set()
     for dim, name in zip(shape, axes):
         target = layout_.rules.get(name) if name is not None else None
-        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        names = sharding.axes_of(target)
         names = [n for n in names if n in layout_.mesh.shape and n not in used]
         count = layout_.units.get(name)
         while names and (dim % math.prod(layout_.mesh.shape[n] for n in names) or
@@ -574,18 +574,13 @@ def gathered(w, axes):
 CONTEXT_PARALLEL = ("auto", "ulysses", "ring")
 
 
-def _as_tuple(entry) -> tuple[str, ...]:
-    """A rule's or a PartitionSpec entry's mesh axes as a tuple."""
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def context_shards() -> int:
     """How many devices the enclosing model layout splits the video tokens over (the product of the mesh axes the
     "length" rule names; 1 outside a layout or without such axes). A forward pads its tokens to a multiple of it."""
     layout_ = _LAYOUT.get()
     if layout_ is None:
         return 1
-    return math.prod(layout_.mesh.shape[n] for n in _as_tuple(layout_.rules.get("length")) if n in layout_.mesh.shape)
+    return math.prod(layout_.mesh.shape[n] for n in sharding.axes_of(layout_.rules.get("length")) if n in layout_.mesh.shape)
 
 
 def self_attention(q_BSNK, k_BSNK, v_BSNK, *, kv_len=None, context_parallel="auto", implementation="xla",
@@ -605,20 +600,20 @@ def self_attention(q_BSNK, k_BSNK, v_BSNK, *, kv_len=None, context_parallel="aut
     kv_len = None if kv_len is None or kv_len >= s else int(kv_len)
     layout_ = _LAYOUT.get()
     spec = None if layout_ is None else _spec(layout_, q_BSNK.shape, ("batch", "length", "heads", None))
-    ctx_axes = () if spec is None else _as_tuple(spec[1])
+    ctx_axes = () if spec is None else sharding.axes_of(spec[1])
     if not ctx_axes:
         lens = None if kv_len is None else jnp.full((b,), kv_len, jnp.int32)
         return attention(q_BSNK, k_BSNK, v_BSNK, kv_lens=lens, **kernel)
     mesh = layout_.mesh
     c = math.prod(mesh.shape[a] for a in ctx_axes)
-    local_heads = n // math.prod(mesh.shape[a] for a in _as_tuple(spec[2]))
+    local_heads = n // math.prod(mesh.shape[a] for a in sharding.axes_of(spec[2]))
     mode = context_parallel
     if mode == "auto":
         mode = "ulysses" if local_heads % c == 0 else "ring"
     if mode == "ulysses" and local_heads % c:
         raise sharding.ShardingError(
             f"context_parallel='ulysses' splits each device's {local_heads} heads (num_heads {n} / heads axes "
-            f"{_as_tuple(spec[2]) or '()'}) over the {c} devices of mesh axes {ctx_axes}, which do not divide them: "
+            f"{sharding.axes_of(spec[2]) or '()'}) over the {c} devices of mesh axes {ctx_axes}, which do not divide them: "
             f"pick a mesh whose tensor x context size divides num_heads, or set Options(context_parallel='ring')")
     if mode == "ulysses":
         body = functools.partial(_ulysses, axes=ctx_axes, kv_len=kv_len, kernel=kernel)
@@ -637,7 +632,7 @@ def cross_attention(q_BSNK, k_BLNK, v_BLNK, *, key_bias=None, **kernel):
     keys and key_bias [B, L] whole) no device computes another's queries. `kernel`: `attention`'s arguments."""
     layout_ = _LAYOUT.get()
     spec = None if layout_ is None else _spec(layout_, q_BSNK.shape, ("batch", "length", "heads", None))
-    if spec is None or not _as_tuple(spec[1]):
+    if spec is None or not sharding.axes_of(spec[1]):
         return attention(q_BSNK, k_BLNK, v_BLNK, key_bias=key_bias, **kernel)
     kv_spec = jax.sharding.PartitionSpec(spec[0], None, spec[2], None)
     body = lambda q, k, v, bias: attention(q, k, v, key_bias=bias, **kernel)

@@ -28,8 +28,8 @@ AXES = ("data", "fsdp", "context", "tensor")  # the mesh axes a stylize layout m
 def _rule_axes(rules: Mapping) -> set:
     out = set()
     for name, target in sharding.normalize_rules(rules).items():
-        if name not in sharding.OPTIONS and target is not None:
-            out.update((target,) if isinstance(target, str) else target)
+        if name not in sharding.OPTIONS:
+            out.update(sharding.axes_of(target))
     return out
 
 

@@ -309,7 +309,7 @@ def _constrain_batch(plan: _Plan, a, *, tokens: bool = False):
     if tokens:
         target = sharding.normalize_rules(plan.rules).get("length")
         names, ways = [], 1
-        for name in ((target,) if isinstance(target, str) else tuple(target or ())):
+        for name in sharding.axes_of(target):
             if name in plan.mesh.shape and name not in used and not a.shape[1] % (ways * plan.mesh.shape[name]):
                 names.append(name)
                 ways *= plan.mesh.shape[name]
