@@ -69,23 +69,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seed=0,
         styles=PRETRAIN_STYLES,     # the styles the backbone sees; data.synthetic_styles (held out) never
         data_seed=0,                # synthetic world of the pretraining scenes (the LoRA stage uses data's)
-        examples=256,               # distinct scenes (each with its own camera motion per epoch)
+        examples=1024,              # distinct scenes (each with its own camera motion per epoch)
         # autoencoder: "conv" (demo/conv_ae.py, vae_width channels: ~23 dB on held-out sources) or "wan"
         # (VaeConfig.named(model.vae_variant) with vae_base_dim / vae_res_blocks: ~17 dB; bench/demo_vae.py)
         autoencoder="conv", vae_width=32,
         vae_base_dim=8, vae_res_blocks=1,
-        vae_steps=400, vae_batch=8, vae_lr=5e-3,
+        vae_steps=3000, vae_batch=8, vae_lr=5e-3,
         vae_temporal=1.5,           # weight of the frame-difference L1 (errors that move with the content)
         latent_noise=0.1,           # decoder input noise (latent units): robust to imperfect sampled latents
         latent_l2=1e-3,             # keeps the encoder near unit scale against that noise
         # backbone: WanConfig.named(model.variant) with these fields; text_dim = the umT5 width
         dit=ml_collections.ConfigDict(dict(dim=128, ffn_dim=512, num_heads=4, num_layers=6,
                                            vace_layers=(0, 2, 4), patch_size=(1, 1, 1))),
-        dit_steps=800, dit_batch=16, dit_lr=2e-3, warmup=50,
-        clips=384,                  # clips encoded once into a latent cache for the backbone fit
+        dit_steps=6000, dit_batch=16, dit_lr=2e-3, warmup=200,
+        clips=2048,                 # clips encoded once into a latent cache for the backbone fit
         recon_prob=0.2,             # share of reconstruction pairs (target = source); learnt first and best
         null_per_batch=2,           # samples per batch with the null text (text dropout 2/16)
         log_every=25,
+        checkpoint_every=250,       # resumable: the fitting loops save their state this often
         report_psnr=True,           # measure the autoencoder's reconstruction PSNR on unseen clips (one compile)
     ))
     if tiny:
@@ -95,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every = 1
         c.checkpoint_every = 2
         c.pretrain.update(dict(examples=8, vae_width=8, vae_steps=6, vae_batch=2, vae_lr=1e-2, clips=8, dit_steps=4,
-                               dit_batch=4, null_per_batch=1, warmup=1, log_every=1,
+                               dit_batch=4, null_per_batch=1, warmup=1, log_every=1, checkpoint_every=2,
                                report_psnr=False))
         c.pretrain.dit.update(dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, vace_layers=(0,)))
     c.lock()

@@ -141,9 +141,43 @@ def test_rerun_skips_and_changed_settings_refit(fitted):
     logs = []
     assert pretrain.run(c, log=logs.append)["skipped"]
     assert pretrain.is_done(c)
+    c = c.copy_and_resolve_references()  # the module's fitted config stays as it was fitted
     with c.unlocked():
         c.pretrain.dit_steps = c.pretrain.dit_steps + 1
     assert not pretrain.is_done(c)
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_a_run_killed_in_each_stage_resumes_to_the_straight_run(fitted, tmp_path):
+    """Killed after autoencoder step 13 (last save: 12) and again after backbone step 3 (last save: 2), the run
+    resumes from its own state files and ends with the straight run's weights, bit for bit."""
+    straight = fitted[0]
+    c = straight.copy_and_resolve_references()
+    with c.unlocked():
+        for k in ("dit", "vae", "umt5"):
+            c.model[k] = str(tmp_path / "models" / k)
+    assert c.pretrain.checkpoint_every == 2
+    seen = []
+
+    def killer(at):
+        def log(msg):
+            seen.append(msg)
+            if msg.startswith(at):
+                raise _Kill(msg)
+        return log
+
+    for at in ("autoencoder 13/", "backbone 3/", "pretraining done"):
+        with pytest.raises(_Kill):
+            pretrain.run(c, log=killer(at), cache_dir=tmp_path / "text_cache")
+    assert any(m.startswith("autoencoder: resuming at step 12") for m in seen), seen
+    assert any(m.startswith("backbone: resuming at step 2") for m in seen), seen
+    for load, k in ((checkpoints.load_vae, "vae"), (checkpoints.load_dit, "dit")):
+        (_, got), (_, want) = load(c.model[k]), load(straight.model[k])
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_temporal_term_sees_a_first_frame_seam_not_a_steady_error():

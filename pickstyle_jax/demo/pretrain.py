@@ -55,7 +55,7 @@ from pickstyle_jax import tokenizer as tokenizer_lib
 from pickstyle_jax.models import autoencoders, umt5, vae, wan
 
 f32 = jnp.float32
-FORMAT = 3  # bump when the recipe changes, so old checkpoints are refitted
+FORMAT = 4  # bump when the recipe changes, so old checkpoints are refitted
 RECON_PREFIX = "Reconstruct."
 
 
@@ -203,6 +203,41 @@ class _Progress:
         self.log(f"{self.name} {step}/{self.total} {parts}  ({rate:.2f} s/step, eta {eta:.0f} s)")
 
 
+class StageState:
+    """Resumable progress of one fitting loop (the autoencoder or the backbone): params, optimiser state and the
+    loop's own state (step, elapsed seconds, data-iterator state, loss curve) in one file STATE_DIR/NAME.npz,
+    replaced atomically every `every` steps, so a kill at any moment leaves the previous save whole. The fingerprint
+    of the settings is stored in it: a state made from other settings is ignored (and later overwritten), so a
+    changed recipe never resumes from a stale fit."""
+
+    def __init__(self, state_dir, name: str, fingerprint: str, every: int):
+        self.path = Path(state_dir) / f"{name}.npz"
+        self.fp, self.every = fingerprint, max(1, int(every))
+
+    def load(self, like):
+        """(tree shaped like `like`, loop state dict) of the last save for these settings, or None."""
+        try:
+            with np.load(self.path) as z:
+                meta = json.loads(str(z["meta"]))
+                leaves, treedef = jax.tree.flatten(like)
+                if meta.get("fingerprint") != self.fp or len(z.files) != len(leaves) + 1:
+                    return None
+                arrays = [z[f"a{i}"] for i in range(len(leaves))]
+        except (OSError, ValueError, KeyError):
+            return None
+        if any(a.shape != np.shape(b) for a, b in zip(arrays, leaves)):
+            return None
+        return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in arrays]), meta["loop"]
+
+    def save(self, tree, loop: dict) -> None:
+        leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+        meta = np.asarray(json.dumps({"fingerprint": self.fp, "loop": loop}))
+        files.atomic_write(self.path, lambda f: np.savez(f, meta=meta, **{f"a{i}": a for i, a in enumerate(leaves)}))
+
+    def due(self, step: int, total: int) -> bool:
+        return step % self.every == 0 or step == total
+
+
 # ------------------------------------------------------------------------------------------------ autoencoder
 def temporal_l1(err_BFHWC):
     """Mean |e[t+1] - e[t]| of a reconstruction error e = rec - clip: zero when every frame carries the same error
@@ -244,8 +279,10 @@ def _pick_videos(batch) -> np.ndarray:
     return np.concatenate([batch["source"][:h], batch["target"][h:]])
 
 
-def train_autoencoder(config, log=print):
-    """(VaeConfig with identity normalisation, trained params, metrics dict); `normalise` sets the statistics."""
+def train_autoencoder(config, log=print, state: StageState | None = None):
+    """(VaeConfig with identity normalisation, trained params, metrics dict); `normalise` sets the statistics.
+    With `state`, resumes from its last save and saves every `state.every` steps (same result as one straight run:
+    the data iterator's position is saved with the weights, and every step's noise key is folded from the step)."""
     p = config.pretrain
     vcfg = vae_config(config)
     steps = int(p.vae_steps)
@@ -255,19 +292,28 @@ def train_autoencoder(config, log=print):
     step_fn = make_vae_step(vcfg, opt, float(p.latent_noise), float(p.latent_l2), float(p.vae_temporal))
     it = pipeline.make_iterator(data_config(config, int(p.vae_batch)), seed=int(p.seed))
     key = jax.random.key(int(p.seed))
+    loop = {"step": 0, "seconds": 0.0, "curve": []}
+    restored = state.load((params, opt_state)) if state else None
+    if restored:
+        (params, opt_state), loop = restored
+        it.set_state(loop["data"])
+        log(f"autoencoder: resuming at step {loop['step']} ({loop['seconds']:.0f} s done)")
     progress = _Progress(log, "autoencoder", steps, int(p.log_every))
-    curve = []
-    t0 = time.perf_counter()
-    for s in range(1, steps + 1):
+    t0 = time.perf_counter() - loop["seconds"]
+    for s in range(loop["step"] + 1, steps + 1):
         video = _pick_videos(next(it))
         params, opt_state, m = step_fn(params, opt_state, video, jax.random.fold_in(key, s))
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if not all(map(math.isfinite, m.values())):
             raise FloatingPointError(f"autoencoder loss is not finite at step {s}: {m}; lower pretrain.vae_lr")
         m["psnr"] = 10 * math.log10(4.0 / max(m["mse"], 1e-12))  # with the latent noise: a lower bound
-        curve.append({"step": s, **m})
+        if s % int(p.log_every) == 0 or s == steps:
+            loop["curve"].append({"step": s, **m})
         progress(s, {k: m[k] for k in ("loss", "psnr", "latent_rms")})
-    metrics = {"steps": steps, "train_s": time.perf_counter() - t0, "curve": curve}
+        if state and state.due(s, steps):
+            loop.update(step=s, seconds=time.perf_counter() - t0, data=it.get_state())
+            state.save((params, opt_state), loop)
+    metrics = {"steps": steps, "train_s": time.perf_counter() - t0, "curve": loop["curve"]}
     return vcfg, params, metrics
 
 
@@ -404,8 +450,9 @@ def pair_captions(pairs) -> list[str]:
     return list(pairs["caption"]) + [f"{RECON_PREFIX} {_scene(c)}" for c in pairs["caption"]]
 
 
-def fit_backbone(config, pairs, rows: _TextRows, log=print):
-    """(WanConfig, params, metrics) of the full-parameter flow-matching fit."""
+def fit_backbone(config, pairs, rows: _TextRows, log=print, state: StageState | None = None):
+    """(WanConfig, params, metrics) of the full-parameter flow-matching fit. Step s draws its batch from
+    rng((seed, 13, s)) and its noise from fold_in(key, s), so a run resumed from `state` equals a straight one."""
     p = config.pretrain
     wcfg = dit_config(config, rows.emb.shape[-1])
     steps, b = int(p.dit_steps), int(p.dit_batch)
@@ -414,27 +461,44 @@ def fit_backbone(config, pairs, rows: _TextRows, log=print):
     opt_state = opt.init(params)
     grid = flow.Grid.make(float(config.schedule.shift), int(config.schedule.num_train_timesteps))
     step_fn = make_dit_step(wcfg, opt, grid, dit_options(config))
-    rng = np.random.default_rng((int(p.seed), 13))
     key = jax.random.key(int(p.seed) + 8)
+    loop = {"step": 0, "seconds": 0.0, "curve": [], "window": []}
+    restored = state.load((params, opt_state)) if state else None
+    if restored:
+        (params, opt_state), loop = restored
+        log(f"backbone: resuming at step {loop['step']} ({loop['seconds']:.0f} s done)")
     progress = _Progress(log, "backbone", steps, int(p.log_every))
-    curve, window = [], []
-    t0 = time.perf_counter()
-    for s in range(1, steps + 1):
+    t0 = time.perf_counter() - loop["seconds"]
+    for s in range(loop["step"] + 1, steps + 1):
+        rng = np.random.default_rng((int(p.seed), 13, s))
         batch = _dit_batch(pairs, rows, rng, b, int(p.null_per_batch), float(p.recon_prob))
         params, opt_state, m = step_fn(params, opt_state, batch, jax.random.fold_in(key, s))
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if not math.isfinite(m["loss"]):
             raise FloatingPointError(f"backbone loss is not finite at step {s}; lower pretrain.dit_lr")
-        window.append(m["loss"])
+        loop["window"].append(m["loss"])
         if s % int(p.log_every) == 0 or s == steps:
-            curve.append({"step": s, "loss": float(np.mean(window)), "grad_norm": m["grad_norm"]})
-            window = []
+            loop["curve"].append({"step": s, "loss": float(np.mean(loop["window"])), "grad_norm": m["grad_norm"]})
+            loop["window"] = []
         progress(s, {"loss": m["loss"], "grad_norm": m["grad_norm"]})
+        if state and state.due(s, steps):
+            loop.update(step=s, seconds=time.perf_counter() - t0)
+            state.save((params, opt_state), loop)
     n_params = int(sum(np.size(x) for x in jax.tree.leaves(params)))
-    return wcfg, params, {"steps": steps, "train_s": time.perf_counter() - t0, "curve": curve, "params": n_params}
+    return wcfg, params, {"steps": steps, "train_s": time.perf_counter() - t0, "curve": loop["curve"],
+                          "params": n_params}
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def machine() -> dict:
+    """Where a fit ran: recorded with its wall time."""
+    import os
+    import platform
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+            "devices": [d.device_kind for d in jax.devices()]}
+
+
 def describe(vcfg) -> str:
     if isinstance(vcfg, vae.VaeConfig):
         return f"Wan VAE architecture, base_dim {vcfg.base_dim}"
@@ -487,7 +551,9 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
     log(f"autoencoder: {describe(vcfg)}, {autoencoders.num_params(vcfg) / 1e6:.2f} M params, "
         f"{p.vae_steps} steps of batch {p.vae_batch} on {config.data.frames}x{config.data.height}x"
         f"{config.data.width} clips of {', '.join(p.styles)}")
-    vcfg, vparams, vae_metrics = train_autoencoder(config, log)
+    state_dir = Path(config.model.dit).parent / "pretrain_state"
+    every = int(p.checkpoint_every)
+    vcfg, vparams, vae_metrics = train_autoencoder(config, log, StageState(state_dir, "autoencoder", fp, every))
     vcfg, pairs = normalise(vcfg, encode_clips(config, vcfg, vparams, log))
     vae_metrics.update(latent_mean=list(vcfg.latents_mean), latent_std=list(vcfg.latents_std))
     if p.report_psnr:
@@ -503,9 +569,13 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
     log(f"backbone: Wan-VACE dim {wcfg.dim}, {wcfg.num_layers} blocks, VACE after {wcfg.vace_layers}; "
         f"{p.dit_steps} flow-matching steps of batch {p.dit_batch} (recon share {p.recon_prob}, "
         f"{p.null_per_batch} null-text samples per batch)")
-    wcfg, dparams, dit_metrics = fit_backbone(config, pairs, rows, log)
+    wcfg, dparams, dit_metrics = fit_backbone(config, pairs, rows, log, StageState(state_dir, "backbone", fp, every))
 
     summary = {"fingerprint": fp, "seconds": time.perf_counter() - t_start,
+               "fit_seconds": vae_metrics["train_s"] + dit_metrics["train_s"],  # over every resumed session
+               "recipe": {"pretrain": config.pretrain.to_dict(), "clip": [int(config.data.frames),
+                          int(config.data.height), int(config.data.width)], "held_out": list(config.data.synthetic_styles)},
+               "machine": machine(),
                "vae": {k: v for k, v in vae_metrics.items() if k != "curve"},
                "dit": {k: v for k, v in dit_metrics.items() if k != "curve"}}
     checkpoints.save(config.model.vae, vcfg, vparams, kind=checkpoints.AUTOENCODER, extra={"pretrain": summary})
