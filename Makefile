@@ -8,7 +8,7 @@ LOCK := constraints.txt
 # CI runs on 2 cores; pytest-xdist splits the suite over them.
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv test test-slow test-fast test-latest lock demo demo-convert bench gpu-wheels clean
+.PHONY: venv test test-slow test-fast test-latest lock demo demo-pretrain demo-convert bench gpu-wheels clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,10 +45,17 @@ lock:
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -s tests/slow_vace_1_3b.py
 
-# The main job on the embedded default (pickstyle_jax/demo/): fit the demo's tiny base models, train the PickStyle
-# LoRA on a held-out style, stylise held-out clips and print the results table (out/demo/).
+# The main job on the embedded default (pickstyle_jax/demo/): load the demo's shipped base models (checksums
+# verified), train the PickStyle LoRA on a held-out style, stylise held-out clips and print the results table
+# (out/demo/).
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(BIN)/python -m pickstyle_jax.demo --workdir out/demo
+
+# Refit the shipped base models from scratch (hours on 2 cores; resumable: rerun after an interruption) and replace
+# pickstyle_jax/demo/weights with the result and a fresh checksum manifest.
+demo-pretrain: $(STAMP)
+	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(BIN)/python -m pickstyle_jax.demo.pretrain --config=configs/demo.py \
+		--workdir=out/demo-pretrain --ship
 
 # The converter round trip on a tiny random diffusers VACE model, and the parity it reaches.
 demo-convert: $(STAMP)

@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # backbone: WanConfig.named(model.variant) with these fields; text_dim = the umT5 width
         dit=ml_collections.ConfigDict(dict(dim=128, ffn_dim=512, num_heads=4, num_layers=6,
                                            vace_layers=(0, 2, 4), patch_size=(1, 1, 1))),
-        dit_steps=6000, dit_batch=16, dit_lr=2e-3, warmup=200,
+        dit_steps=3000, dit_batch=16, dit_lr=2e-3, warmup=200,
         clips=2048,                 # clips encoded once into a latent cache for the backbone fit
         recon_prob=0.2,             # share of reconstruction pairs (target = source); learnt first and best
         null_per_batch=2,           # samples per batch with the null text (text dropout 2/16)

@@ -180,6 +180,24 @@ def test_a_run_killed_in_each_stage_resumes_to_the_straight_run(fitted, tmp_path
             np.testing.assert_array_equal(a, b)
 
 
+def test_shipping_writes_a_manifest_that_verifies_and_records_the_one_step_error(fitted, tmp_path):
+    from pickstyle_jax.demo import shipped
+
+    c, root, _, _ = fitted
+    manifest = shipped.ship(c, root / "models", root=tmp_path / "weights", log=lambda m: None)
+    assert shipped.verify(tmp_path / "weights") == manifest
+    assert set(manifest["files"]) >= {"pretrain.json", "dit/config.json", "vae/config.json", "umt5/config.json"}
+    assert shipped.available(c, tmp_path / "weights")
+    used = c.copy_and_resolve_references()
+    shipped.use(used, tmp_path / "weights")
+    assert used.model.dit == str(tmp_path / "weights" / "dit")
+    assert shipped.one_step_error(c, tmp_path / "weights") == manifest["one_step_error"]["value"]
+    other = c.copy_and_resolve_references()
+    with other.unlocked():
+        other.pretrain.dit_steps += 1
+    assert not shipped.available(other, tmp_path / "weights")
+
+
 def test_temporal_term_sees_a_first_frame_seam_not_a_steady_error():
     rng = np.random.default_rng(SEED)
     steady = np.broadcast_to(rng.normal(size=(2, 1, 4, 6, 3)), (2, 5, 4, 6, 3)).astype(np.float32)

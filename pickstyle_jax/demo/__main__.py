@@ -3,7 +3,9 @@
     python -m pickstyle_jax.demo [--workdir out/demo] [--config configs/demo.py] [--clips 8]
 
 Stages (each prints its progress; a rerun skips what is already done for the same settings):
-  1. pretrain   the demo's own tiny base models (demo/pretrain.py) -> WORKDIR/models/{umt5,vae,dit}
+  1. pretrain   the demo's base models: the shipped ones (demo/shipped.py: pickstyle_jax/demo/weights, checksums
+                verified), or with --pretrain (or a config whose pretrain settings differ from theirs) fitted here
+                by demo/pretrain.py -> WORKDIR/models/{umt5,vae,dit}
   2. train      the PickStyle LoRA on the held-out style (pickstyle_jax.train) -> WORKDIR/lora, metrics.jsonl
   3. evaluate   stylise held-out synthetic clips, score them against the exact ground truth and the baselines
                 (demo/evaluate.py) -> WORKDIR/eval/results.md, the mp4s and PNG strips
@@ -20,7 +22,7 @@ from pathlib import Path
 from absl import logging as absl_logging
 
 from pickstyle_jax import files
-from pickstyle_jax.demo import evaluate, pretrain
+from pickstyle_jax.demo import evaluate, pretrain, shipped
 from pickstyle_jax.train import loop as train_loop
 from pickstyle_jax.sample.settings import APG_NAMES, SamplerSettings
 
@@ -81,6 +83,8 @@ def main(argv=None) -> int:
                          "on (55 absolute, the paper's; 12.9 dB against 20.0 on 4 demo clips), off")
     ap.add_argument("--seed", type=int, default=0, help="held-out world seed of the evaluation")
     ap.add_argument("--no-eval", action="store_true", help="stop after training")
+    ap.add_argument("--pretrain", action="store_true",
+                    help="fit the base models in WORKDIR/models instead of loading the shipped ones (hours on a CPU)")
     a = ap.parse_args(argv)
 
     clock = _Clock()
@@ -88,12 +92,24 @@ def main(argv=None) -> int:
     config = pretrain.point_at(pretrain.load_config(a.config), workdir)
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
 
-    # 1. base models
+    # 1. base models: the shipped ones (verified), or fitted here when asked or when the settings differ
     say = clock.log("pretrain")
     t = time.perf_counter()
-    summary = pretrain.run(config, log=say, cache_dir=config.text.cache_dir)
+    if not a.pretrain and shipped.available(config):
+        try:
+            manifest = shipped.use(config)
+        except shipped.WeightsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        say(f"shipped base models ({manifest['bytes'] / 2**20:.1f} MiB, checksums verified): {shipped.WEIGHTS}")
+        fingerprint = manifest["fingerprint"]
+    else:
+        if not a.pretrain:
+            say(f"no shipped base models for {a.config}'s pretrain settings ({shipped.WEIGHTS} holds "
+                f"{'none' if shipped.read_manifest() is None else 'another fit'}): fitting them in {workdir / 'models'}")
+        fingerprint = pretrain.run(config, log=say, cache_dir=config.text.cache_dir)["fingerprint"]
     t_pre = time.perf_counter() - t
-    clear_stale_run(workdir, summary["fingerprint"], say)
+    clear_stale_run(workdir, fingerprint, say)
 
     # 2. the LoRA stage, exactly as for real weights
     say = clock.log("train")

@@ -27,7 +27,11 @@ The held-out style (config.data.synthetic_styles) is seen by none of them. Outpu
 checkpoint dirs (checkpoints.save) at config.model.{dit,vae,umt5}; each config.json carries the fingerprint of the
 settings that made it, and `run` skips the work when all three exist with the current fingerprint.
 
-    python -m pickstyle_jax.demo.pretrain --config=configs/demo.py [--config.pretrain.dit_steps=...]
+    python -m pickstyle_jax.demo.pretrain --config=configs/demo.py [--workdir=DIR] [--ship] [--config.pretrain.X=...]
+
+Resumable: each fitting loop saves its state to MODELS/pretrain_state/ every pretrain.checkpoint_every steps, and a
+rerun (after a kill, SIGTERM or Ctrl-C) continues from there to the same weights. `make demo-pretrain` runs it
+with --ship, which copies the result to pickstyle_jax/demo/weights with a checksum manifest (demo/shipped.py).
 """
 from __future__ import annotations
 
@@ -145,6 +149,23 @@ def fingerprint(config) -> str:
     d = config.data
     keys = ("frames", "height", "width", "move_prob", "zoom_range", "shift_range", "angle_range", "allow_upscale")
     spec = {"format": FORMAT, "pretrain": config.pretrain.to_dict(), "data": {k: d[k] for k in keys},
+            "held_out": list(d.synthetic_styles), "model": {k: config.model[k] for k in
+                                                            ("variant", "vae_variant", "umt5_variant", "attention")}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()
+
+
+_BOOKKEEPING = ("log_every", "checkpoint_every", "report_psnr")  # change no weight
+_BACKBONE_ONLY = ("dit", "dit_steps", "dit_batch", "dit_lr", "warmup", "clips", "recon_prob", "null_per_batch")
+
+
+def stage_fingerprint(config, stage: str) -> str:
+    """sha256 of what changes one stage's weights: the autoencoder's ignores the backbone's settings (so a new
+    backbone recipe resumes on the fitted autoencoder), the backbone's covers everything; neither covers logging."""
+    d = config.data
+    keys = ("frames", "height", "width", "move_prob", "zoom_range", "shift_range", "angle_range", "allow_upscale")
+    skip = _BOOKKEEPING + (_BACKBONE_ONLY if stage == "autoencoder" else ())
+    spec = {"format": FORMAT, "stage": stage, "data": {k: d[k] for k in keys},
+            "pretrain": {k: v for k, v in config.pretrain.to_dict().items() if k not in skip},
             "held_out": list(d.synthetic_styles), "model": {k: config.model[k] for k in
                                                             ("variant", "vae_variant", "umt5_variant", "attention")}}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()
@@ -553,7 +574,8 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
         f"{config.data.width} clips of {', '.join(p.styles)}")
     state_dir = Path(config.model.dit).parent / "pretrain_state"
     every = int(p.checkpoint_every)
-    vcfg, vparams, vae_metrics = train_autoencoder(config, log, StageState(state_dir, "autoencoder", fp, every))
+    vcfg, vparams, vae_metrics = train_autoencoder(
+        config, log, StageState(state_dir, "autoencoder", stage_fingerprint(config, "autoencoder"), every))
     vcfg, pairs = normalise(vcfg, encode_clips(config, vcfg, vparams, log))
     vae_metrics.update(latent_mean=list(vcfg.latents_mean), latent_std=list(vcfg.latents_std))
     if p.report_psnr:
@@ -569,7 +591,8 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
     log(f"backbone: Wan-VACE dim {wcfg.dim}, {wcfg.num_layers} blocks, VACE after {wcfg.vace_layers}; "
         f"{p.dit_steps} flow-matching steps of batch {p.dit_batch} (recon share {p.recon_prob}, "
         f"{p.null_per_batch} null-text samples per batch)")
-    wcfg, dparams, dit_metrics = fit_backbone(config, pairs, rows, log, StageState(state_dir, "backbone", fp, every))
+    wcfg, dparams, dit_metrics = fit_backbone(
+        config, pairs, rows, log, StageState(state_dir, "backbone", stage_fingerprint(config, "backbone"), every))
 
     summary = {"fingerprint": fp, "seconds": time.perf_counter() - t_start,
                "fit_seconds": vae_metrics["train_s"] + dit_metrics["train_s"],  # over every resumed session
@@ -594,6 +617,8 @@ def main(argv=None):
     config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config (configs/demo.py[:tiny])",
                                     lock_config=True)
     flags.DEFINE_bool("force", False, "refit even if matching checkpoints exist")
+    flags.DEFINE_string("workdir", None, "put the models in WORKDIR/models (default: the config's model paths)")
+    flags.DEFINE_bool("ship", False, "then copy them, with a checksum manifest, to pickstyle_jax/demo/weights")
 
     def _main(argv):
         from absl import logging as absl_logging
@@ -601,11 +626,17 @@ def main(argv=None):
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        config, log = flags.FLAGS.config, lambda m: print(f"[pretrain] {m}", flush=True)
+        if flags.FLAGS.workdir:
+            config = point_at(config, Path(flags.FLAGS.workdir).absolute())
         try:
-            run(flags.FLAGS.config, force=flags.FLAGS.force,
-                log=lambda m: print(f"[pretrain] {m}", flush=True))
+            run(config, force=flags.FLAGS.force, log=log)
         except ValueError as e:
             sys.exit(f"config error: {e}")
+        if flags.FLAGS.ship:
+            from pickstyle_jax.demo import shipped
+
+            shipped.ship(config, Path(config.model.dit).parent, log=log)
 
     app.run(_main, argv)
 
