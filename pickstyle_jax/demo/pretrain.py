@@ -9,7 +9,8 @@ small base models, then trains the LoRA on them exactly as on real weights:
               the Wan VAE's latent geometry, or "wan", the Wan2.1 VAE architecture at small widths, which learns
               slowly at the demo's sizes (bench/demo_vae.py, 300 steps: 16.9 dB on held-out clips against 20.5 for
               the conv model). Either is trained for reconstruction (L1 + L2, fp32, Adam)
-              on source and stylised clips of the pretraining styles, plus an L1 term on the frame differences of
+              on source and stylised clips of `vae_styles` (all four: like the released VAE, a general image codec
+              that has seen every look; it learns no source-to-style mapping), plus an L1 term on the frame differences of
               the reconstruction error (`vae_temporal`; for the causal Wan VAE, whose frame 0 takes another path,
               that seam dominated the temporal error). The decoder reads the latent plus N(0, 0.1^2) noise, as a
               VAE with a fixed posterior variance, and an L2 term keeps the encoder near unit scale against it; so
@@ -23,7 +24,8 @@ small base models, then trains the LoRA on them exactly as on real weights:
               samples per batch get the null text instead (text dropout, as base models are trained for
               classifier-free guidance), so the CS-CFG null branches are in distribution.
 
-The held-out style (config.data.synthetic_styles) is seen by none of them. Outputs are ordinary converted-format
+The held-out style's mapping (config.data.synthetic_styles) is never seen before the LoRA stage: the backbone
+trains on pretrain.styles only; the autoencoder, a codec, compresses images of every style. Outputs are ordinary converted-format
 checkpoint dirs (checkpoints.save) at config.model.{dit,vae,umt5}; each config.json carries the fingerprint of the
 settings that made it, and `run` skips the work when all three exist with the current fingerprint.
 
@@ -53,6 +55,7 @@ import optax
 
 from pickstyle_jax import checkpoints, conditioning, files, flow, text
 from pickstyle_jax.data import pipeline
+from pickstyle_jax.data.synthetic import SYNTHETIC_STYLES
 from pickstyle_jax.demo import conv_ae
 from pickstyle_jax.eval import metrics as eval_metrics
 from pickstyle_jax import tokenizer as tokenizer_lib
@@ -140,6 +143,9 @@ def check_config(config) -> None:
                          f"{config.model.tokenizer!r}")
     if not 0 <= int(p.null_per_batch) < int(p.dit_batch):
         raise ValueError(f"pretrain.null_per_batch={p.null_per_batch} must be in [0, dit_batch={p.dit_batch})")
+    unknown = set(p.vae_styles) - set(SYNTHETIC_STYLES)
+    if unknown or not p.vae_styles:
+        raise ValueError(f"pretrain.vae_styles must name styles of {SYNTHETIC_STYLES}, got {tuple(p.vae_styles)}")
     if int(p.vae_steps) < 1 or int(p.dit_steps) < 1 or int(p.clips) < 1:
         raise ValueError("pretrain.vae_steps, dit_steps and clips must be >= 1")
 
@@ -311,7 +317,7 @@ def train_autoencoder(config, log=print, state: StageState | None = None):
     opt = _optimizer(float(p.vae_lr), steps, max(1, steps // 10))
     opt_state = opt.init(params)
     step_fn = make_vae_step(vcfg, opt, float(p.latent_noise), float(p.latent_l2), float(p.vae_temporal))
-    it = pipeline.make_iterator(data_config(config, int(p.vae_batch)), seed=int(p.seed))
+    it = pipeline.make_iterator(data_config(config, int(p.vae_batch), styles=p.vae_styles), seed=int(p.seed))
     key = jax.random.key(int(p.seed))
     loop = {"step": 0, "seconds": 0.0, "curve": []}
     restored = state.load((params, opt_state)) if state else None
@@ -571,7 +577,7 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
     vcfg = vae_config(config)
     log(f"autoencoder: {describe(vcfg)}, {autoencoders.num_params(vcfg) / 1e6:.2f} M params, "
         f"{p.vae_steps} steps of batch {p.vae_batch} on {config.data.frames}x{config.data.height}x"
-        f"{config.data.width} clips of {', '.join(p.styles)}")
+        f"{config.data.width} clips of {', '.join(p.vae_styles)}")
     state_dir = Path(config.model.dit).parent / "pretrain_state"
     every = int(p.checkpoint_every)
     vcfg, vparams, vae_metrics = train_autoencoder(
