@@ -251,7 +251,7 @@ def test_ablations_and_reports_with_a_stand_in(tmp_path):
         assert f"## Ablation: {name}" in md
     assert "| color_transfer |" in md and "| ae_ceiling |" in md and "## Guidance" in md
     cs = sd["cs_cfg"]
-    assert f"| cs_cfg | {report.fmt(cs['mean']['psnr'])} ± {report.fmt(cs['spread']['psnr'])} |" in md
+    assert f"| cs_cfg | {report.pm(cs['mean']['psnr'], cs['spread']['psnr'])} |" in md
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["ablations"]["skip"][0]["skip"] == 0
     assert (tmp_path / "ev" / "strip_1.png").is_file() and (tmp_path / "ev" / "plot.png").is_file()
     assert res["clips"][1]["style"] == "neon"

@@ -57,8 +57,16 @@ def seeds_table(seeds: dict) -> str:
     head = [c + (" ↑" if BETTER.get(c) == "higher" else " ↓" if BETTER.get(c) == "lower" else "") for c in cols]
     lines = ["| method | " + " | ".join(head) + " |", "|" + "---|" * (len(cols) + 1)]
     for m, s in seeds["methods"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{fmt(s['mean'][c])} ± {fmt(s['spread'][c])}" for c in cols) + " |")
+        lines.append(f"| {m} | " + " | ".join(pm(s["mean"][c], s["spread"][c]) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def pm(mean: float, spread: float) -> str:
+    """"mean ± spread", both at the mean's precision (`fmt`)."""
+    if mean is None or spread is None or not (np.isfinite(mean) and np.isfinite(spread)):
+        return f"{fmt(mean)} ± {fmt(spread)}"
+    digits = 4 if abs(mean) < 10 else 2
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
 def guidance_md(g: dict) -> list[str]:
