@@ -79,9 +79,10 @@ def guidance_md(g: dict) -> list[str]:
     rows = g.get("context_direction")
     if rows:
         top = rows[0]["context_max"]
-        parts += ["", f"Context direction, from the scale grid (first ablation clip set): context scale 0 drops the "
-                      f"context from the prediction (v_null + text_scale (v_cond - v_null_text)), 1 is the plain "
-                      f"conditional with text guidance only, {top:g} the largest in the grid. content / PSNR at each:",
+        parts += ["", f"Context direction, from the scale grid (the ablation clips): context scale 0 takes the "
+                      f"context out of the prediction (without APG it is v_null + text_scale (v_cond - v_null_text)), "
+                      f"1 is the conditional branch with text guidance only, {top:g} the largest in the grid. "
+                      f"Content and PSNR at each, and what going from 0 or 1 to {top:g} does:",
                   "", "| text scale | content c0 | content c1 | content c" + f"{top:g}" + " | psnr c0 | psnr c1 | "
                   f"psnr c{top:g} | 0 → {top:g} | 1 → {top:g} |", "|" + "---|" * 9]
         for r in rows:
