@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pickstyle_jax import text
 from pickstyle_jax.data.synthetic import Synthetic
 from pickstyle_jax.demo import evaluate, report, world
 from pickstyle_jax.eval import baselines, metrics
@@ -104,8 +105,12 @@ def test_end_to_end_tiny_run(run_dir, capsys, monkeypatch):
         3 * (k * H + report.CAPTION_H + report.GAP), 4 * (k * W + report.GAP), 3)  # text x context scales
     # compiles: one sampler per static setting (cs_cfg, text, none, apg scaled, apg off, text_context, teacache),
     # one program per clip shape (cs_cfg also runs one-frame clips for per_frame); the 12 scale pairs reuse cs_cfg's
-    # program (with make-time scales they were 11 more) and so does world seed 1
+    # program (with make-time scales they were 11 more) and so does world seed 1, whose caption is in the same text
+    # bucket (the sampler compiles per prompt bucket: `text.bucket_length`)
     (stylizer,) = built
+    lens = [int(stylizer.tokenizer([world.World(1, F, H, W, "toon", seed=s_)[0].caption], max_len=512)[1].sum())
+            for s_ in (0, 1)]
+    assert len({text.bucket_length(n, 512) for n in lens}) == 1, lens
     programs = sum(s._cache_size() for s in stylizer._samplers.values())
     assert len(stylizer._samplers) == 7 and programs == 8 == result["sampler_compiles"], (
         len(stylizer._samplers), programs, result["sampler_compiles"])
@@ -160,22 +165,39 @@ def test_reinitialised_dit_is_the_trained_base(tmp_path):
 
 
 class _Fake:
-    """A stand-in Stylizer: the source plus a little seeded noise (so per-frame seeds matter) and a fixed delay;
-    records its calls. Its codec (for ae_ceiling) is a random tiny conv autoencoder, cheap to compile."""
+    """A stand-in Stylizer: the source plus a little seeded noise (so per-frame seeds matter); records its calls.
+    It "compiles" as the Stylizer does, once per static setting, clip shape and prompt bucket (its tokenizer counts
+    words, so the captions fall in buckets of 16 and 32): such a call takes 0.02 s, any other 0.01 s. Its codec (for
+    ae_ceiling) is a random tiny conv autoencoder, cheap to compile."""
 
     def __init__(self):
+        from types import SimpleNamespace
+
         from pickstyle_jax.demo import conv_ae
         from pickstyle_jax.models import autoencoders
 
-        self.calls = []
+        self.calls, self.compiled = [], set()
+        self.cfg = SimpleNamespace(text_len=512)
         self.vae_cfg = conv_ae.ConvAeConfig.named("tiny")
         self.vae_params = autoencoders.random_params(self.vae_cfg, SEED)
 
+    @staticmethod
+    def tokenizer(texts, max_len):
+        n = min(len(texts[0].split()), max_len)
+        return np.zeros((1, n), np.int32), np.ones((1, n), np.int32)
+
     def run(self, frames, prompt, *, size, max_frames, seed, **settings):
+        from pickstyle_jax import text
+        from pickstyle_jax.sample.settings import CALL_TIME
+
         self.calls.append({"frames": len(frames), "size": size, "max_frames": max_frames, "seed": seed, **settings})
+        key = (tuple(sorted((k, v) for k, v in settings.items() if k not in CALL_TIME)), frames.shape,
+               text.bucket_length(len(prompt.split()), self.cfg.text_len))
+        new = key not in self.compiled
+        self.compiled.add(key)
         noise = np.random.default_rng(seed).normal(0, 3 * settings["text_scale"], frames.shape)
         out = np.clip(frames.astype(float) + noise, 0, 255).astype(np.uint8)
-        return out, {"timing": {"sample_s": 0.01 * (1 + (len(self.calls) == 1))}}
+        return out, {"timing": {"sample_s": 0.01 * (1 + new)}}
 
 
 def test_ablations_and_reports_with_a_stand_in(tmp_path):
@@ -208,16 +230,22 @@ def test_ablations_and_reports_with_a_stand_in(tmp_path):
     assert calls(**{**default, "text_scale": 1.0, "context_scale": 1.0}) == 1
     assert calls(**{**default, "apg": False}) == 2 and calls(**{**default, "skip": 2}) == 2
     assert calls(**{**default, "apg": "scaled"}) == 2
-    # warm timing: the first, compiling call of a compiled sampler (here the fake's 0.02 s first call) is never
-    # timed, so every row reads the fake's 0.01 s per call
-    for r in [*res["rows"], *(r for rows_ in ab.values() for r in rows_)]:
-        if r["steps"]:
+    # warm timing: the first, compiling call of a compiled sampler (here the fake's 0.02 s calls: a new static
+    # setting, clip shape or prompt bucket) is never timed, so every row of every seed reads 0.01 s per call
+    per_seed = [dict(p, method=m) for m in ("cs_cfg", "text_cfg", "no_guidance")
+                for p in res["seeds"]["methods"][m]["per_seed"]]
+    for r in [*res["rows"], *(r for rows_ in ab.values() for r in rows_), *per_seed]:
+        if r.get("steps", 4):
             per_call = 0.01 * (F if r.get("method") == "per_frame" else 1)
-            assert r["s_per_step"] == pytest.approx(per_call / r["steps"]), r
+            assert r["s_per_step"] == pytest.approx(per_call / r.get("steps", 4)), r
     assert res["settings"]["s_per_step_excludes_compile"] is True
     # compiled samplers: (cs_cfg, text, none) x clip + cs_cfg x one frame; skip 0, 2, 6, APG scaled, APG off,
-    # text_context, TeaCache; none for the 11 new scale pairs, none for world seed 1
-    assert res["sampler_compiles"] == 4 + 7
+    # text_context, TeaCache; none for the 11 new scale pairs; world seed 1 only for its caption in a new bucket
+    # (16 words: cs_cfg, text, none)
+    buckets = [[len(c.caption.split()) > 16 for c in world.World(2, F, H, W, styles=("toon", "neon"), seed=s_)]
+               for s_ in (0, 1)]
+    assert buckets == [[True, True], [True, False]]
+    assert res["sampler_compiles"] == len(fake.compiled) == 4 + 7 + 3
     # the baselines: color_transfer is the source moved to the per-channel mean/std (population) of the training
     # targets of its clip's style (8 synthetic pairs, seed 0, alternating toon / neon), computed here by hand
     train = Synthetic(8, H, W, ("toon", "neon"), seed=0)
@@ -299,7 +327,7 @@ def test_guidance_summary_by_hand():
             {"method": "no_guidance", "s_per_step": 0.1}]
     grid = [{"text_scale": 5.0, "context_scale": c, "content": v, "psnr": p}
             for c, v, p in ((0.0, 0.2, 10.0), (1.0, 0.3, 12.0), (4.0, 0.5, 11.0))]
-    g = evaluate.guidance_summary(rows, {"scales": grid}, seeds=[0, 1, 2])
+    g = report.guidance_summary(rows, {"scales": grid}, seeds=[0, 1, 2])
     cost = g["branch_cost"]
     assert cost["third_branch_s_per_step"] == pytest.approx(0.1) and cost["cs_over_text"] == pytest.approx(1.5)
     (r,) = g["context_direction"]

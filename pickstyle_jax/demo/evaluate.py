@@ -24,8 +24,10 @@ s_per_step: the stylisation's wall time (VAE encode, sampler, decode) per execut
 baselines); with `--timing warm` (default) compile time is excluded (the first call of every compiled sampler is not
 timed; with a single clip it is rerun once for the timing; results.json says which in
 settings.s_per_step_excludes_compile). A compiled sampler serves one static setting (solver, steps, shift, skip,
-mode, apg, cache, cache_threshold) and clip shape: the guidance scales are call-time inputs of `sample.Sampler`
-(`CALL_TIME`), so all scale pairs share it, and so do all world seeds. Definitions: `pickstyle_jax.eval.metrics`.
+mode, apg, cache, cache_threshold), clip shape and prompt bucket (the Stylizer cuts the umT5 rows to the
+power-of-two length holding the caption, `text.bucket_length`): the guidance scales are call-time inputs of
+`sample.Sampler` (`CALL_TIME`), so all scale pairs share it, and so do all world seeds (a caption in a length bucket
+not seen before compiles, and that call is not timed). Definitions: `pickstyle_jax.eval.metrics`.
 The ground truth's own temporal error, flicker, content and style are reported as `reference` (what a perfect
 stylisation scores).
 
@@ -48,7 +50,7 @@ PickStyle's absolute norm threshold; scaled: the same threshold per latent eleme
 the 2-branch "text" and "text_context" modes, and TeaCache against uncached sampling; every row with its wall time
 per step. The scale pairs run the main cs_cfg row's compiled sampler (no compile of their own); the other tables
 compile once per new static setting (skip 0, 2, 6; the other APG settings; text_context; TeaCache).
-results.json's `sampler_compiles` counts the compiled samplers (static setting x clip shape) the run used.
+results.json's `sampler_compiles` counts the compiled samplers (static setting x clip shape x prompt bucket) used.
 
 Base models: a `model.*` path is loaded; an empty one is rebuilt as the training run built it (a random init of
 the named variant from `config.seed`, with the training script's keys), so runs on random backbones evaluate too.
@@ -74,13 +76,14 @@ from pickstyle_jax.demo.report import METRICS
 from pickstyle_jax.errors import InputError
 from pickstyle_jax.eval import baselines, features, metrics
 from pickstyle_jax.guidance import apg_setting
+from pickstyle_jax import text as text_lib
 from pickstyle_jax import tokenizer as tokenizer_lib
 from pickstyle_jax.models import autoencoders, umt5, vae, wan
 from pickstyle_jax.sample.settings import APG_NAMES, CALL_TIME, SamplerSettings
 from pickstyle_jax.train import config as train_config
 
 __all__ = ["ROWS", "SEED_METHODS", "METRICS", "SCALE_GRID", "evaluate", "load_stylizer", "read_run_config",
-           "style_stats", "autoencode", "seed_summary", "guidance_summary", "main"]
+           "style_stats", "autoencode", "main"]
 
 # method -> sampler settings over the defaults (None: a baseline without the sampler, `_baseline`)
 ROWS = {"cs_cfg": {"mode": "cs_cfg"}, "text_cfg": {"mode": "text"}, "no_guidance": {"mode": "none"},
@@ -170,8 +173,11 @@ def _compile_key(settings: dict) -> tuple:
 class _Runner:
     """Stylises clips with the Stylizer, memoising results per (settings, clip) and timing warm calls only.
 
-    A call is cold (it compiles) when its _compile_key and clip shape are new: scale pairs of one static setting
-    share one compile, so only the first call of the first of them is cold."""
+    A call is cold (it compiles) when its _compile_key, clip shape and prompt bucket are new: scale pairs of one
+    static setting share one compile, so only the first call of the first of them is cold. The prompt bucket is
+    there because the Stylizer cuts a prompt's umT5 rows to the power-of-two bucket holding it
+    (`text.bucket_length`), and the sampler compiles once per text shape: a caption of a new length class compiles
+    again, whatever the world seed."""
 
     def __init__(self, stylizer, base: dict, timing: str):
         self.stylizer, self.base, self.timing = stylizer, base, timing
@@ -181,11 +187,19 @@ class _Runner:
 
     @property
     def compiles(self) -> int:
-        """Compiled samplers used so far: distinct (_compile_key, clip shape) of the calls made."""
+        """Compiled samplers used so far: distinct (_compile_key, clip shape, prompt bucket) of the calls made."""
         return len(self._seen)
 
+    def _bucket(self, prompt: str):
+        """The prompt's text bucket as the Stylizer cuts it (None for a stand-in without a tokenizer)."""
+        tok, cfg = getattr(self.stylizer, "tokenizer", None), getattr(self.stylizer, "cfg", None)
+        if tok is None or cfg is None:
+            return None
+        _, mask = tok([prompt], max_len=cfg.text_len)
+        return text_lib.bucket_length(int(np.asarray(mask).sum()), cfg.text_len)
+
     def _call(self, frames, prompt, settings, seed):
-        key = _compile_key(settings) + (frames.shape,)
+        key = _compile_key(settings) + (frames.shape, self._bucket(prompt))
         first = key not in self._seen
         self._seen.add(key)
         f, h, w, _ = frames.shape
@@ -299,42 +313,6 @@ def _ablations(runner, clips, refs, seed, steps: int, world_seed: int = 0) -> tu
     return out, cells
 
 
-def _direction(name: str, d: float, unit: str = "") -> str:
-    word = "raises" if d > 0 else "lowers" if d < 0 else "keeps"
-    return f"{word} {name} ({d:+.3f}{unit})"
-
-
-def guidance_summary(rows: list[dict], ablations: dict | None = None, seeds=None, timing: str = "warm") -> dict:
-    """The evidence on guidance: the cost of each branch (s_per_step of cs_cfg, text_cfg and no_guidance in `rows`,
-    e.g. the seed means) and, from the scale table of `ablations`, content and PSNR at context scale 0, 1 and the
-    largest per text scale, with the change from 0 and from 1 to the largest in words."""
-    by = {r["method"]: r for r in rows}
-    cs, tx, no = (float(by[m]["s_per_step"]) for m in ("cs_cfg", "text_cfg", "no_guidance"))
-    out = {"branch_cost": {"timing": timing, "seeds": list(seeds or []), "cs_cfg": cs, "text_cfg": tx,
-                           "no_guidance": no, "third_branch_s_per_step": cs - tx,
-                           "cs_over_text": cs / tx if tx > 0 else float("nan"),
-                           "cs_over_none": cs / no if no > 0 else float("nan")}}
-    grid = (ablations or {}).get("scales")
-    if grid:
-        top = max(r["context_scale"] for r in grid)
-        summary = []
-        for ts in sorted({r["text_scale"] for r in grid}):
-            at = {r["context_scale"]: r for r in grid if r["text_scale"] == ts}
-            pick = {"0": at.get(0.0), "1": at.get(1.0), "max": at[top]}
-            row = {"text_scale": ts, "context_max": top}
-            for k in ("content", "psnr"):
-                row[k] = {c: (None if r is None else float(r[k])) for c, r in pick.items()}
-            for frm in ("0", "1"):
-                if pick[frm] is None:
-                    row[f"verdict_from_{frm}"] = "not in the grid"
-                    continue
-                dc, dp = row["content"]["max"] - row["content"][frm], row["psnr"]["max"] - row["psnr"][frm]
-                row[f"verdict_from_{frm}"] = f"{_direction('content', dc)}, {_direction('PSNR', dp, ' dB')}"
-            summary.append(row)
-        out["context_direction"] = summary
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- baselines
 _ae_encode = jax.jit(autoencoders.encode, static_argnums=0)
 _ae_decode = jax.jit(autoencoders.decode, static_argnums=0)
@@ -410,25 +388,6 @@ def _world_rows(runner, world_seed: int, n: int, f: int, h: int, w: int, styles,
              f"{row['temporal_error']:.4f} flicker {row['flicker']:.4f} content {row['content']:.3f} "
              f"({time.perf_counter() - t0:.1f} s)")
     return rows, items, refs, ours
-
-
-def seed_summary(per_seed: dict) -> dict:
-    """{seed: rows} -> results.json "seeds": per method its metrics per seed, and their mean, min, max and spread
-    ((max - min) / 2) over the seeds. Methods: those every seed has, in the first seed's order."""
-    seeds = list(per_seed)
-    common = [r["method"] for r in per_seed[seeds[0]]
-              if all(any(q["method"] == r["method"] for q in per_seed[s]) for s in seeds)]
-    out = {"seeds": seeds, "spread": "(max - min) / 2 over the seeds (min and max are given too)", "methods": {}}
-    for m in common:
-        per = [{"seed": s, **{k: v for k, v in next(q for q in per_seed[s] if q["method"] == m).items()
-                              if k in (*METRICS, "s_per_step")}} for s in seeds]
-        keys = [k for k in per[0] if k != "seed"]
-        vals = {k: np.array([p[k] for p in per], np.float64) for k in keys}
-        out["methods"][m] = {"per_seed": per, "mean": {k: float(np.nanmean(v)) for k, v in vals.items()},
-                             "min": {k: float(np.nanmin(v)) for k, v in vals.items()},
-                             "max": {k: float(np.nanmax(v)) for k, v in vals.items()},
-                             "spread": {k: float(np.nanmax(v) - np.nanmin(v)) / 2 for k, v in vals.items()}}
-    return out
 
 
 def _parse_seeds(seed: int, seeds) -> tuple[int, ...]:
@@ -510,13 +469,13 @@ def evaluate(workdir, *, clips: int = 2, seed: int = 0, ablations: bool = False,
                            "seeds": list(seeds), "clips": clips, "timing": timing,
                            "s_per_step_excludes_compile": timing == "warm"},
               "clips": [{"id": c.id, "style": c.style, "caption": c.caption} for c in items],
-              "style_stats": stats, "seeds": seed_summary(per_seed)}
+              "style_stats": stats, "seeds": report.seed_summary(per_seed)}
     cells = []
     if ablations:
         result["ablations"], cells = _ablations(runner, items[:max(1, ablation_clips)], refs, seeds[0] * 1000,
                                                 int(base["steps"]), world_seed=seeds[0])
     means = [{"method": m, **v["mean"]} for m, v in result["seeds"]["methods"].items()]
-    result["guidance_summary"] = guidance_summary(means, result.get("ablations"), seeds, timing)
+    result["guidance_summary"] = report.guidance_summary(means, result.get("ablations"), seeds, timing)
     result["sampler_compiles"] = runner.compiles
 
     for i, (c, o) in enumerate(zip(items, ours)):

@@ -1,4 +1,9 @@
-"""The demo benchmark's report: results.md's tables and the pictures (demo/evaluate.py computes, this writes).
+"""The demo benchmark's report: the summaries over seeds and of guidance, results.md's tables and the pictures
+(demo/evaluate.py runs the methods and scores them; this summarises and writes).
+
+- `seed_summary`: results.json "seeds" (per method the metrics per world seed, mean, min, max, spread);
+- `guidance_summary`: results.json "guidance_summary" (the branches' cost; the context direction per text scale);
+- `markdown`: results.md.
 
 Pictures (PIL only, no plotting library):
 - `plot_rows`: plot.png, one bar panel per metric, one bar per method;
@@ -26,6 +31,63 @@ LABEL_H = 16     # overview's column-label band
 CAPTION_H = 26   # guidance grid: two caption lines under each cell
 
 
+# ------------------------------------------------------------------------------------------- summaries
+def seed_summary(per_seed: dict) -> dict:
+    """{seed: rows} -> results.json "seeds": per method its metrics per seed, and their mean, min, max and spread
+    ((max - min) / 2) over the seeds. Methods: those every seed has, in the first seed's order."""
+    seeds = list(per_seed)
+    common = [r["method"] for r in per_seed[seeds[0]]
+              if all(any(q["method"] == r["method"] for q in per_seed[s]) for s in seeds)]
+    out = {"seeds": seeds, "spread": "(max - min) / 2 over the seeds (min and max are given too)", "methods": {}}
+    for m in common:
+        per = [{"seed": s, **{k: v for k, v in next(q for q in per_seed[s] if q["method"] == m).items()
+                              if k in (*METRICS, "s_per_step")}} for s in seeds]
+        keys = [k for k in per[0] if k != "seed"]
+        vals = {k: np.array([p[k] for p in per], np.float64) for k in keys}
+        out["methods"][m] = {"per_seed": per, "mean": {k: float(np.nanmean(v)) for k, v in vals.items()},
+                             "min": {k: float(np.nanmin(v)) for k, v in vals.items()},
+                             "max": {k: float(np.nanmax(v)) for k, v in vals.items()},
+                             "spread": {k: float(np.nanmax(v) - np.nanmin(v)) / 2 for k, v in vals.items()}}
+    return out
+
+
+def _direction(name: str, d: float, unit: str = "") -> str:
+    word = "raises" if d > 0 else "lowers" if d < 0 else "keeps"
+    return f"{word} {name} ({d:+.3f}{unit})"
+
+
+def guidance_summary(rows: list[dict], ablations: dict | None = None, seeds=None, timing: str = "warm") -> dict:
+    """The evidence on guidance: the cost of each branch (s_per_step of cs_cfg, text_cfg and no_guidance in `rows`,
+    e.g. the seed means) and, from the scale table of `ablations`, content and PSNR at context scale 0, 1 and the
+    largest per text scale, with the change from 0 and from 1 to the largest in words."""
+    by = {r["method"]: r for r in rows}
+    cs, tx, no = (float(by[m]["s_per_step"]) for m in ("cs_cfg", "text_cfg", "no_guidance"))
+    out = {"branch_cost": {"timing": timing, "seeds": list(seeds or []), "cs_cfg": cs, "text_cfg": tx,
+                           "no_guidance": no, "third_branch_s_per_step": cs - tx,
+                           "cs_over_text": cs / tx if tx > 0 else float("nan"),
+                           "cs_over_none": cs / no if no > 0 else float("nan")}}
+    grid = (ablations or {}).get("scales")
+    if grid:
+        top = max(r["context_scale"] for r in grid)
+        summary = []
+        for ts in sorted({r["text_scale"] for r in grid}):
+            at = {r["context_scale"]: r for r in grid if r["text_scale"] == ts}
+            pick = {"0": at.get(0.0), "1": at.get(1.0), "max": at[top]}
+            row = {"text_scale": ts, "context_max": top}
+            for k in ("content", "psnr"):
+                row[k] = {c: (None if r is None else float(r[k])) for c, r in pick.items()}
+            for frm in ("0", "1"):
+                if pick[frm] is None:
+                    row[f"verdict_from_{frm}"] = "not in the grid"
+                    continue
+                dc, dp = row["content"]["max"] - row["content"][frm], row["psnr"]["max"] - row["psnr"][frm]
+                row[f"verdict_from_{frm}"] = f"{_direction('content', dc)}, {_direction('PSNR', dp, ' dB')}"
+            summary.append(row)
+        out["context_direction"] = summary
+    return out
+
+
+# --------------------------------------------------------------------------------------------- markdown
 def fmt(v) -> str:
     if v is None:
         return "none"
