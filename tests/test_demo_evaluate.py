@@ -294,6 +294,11 @@ def test_bad_runs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="4k \\+ 1"):
         evaluate.evaluate(tmp_path, stylizer=_Fake())
     cfg["data"]["frames"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="--seeds '0,x'"):
+        evaluate.evaluate(tmp_path, stylizer=_Fake(), seeds="0,x")
+    with pytest.raises(ValueError, match="each once"):
+        evaluate.evaluate(tmp_path, stylizer=_Fake(), seeds=[1, 1])
     cfg["data"]["source"] = "folder_v2"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="--styles"):
