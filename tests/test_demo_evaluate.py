@@ -337,6 +337,7 @@ def test_guidance_summary_by_hand():
     assert cost["third_branch_s_per_step"] == pytest.approx(0.1) and cost["cs_over_text"] == pytest.approx(1.5)
     (r,) = g["context_direction"]
     assert r["content"] == {"0": 0.2, "1": 0.3, "max": 0.5} and r["context_max"] == 4.0
+    assert r["style"] == {"0": None, "1": None, "max": None}  # not in these hand-made rows
     assert r["verdict_from_0"] == "raises content (+0.300), raises PSNR (+1.000 dB)"
     assert r["verdict_from_1"] == "raises content (+0.200), lowers PSNR (-1.000 dB)"
     assert "| 5 | 0.2000 | 0.3000 | 0.5000 | 10.00 | 12.00 | 11.00 |" in "\n".join(report.guidance_md(g))

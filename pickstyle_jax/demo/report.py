@@ -58,8 +58,9 @@ def _direction(name: str, d: float, unit: str = "") -> str:
 
 def guidance_summary(rows: list[dict], ablations: dict | None = None, seeds=None, timing: str = "warm") -> dict:
     """The evidence on guidance: the cost of each branch (s_per_step of cs_cfg, text_cfg and no_guidance in `rows`,
-    e.g. the seed means) and, from the scale table of `ablations`, content and PSNR at context scale 0, 1 and the
-    largest per text scale, with the change from 0 and from 1 to the largest in words."""
+    e.g. the seed means) and, from the scale table of `ablations`, content, PSNR and style distance at context scale
+    0, 1 and the largest per text scale, with the change of content and PSNR from 0 and from 1 to the largest in
+    words."""
     by = {r["method"]: r for r in rows}
     cs, tx, no = (float(by[m]["s_per_step"]) for m in ("cs_cfg", "text_cfg", "no_guidance"))
     out = {"branch_cost": {"timing": timing, "seeds": list(seeds or []), "cs_cfg": cs, "text_cfg": tx,
@@ -74,8 +75,8 @@ def guidance_summary(rows: list[dict], ablations: dict | None = None, seeds=None
             at = {r["context_scale"]: r for r in grid if r["text_scale"] == ts}
             pick = {"0": at.get(0.0), "1": at.get(1.0), "max": at[top]}
             row = {"text_scale": ts, "context_max": top}
-            for k in ("content", "psnr"):
-                row[k] = {c: (None if r is None else float(r[k])) for c, r in pick.items()}
+            for k in ("content", "psnr", "style"):  # style: at equal style? (the paper's claim is more content)
+                row[k] = {c: (None if r is None or k not in r else float(r[k])) for c, r in pick.items()}
             for frm in ("0", "1"):
                 if pick[frm] is None:
                     row[f"verdict_from_{frm}"] = "not in the grid"
