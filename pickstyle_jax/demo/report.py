@@ -194,7 +194,7 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (214
 
 def plot_rows(path, rows: list[dict]) -> Path:
     """A PNG bar chart: one panel per metric, one bar per method."""
-    pw, ph, pad = 220, 180, 28
+    pw, ph, pad = max(220, 44 * len(rows)), 180, 28  # bars wide enough for their labels
     img = Image.new("RGB", (pad + len(METRICS) * (pw + pad), ph + 3 * pad + 14 * len(rows)), "white")
     d = ImageDraw.Draw(img)
     for j, m in enumerate(METRICS):
