@@ -10,7 +10,7 @@ CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
 
 def test_the_driver_runs_every_stage_and_resumes(tmp_path, capsys):
-    argv = ["--workdir", str(tmp_path), "--config", f"{CONFIG}:tiny", "--clips", "1"]
+    argv = ["--workdir", str(tmp_path), "--config", f"{CONFIG}:tiny", "--clips", "1", "--seeds", "0,1"]
     assert demo_main.main(argv) == 0
     out = capsys.readouterr().out
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]

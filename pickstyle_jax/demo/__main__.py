@@ -82,6 +82,11 @@ def main(argv=None) -> int:
                     help="APG threshold: scaled (the demo's default: 55 per latent element of the paper's clip size), "
                          "on (55 absolute, the paper's; 12.9 dB against 20.0 on 4 demo clips), off")
     ap.add_argument("--seed", type=int, default=0, help="held-out world seed of the evaluation")
+    ap.add_argument("--seeds", default="0,1,2",
+                    help="held-out world seeds of the evaluation, comma-separated (default 0,1,2: the main table is "
+                         "the first's, results.md adds mean ± spread over all); '' for --seed alone")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also run the ablation tables (scale grid with guidance_grid.png, skip, APG, caching)")
     ap.add_argument("--no-eval", action="store_true", help="stop after training")
     ap.add_argument("--pretrain", action="store_true",
                     help="fit the base models in WORKDIR/models instead of loading the shipped ones (hours on a CPU)")
@@ -130,8 +135,8 @@ def main(argv=None) -> int:
     # 3. evaluation on held-out clips
     say = clock.log("evaluate")
     t = time.perf_counter()
-    evaluate.evaluate(workdir, clips=a.clips, seed=a.seed, text_scale=a.text_scale, context_scale=a.context_scale,
-                      apg=a.apg)
+    evaluate.evaluate(workdir, clips=a.clips, seed=a.seed, seeds=a.seeds or None, ablations=a.ablations,
+                      text_scale=a.text_scale, context_scale=a.context_scale, apg=a.apg)
     t_eval = time.perf_counter() - t
     results = workdir / "eval" / "results.md"
     print()
