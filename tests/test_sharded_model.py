@@ -15,7 +15,7 @@ from tests import multidevice
 
 _PRELUDE = textwrap.dedent("""
     import os, sys, json, functools, importlib.util
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=" + sys.argv[1]
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from absl import flags; flags.FLAGS.mark_as_parsed()
