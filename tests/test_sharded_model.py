@@ -1,7 +1,8 @@
 """Sharded = one device, under a plain `jax.jit` and no `sharding.rules_context`: the DiT forward, both LoRA
 gradients (B started non-zero, so the A gradients are not zero) and the sampler with a LoRA (a full
-`step.train_step` on data 2 x fsdp 2 x tensor 2: tests/test_context_parallel.py::test_train_step_over_context). Weights are sharded by the project's own rules (`wan.param_axes` + `sharding.tree_shardings`), inputs
-replicated or split over the batch axes, flat and scanned layouts, on the production mesh shapes (fsdp 32 as in
+`step.train_step` on data 2 x fsdp 2 x tensor 2: tests/test_context_parallel.py::test_train_step_over_context).
+Weights are sharded by the project's own rules (`wan.param_axes` + `sharding.tree_shardings`), inputs replicated
+or split over the batch axes, flat and scanned layouts, on the production mesh shapes (fsdp 32 as in
 configs/pickstyle.py, data 2 x fsdp 4 as in configs/vace_1_3b.py) and on data 2 x fsdp 2 x tensor 2 at the sizes
 that trigger the partitioner bug of tests/test_partitioner.py (dim 48 = 3 heads of 16, 12 video tokens): before the
 models pinned their own layout, those gave 10-70 % relative errors there.
