@@ -1,7 +1,8 @@
 """What the multi-device tests' subprocesses share (tests/test_sharded_model.py, tests/test_context_parallel.py).
 
 Those tests run their checks in a fresh Python process (XLA_FLAGS must name the simulated devices before JAX
-starts), so they pass source text: each prelude sets XLA_FLAGS, imports JAX and the library, then appends CHECKS.
+starts), so they pass source text: each prelude appends its device count to XLA_FLAGS (keeping the fast-compile
+flags tests/conftest.py puts there), imports JAX and the library, then appends CHECKS.
 """
 import os
 import pathlib

@@ -36,7 +36,7 @@ def test_stylize_plan_json_and_flops_split(seed):
 
 _SPLIT = textwrap.dedent("""
     import os, re, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp
     from pickstyle_jax import lora, sharding
     from pickstyle_jax.models import wan

@@ -61,18 +61,25 @@ def test_grid_and_weights_match_the_spec():
 
 
 # ------------------------------------------------------------------------------------------------- the step
-def test_tiny_model_loss_falls_on_a_fixed_batch(tmp_path, seed):
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """One prepared tiny run (batch 4, lr 1e-2) for the tests that only step it or take its gradients: preparing
+    compiles the models' init, the captions, the zero latent and the step."""
+    from tests.conftest import SEED
+
     c = _config()
-    c.seed = seed % 1000
-    c.optim.lr = 1e-2
-    tr = setup.prepare(c, tmp_path)
-    it = pipeline.make_iterator(c.data, seed=c.seed)
-    batch = setup.device_batch(tr, next(it))
+    c.seed, c.optim.lr, c.data.batch_size = SEED % 1000, 1e-2, 4
+    tr = setup.prepare(c, tmp_path_factory.mktemp("tiny_run"))
+    return tr, setup.device_batch(tr, next(pipeline.make_iterator(c.data, seed=c.seed)))
+
+
+def test_tiny_model_loss_falls_on_a_fixed_batch(tiny, seed):
+    tr, batch = tiny
     keys = jax.random.split(jax.random.key(seed), 4)
     evaluate = jax.jit(lambda lp, b: jnp.mean(jax.vmap(lambda k: step.loss_fn(tr.cfg, lp, tr.base, b, k))(keys)))
     before = float(evaluate(tr.state["lora"], batch))
     base_before = jax.tree.map(np.asarray, tr.base)
-    state, losses = tr.state, []
+    state, losses = jax.tree.map(jnp.copy, tr.state), []  # the step donates its state: tr.state stays for the next
     for _ in range(30):
         state, m = tr.step_fn(tr.base, state, batch, tr.step_key)
         losses.append(float(m["loss"]))
@@ -83,13 +90,10 @@ def test_tiny_model_loss_falls_on_a_fixed_batch(tmp_path, seed):
     jax.tree.map(np.testing.assert_array_equal, base_before, jax.tree.map(np.asarray, tr.base))
 
 
-def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+def test_gradient_accumulation_matches_the_full_batch(tiny):
     """accumulate=2 over micro-batches {0, 2}, {1, 3} equals the mean of the two half-batch gradients."""
-    c = _config()
-    c.data.batch_size = 4
-    tr = setup.prepare(c, tmp_path)
-    it = pipeline.make_iterator(c.data, seed=0)
-    batch = jax.device_get(setup.device_batch(tr, next(it)))
+    tr, batch = tiny
+    batch = jax.device_get(batch)
     rng = jax.random.key(3)
     acc = dataclasses.replace(tr.cfg, accumulate=2)
     loss, g = jax.jit(lambda lp: step.grads(acc, lp, tr.base, batch, rng))(tr.state["lora"])
@@ -97,7 +101,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     parts = [jax.jit(lambda lp, b, m=m: step.grads(tr.cfg, lp, tr.base, b, jax.random.fold_in(rng, m)))(
         tr.state["lora"], h) for m, h in enumerate(halves)]
     np.testing.assert_allclose(loss, (parts[0][0] + parts[1][0]) / 2, rtol=1e-5)
-    jax.tree.map(lambda a, b0, b1: np.testing.assert_allclose(a, (b0 + b1) / 2, rtol=1e-4, atol=1e-9),
+    jax.tree.map(lambda a, b0, b1: np.testing.assert_allclose(a, b0 / 2 + b1 / 2, rtol=1e-4, atol=1e-9),
                  g, parts[0][1], parts[1][1])
 
 

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _PRELUDE = textwrap.dedent("""
     import os, sys, importlib.util, functools, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from absl import flags; flags.FLAGS.mark_as_parsed()
@@ -69,7 +69,7 @@ def _free_port() -> int:
 
 def test_two_processes_match_one(tmp_path):
     port, run = _free_port(), tmp_path / "two"
-    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**_env(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "pickstyle_jax.train", "--config=configs/pickstyle.py:tiny", f"--workdir={run}",

@@ -18,7 +18,7 @@ import torch
 
 from convert import common, wan_vae
 from pickstyle_jax import checkpoints
-from pickstyle_jax.models import vae
+from pickstyle_jax.models import vae, vae_modules
 from tests.conftest import SEED  # the run's seed: printed, replayable with PICKSTYLE_TEST_SEED
 B, H, W = 2, 24, 40  # non-square, multiples of 8
 PARITY_RTOL = 1e-5
@@ -193,8 +193,8 @@ def test_native_conv3d_equals_cpu_time_folding(rng, monkeypatch):
     p = {"kernel": rng.standard_normal((3, 3, 3, 4, 5)).astype(np.float32), "bias": rng.standard_normal(5)}
     outs = []
     for fold in (True, False):
-        monkeypatch.setattr(vae, "_fold_time", lambda fold=fold: fold)
-        outs.append(np.asarray(vae._conv3d_valid_t(p, x)))
+        monkeypatch.setattr(vae_modules, "_fold_time", lambda fold=fold: fold)
+        outs.append(np.asarray(vae_modules._conv3d_valid_t(p, x)))
     assert outs[0].shape == (2, 4, 8, 10, 5)
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 

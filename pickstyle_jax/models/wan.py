@@ -39,9 +39,10 @@ needs vace_layers = (0, P, 2P, ...) with num_layers = J * P (true of every real 
 the blocks. Checkpoints are always flat on disk (`checkpoints.load_dit(path, scan_layers=True)` stacks on load),
 and `init` always returns the flat tree (the converters' and LoRA's layout); stack it to run scanned.
 
-The plain tree and array code lives beside this file and is importable from here: models/wan_stacking.py (the
-flat <-> stacked conversions, `scan_period`, `is_stacked`), models/wan_inputs.py (patch tokens, `fold_text`, input
-checks) and models/wan_options.py (`Options`, `REMAT_POLICIES`).
+The modules and the plain tree and array code live beside this file and are importable from here:
+models/wan_modules.py (`Attention`, `WanBlock`, `VaceBlock`, `Head`, `WanModel` and the per-call context they
+read), models/wan_stacking.py (the flat <-> stacked conversions, `scan_period`, `is_stacked`), models/wan_inputs.py
+(patch tokens, `fold_text`, input checks) and models/wan_options.py (`Options`, `REMAT_POLICIES`).
 """
 from __future__ import annotations
 
@@ -53,13 +54,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
 from pickstyle_jax import lora as lora_lib
 from pickstyle_jax import sharding
 from pickstyle_jax.models import layers
-from pickstyle_jax.models.wan_inputs import check_inputs, check_latents, fold_text, patchify, unpatchify
+from pickstyle_jax.models.wan_inputs import check_inputs, check_latents, fold_text, unpatchify
+from pickstyle_jax.models.wan_modules import (DTYPES, Attention, Ctx, Head, VaceBlock, WanBlock, WanModel,
+                                              build_before_proj, build_stem, build_vace_block_first, lora_dense,
+                                              padded_length, subtree)
 from pickstyle_jax.models.wan_options import REMAT_POLICIES, Options
 from pickstyle_jax.models.wan_stacking import (STACKED_AXIS, STACKED_KEYS, is_stacked, leaf_paths, scan_period,
                                                stack_layers, stack_lora, stack_tree, unstack_layers)
@@ -71,12 +75,6 @@ __all__ = ["REMAT_POLICIES", "STACKED_AXIS", "WanConfig", "Options", "scan_perio
 
 f32 = jnp.float32
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_RESIDUAL_AXES = ("batch", "length", "embed")  # sharding of the [B, S, D] streams at block boundaries
-_HEAD_AXES = ("batch", "length", "heads", None)  # [B, S, N, K]: whole heads per device
-_TEXT_HEAD_AXES = ("batch", None, "heads", None)  # [B, L, N, K] text keys: whole on every device (not "length")
-_MOD_AXES = (None, "mod", "embed")  # the modulation tables [1, rows, D]
-_SUBBLOCK = ("subblock", "nested")  # remat policies that rematerialise each sub-block again (wan_options.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +103,8 @@ class WanConfig:
         if self.vace_layers and (self.vace_layers[0] != 0 or list(self.vace_layers) != sorted(set(self.vace_layers))
                                  or self.vace_layers[-1] >= self.num_layers):
             raise ValueError(f"vace_layers {self.vace_layers} must be increasing, start at 0 and be < num_layers")
-        if self.param_dtype not in _DTYPES:
-            raise ValueError(f"param_dtype must be one of {tuple(_DTYPES)}, got {self.param_dtype!r}")
+        if self.param_dtype not in DTYPES:
+            raise ValueError(f"param_dtype must be one of {tuple(DTYPES)}, got {self.param_dtype!r}")
 
     @classmethod
     def named(cls, name: str, **overrides) -> "WanConfig":
@@ -132,293 +130,6 @@ class WanConfig:
     @property
     def has_vace(self) -> bool:
         return bool(self.vace_layers)
-
-
-# ------------------------------------------------------------------------------------------------- modules
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ctx:
-    """Per-call values every block reads: options, compute dtype, LoRA scale, RoPE tables, embedded text and its
-    bias."""
-    cfg: WanConfig
-    opts: Options
-    dtype: Any
-    lora_scale: float
-    rope: Any = None
-    text_BLD: Any = None
-    text_bias: Any = None
-    tokens: int = 0  # video tokens S (before the context axis's padding)
-    padded: int = 0  # S rounded up to a multiple of the devices the layout splits tokens over (layers.context_shards)
-
-
-def _sub(tree, *keys):
-    """tree[k0][k1]..., or None where a key is absent (LoRA trees only cover adapted layers)."""
-    for key in keys:
-        if tree is None or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
-def _lin(ctx: _Ctx, layer: layers.Dense, x, lp, *path, out_dtype=None, dtype=None):
-    """Dense `layer` with the LoRA adapter at lp[path] (if any), inputs in the compute dtype (or `dtype`)."""
-    return layer(x, dtype=dtype or ctx.dtype, out_dtype=out_dtype, adapter=_sub(lp, *path), lora_scale=ctx.lora_scale)
-
-
-def _modulation(cfg, rngs, rows):
-    """Official init of the modulation tables: N(0, 1) / sqrt(D)."""
-    value = jax.random.normal(rngs.params(), (1, rows, cfg.dim), f32) / math.sqrt(cfg.dim)
-    return layers.param(value.astype(_DTYPES[cfg.param_dtype]), _MOD_AXES)
-
-
-def _split_heads(ctx: _Ctx, a_BLD, axes=_HEAD_AXES):
-    """[B, L, D] -> [B, L, N, K] in the compute dtype, whole heads per device (video tokens split like the stream;
-    text keys, axes=_TEXT_HEAD_AXES, whole on every device)."""
-    b, n, _ = a_BLD.shape
-    return layers.constrain(a_BLD.reshape(b, n, ctx.cfg.num_heads, ctx.cfg.head_dim).astype(ctx.dtype), axes)
-
-
-class Attention(nnx.Module):
-    """q, k, v, o projections and the q/k RMSNorms over all heads (official `self_attn` / `cross_attn`)."""
-
-    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
-        d, pd = cfg.dim, _DTYPES[cfg.param_dtype]
-        for name in ("q", "k", "v"):
-            setattr(self, name, layers.Dense(d, d, ("embed", "heads"), rngs=rngs, param_dtype=pd))
-        self.o = layers.Dense(d, d, ("heads", "embed"), rngs=rngs, param_dtype=pd)
-        self.norm_q = layers.RMSNorm(d, ("heads",), eps=cfg.eps, param_dtype=pd)
-        self.norm_k = layers.RMSNorm(d, ("heads",), eps=cfg.eps, param_dtype=pd)
-
-    def self_attention(self, ctx: _Ctx, y_BSD, lp):
-        cfg, opts = ctx.cfg, ctx.opts
-        b, s, _ = y_BSD.shape
-        split = lambda a: layers.constrain(a.reshape(b, s, cfg.num_heads, cfg.head_dim), _HEAD_AXES)
-
-        def project(y_BSD):
-            q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32))
-            k_BSD = self.norm_k(_lin(ctx, self.k, y_BSD, lp, "k", out_dtype=f32))
-            v_BSNK = split(_lin(ctx, self.v, y_BSD, lp, "v"))
-            # 1/sqrt(K) is folded into q while it is still fp32
-            q_BSNK = (layers.apply_rope(split(q_BSD), *ctx.rope) * cfg.head_dim**-0.5).astype(ctx.dtype)
-            k_BSNK = layers.apply_rope(split(k_BSD), *ctx.rope).astype(ctx.dtype)
-            return q_BSNK, k_BSNK, v_BSNK
-
-        # "subblock": the fp32 projections, norms and RoPE are recomputed in their own backward, apart from the
-        # attention's
-        q_BSNK, k_BSNK, v_BSNK = (_checkpoint(project) if opts.remat_policy in _SUBBLOCK else project)(y_BSD)
-        # tokens split over a context axis meet here (Ulysses or ring, layers.self_attention); padded keys masked
-        out_BSNK = layers.self_attention(q_BSNK, k_BSNK, v_BSNK, kv_len=ctx.tokens,
-                                         context_parallel=opts.context_parallel, implementation=opts.attention,
-                                         scale=1.0, chunk_size=opts.attention_chunk,
-                                         kv_chunk_size=opts.attention_kv_chunk or None,
-                                         block_q=opts.splash_block_q, block_kv=opts.splash_block_kv)
-        out_BSNK = layers.constrain(out_BSNK, _HEAD_AXES)
-        return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
-
-    def text_kv(self, ctx: _Ctx, text_BLD, lp):
-        """The cross-attention key and value of the embedded text: ([B, L, N, K], [B, L, N, K]) in the compute
-        dtype, k after norm_k. They depend on the text (and the weights) only, so `prepare` computes them once per
-        video."""
-        return (_split_heads(ctx, self.norm_k(_lin(ctx, self.k, text_BLD, lp, "k", out_dtype=f32)), _TEXT_HEAD_AXES),
-                _split_heads(ctx, _lin(ctx, self.v, text_BLD, lp, "v"), _TEXT_HEAD_AXES))
-
-    def cross_attention(self, ctx: _Ctx, y_BSD, lp, kv=None):
-        """kv: this block's (k, v) from `text_kv` (a `Prepared`'s), or None to compute them from ctx.text_BLD."""
-        cfg, opts = ctx.cfg, ctx.opts
-        b, s, _ = y_BSD.shape
-        q_BSD = self.norm_q(_lin(ctx, self.q, y_BSD, lp, "q", out_dtype=f32)) * cfg.head_dim**-0.5
-        k_BLNK, v_BLNK = self.text_kv(ctx, ctx.text_BLD, lp) if kv is None else kv
-        # <= 513 text keys: no key blocks needed, but long videos take query blocks (the [B, N, S, 513] fp32
-        # logits of 81 x 480 x 832 are 2.5 GiB per copy at 14B); both paths take the fold's logit bias
-        impl = "chunked" if s > opts.attention_chunk and opts.attention != "xla" else "xla"
-        # each device's query block against the whole text (layers.cross_attention), however the tokens are split
-        out_BSNK = layers.cross_attention(_split_heads(ctx, q_BSD), k_BLNK, v_BLNK, implementation=impl, scale=1.0,
-                                          key_bias=ctx.text_bias, chunk_size=opts.attention_chunk)
-        out_BSNK = layers.constrain(out_BSNK, _HEAD_AXES)
-        return _lin(ctx, self.o, out_BSNK.reshape(b, s, cfg.dim), lp, "o", out_dtype=f32)
-
-
-class WanBlock(nnx.Module):
-    """One Wan attention block on the fp32 residual stream."""
-
-    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
-        d, pd = cfg.dim, _DTYPES[cfg.param_dtype]
-        self.modulation = _modulation(cfg, rngs, 6)
-        self.self_attn = Attention(cfg, rngs=rngs)
-        self.norm3 = layers.LayerNorm(d, ("embed",), eps=cfg.eps, param_dtype=pd)
-        self.cross_attn = Attention(cfg, rngs=rngs)
-        self.ffn = nnx.Dict({"0": layers.Dense(d, cfg.ffn_dim, ("embed", "mlp"), rngs=rngs, param_dtype=pd),
-                             "2": layers.Dense(cfg.ffn_dim, d, ("mlp", "embed"), rngs=rngs, param_dtype=pd)})
-
-    def __call__(self, ctx: _Ctx, x_BSD, e0_B6D, lp, kv=None):
-        """kv: the cross-attention's precomputed text (k, v) (`Attention.text_kv`), or None."""
-        eps = ctx.cfg.eps
-        m_B6D = layers.gathered(self.modulation[...], _MOD_AXES).astype(f32) + e0_B6D
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (m_B6D[:, k, None, :] for k in range(6))
-
-        def self_attn(x_BSD):
-            y_BSD = layers.layer_norm(x_BSD, eps=eps) * (1 + scale_msa) + shift_msa
-            return x_BSD + gate_msa * self.self_attn.self_attention(ctx, y_BSD, _sub(lp, "self_attn"))
-
-        def cross_attn(x_BSD):
-            return x_BSD + self.cross_attn.cross_attention(ctx, self.norm3(x_BSD), _sub(lp, "cross_attn"), kv)
-
-        def ffn(x_BSD):  # token by token: any grouping of the tokens gives the same rows
-            y_BSD = layers.layer_norm(x_BSD, eps=eps) * (1 + scale_ffn) + shift_ffn
-            h_BSF = layers.gelu_tanh(_lin(ctx, self.ffn["0"], y_BSD, lp, "ffn", "0"))
-            return x_BSD + gate_ffn * _lin(ctx, self.ffn["2"], h_BSF, lp, "ffn", "2", out_dtype=f32)
-
-        # "subblock": the backward of the (already rematerialised) block keeps only the sub-blocks' fp32 inputs
-        # and recomputes one sub-block's intermediates at a time
-        sub = _checkpoint if ctx.opts.remat_policy in _SUBBLOCK else (lambda fn: fn)
-        x_BSD = sub(self_attn)(x_BSD)
-        x_BSD = sub(cross_attn)(x_BSD)
-        x_BSD = _token_groups(ffn, x_BSD, ctx.opts.ffn_chunk) if ctx.opts.ffn_chunk else sub(ffn)(x_BSD)
-        return layers.constrain(x_BSD, _RESIDUAL_AXES)
-
-
-def _checkpoint(fn):
-    """fn rematerialised: its backward keeps only fn's inputs."""
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-
-
-def _token_groups(fn, x_BSD, chunk: int):
-    """fn (which treats every token on its own) on groups of at most `chunk` tokens, one group at a time, each
-    rematerialised: fn's [B, chunk, ...] intermediates are alive for one group only, forward and backward.
-
-    Where the enclosing layout splits the tokens over c devices (`layers.context_shards`), each device's S/c tokens
-    are grouped alike: group k holds, from every device's block, its tokens k, k + n, k + 2n, ... (n groups, the
-    padding < n tokens per block). A group is then split over the same devices as the tokens, and nothing moves
-    between them (a strided grouping of all S tokens would, unless n divided S/c); with c = 1 it is the strided
-    grouping of all S tokens."""
-    b, s, d = x_BSD.shape
-    c = layers.context_shards()
-    c = c if s % c == 0 else 1
-    local = s // c
-    n = -(-local // chunk)
-    if n == 1:
-        return _checkpoint(fn)(x_BSD)
-    per = -(-local // n)  # tokens per group and device block, balanced: the padding is < n tokens per block
-    x_BCLD = jnp.pad(x_BSD.reshape(b, c, local, d), ((0, 0), (0, 0), (0, n * per - local), (0, 0)))
-    x_GBSD = jnp.moveaxis(x_BCLD.reshape(b, c, per, n, d), 3, 0).reshape(n, b, c * per, d)
-    y_GBSD = jax.lax.map(_checkpoint(fn), x_GBSD)
-    y_BCLD = jnp.moveaxis(y_GBSD.reshape(n, b, c, per, d), 0, 3).reshape(b, c, n * per, d)
-    return y_BCLD[:, :, :local].reshape(b, s, d)
-
-
-class VaceBlock(WanBlock):
-    """VACE block j: a Wan block plus after_proj (the hint); block 0 also owns before_proj."""
-
-    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs, first: bool = False):
-        super().__init__(cfg, rngs=rngs)
-        d, pd = cfg.dim, _DTYPES[cfg.param_dtype]
-        # D -> D projections outside attention: output axis named like an attention projection's
-        if first:
-            self.before_proj = layers.Dense(d, d, ("embed", "heads"), rngs=rngs, kernel_init=layers.zeros,
-                                            param_dtype=pd)
-        self.after_proj = layers.Dense(d, d, ("heads", "embed"), rngs=rngs, kernel_init=layers.zeros, param_dtype=pd)
-
-    def __call__(self, ctx: _Ctx, c_BSD, x0_BSD, e0_B6D, lp, kv=None):
-        """(hint_j, c); c enters through before_proj (+ x0) in block 0 only."""
-        if hasattr(self, "before_proj"):
-            c_BSD = _lin(ctx, self.before_proj, c_BSD, lp, "before_proj", out_dtype=f32) + x0_BSD
-        c_BSD = super().__call__(ctx, c_BSD, e0_B6D, lp, kv)
-        return _lin(ctx, self.after_proj, c_BSD, lp, "after_proj", out_dtype=f32), c_BSD
-
-
-class Head(nnx.Module):
-    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs):
-        self.head = layers.Dense(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim, ("embed", None), rngs=rngs,
-                                 kernel_init=layers.zeros, param_dtype=_DTYPES[cfg.param_dtype])
-        self.modulation = _modulation(cfg, rngs, 2)
-
-    def __call__(self, ctx: _Ctx, x_BSD, e_BD, lp):
-        """fp32 output projection, modulated by e (not e0)."""
-        m_B2D = layers.gathered(self.modulation[...], _MOD_AXES).astype(f32) + e_BD[:, None, :]
-        y_BSD = layers.layer_norm(x_BSD, eps=ctx.cfg.eps) * (1 + m_B2D[:, 1, None, :]) + m_B2D[:, 0, None, :]
-        return _lin(ctx, self.head, y_BSD, lp, "head", out_dtype=f32, dtype=f32)
-
-
-class WanModel(nnx.Module):
-    """The DiT (+ VACE). `blocks=False` builds only the embeddings and the head (the scanned forward binds the
-    stacked blocks one layer at a time)."""
-
-    def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs, blocks: bool = True):
-        d, pd, patch = cfg.dim, _DTYPES[cfg.param_dtype], math.prod(cfg.patch_size)
-        dense = functools.partial(layers.Dense, rngs=rngs, param_dtype=pd)
-        normal = layers.normal(0.02)
-        self.patch_embedding = dense(patch * cfg.in_dim, d, (None, "embed"))
-        self.text_embedding = nnx.Dict({"0": dense(cfg.text_dim, d, (None, "embed"), kernel_init=normal),
-                                        "2": dense(d, d, ("embed", "heads"), kernel_init=normal)})
-        self.time_embedding = nnx.Dict({"0": dense(cfg.freq_dim, d, (None, "embed"), kernel_init=normal),
-                                        "2": dense(d, d, ("embed", "heads"), kernel_init=normal)})
-        self.time_projection = nnx.Dict({"1": dense(d, 6 * d, ("embed", "mod"))})
-        if blocks:
-            self.blocks = nnx.Dict({str(i): WanBlock(cfg, rngs=rngs) for i in range(cfg.num_layers)})
-        self.head = Head(cfg, rngs=rngs)
-        if cfg.has_vace:
-            self.vace_patch_embedding = dense(patch * cfg.vace_in_dim, d, (None, "embed"))
-            if blocks:
-                self.vace_blocks = nnx.Dict({str(j): VaceBlock(cfg, rngs=rngs, first=j == 0)
-                                             for j in range(len(cfg.vace_layers))})
-
-    def embed(self, ctx: _Ctx, x, t, text_BLC, vace_context, lp):
-        """(x0 [B,S,D], c [B,S,D] or None (before before_proj), e [B,D], e0 [B,6,D], text [B,L',D])."""
-        x0_BSD, e_BD, e0_B6D = self.embed_latents(ctx, x, t, lp)
-        text_BLD = self.embed_text(ctx, text_BLC, lp)
-        c_BSD = self.embed_context(ctx, vace_context, lp) if ctx.cfg.has_vace else None
-        return x0_BSD, c_BSD, e_BD, e0_B6D, text_BLD
-
-    def embed_latents(self, ctx: _Ctx, x, t, lp):
-        """What changes every step: (x0 [B,S,D] fp32 patch tokens, e [B,D], e0 [B,6,D]) of latents x at times t."""
-        cfg, b = ctx.cfg, x.shape[0]
-        fp32 = dataclasses.replace(ctx, dtype=f32)
-        x0_BSD = _lin(ctx, self.patch_embedding, _tokens(ctx, x), lp, "patch_embedding", out_dtype=f32)
-        # time conditioning, fp32 throughout
-        sinusoid_BT = layers.timestep_embedding(jnp.broadcast_to(jnp.asarray(t, f32), (b,)), cfg.freq_dim)
-        te = self.time_embedding
-        e_BD = _lin(fp32, te["2"], jax.nn.silu(_lin(fp32, te["0"], sinusoid_BT, lp, "time_embedding", "0")), lp,
-                    "time_embedding", "2")
-        e0_B6D = _lin(fp32, self.time_projection["1"], jax.nn.silu(e_BD), lp, "time_projection", "1")
-        return layers.constrain(x0_BSD, _RESIDUAL_AXES), e_BD, e0_B6D.reshape(b, 6, cfg.dim)
-
-    def embed_text(self, ctx: _Ctx, text_BLC, lp):
-        """The text MLP: [B, L', text_dim] (already folded) -> [B, L', D] in the compute dtype."""
-        tx = self.text_embedding
-        text_BLD = layers.gelu_tanh(_lin(ctx, tx["0"], text_BLC, lp, "text_embedding", "0"))
-        return _lin(ctx, tx["2"], text_BLD, lp, "text_embedding", "2")
-
-    def embed_context(self, ctx: _Ctx, vace_context, lp):
-        """The VACE context's patch embedding [B, S, D] fp32 (before vace_blocks.0.before_proj)."""
-        c_BSD = _lin(ctx, self.vace_patch_embedding, _tokens(ctx, vace_context), lp, "vace_patch_embedding",
-                     out_dtype=f32)
-        return layers.constrain(c_BSD, _RESIDUAL_AXES)
-
-
-def _tokens(ctx: _Ctx, x_BFHWC):
-    """Patch tokens [B, padded, P]: zero rows pad S up to a multiple of the devices a context axis splits the tokens
-    over (`_padded`); there are none without one."""
-    x_BSP = patchify(x_BFHWC, ctx.cfg.patch_size)
-    return jnp.pad(x_BSP, ((0, 0), (0, _padded(x_BSP.shape[1]) - x_BSP.shape[1]), (0, 0)))
-
-
-def _padded(tokens: int) -> int:
-    """S rounded up to a multiple of the devices the enclosing layout splits tokens over (`layers.context_shards`)."""
-    return -(-tokens // layers.context_shards()) * layers.context_shards()
-
-
-def _vace_block_first(cfg, *, rngs):
-    return VaceBlock(cfg, rngs=rngs, first=True)
-
-
-def _stem(cfg, *, rngs):
-    return WanModel(cfg, rngs=rngs, blocks=False)
-
-
-def _before_proj(cfg, *, rngs):
-    return layers.Dense(cfg.dim, cfg.dim, ("embed", "heads"), rngs=rngs, kernel_init=layers.zeros,
-                        param_dtype=_DTYPES[cfg.param_dtype])
 
 
 # ------------------------------------------------------------------------------------------------- parameters
@@ -488,7 +199,7 @@ def _remat(remat_policy: str, fn, *, scanned: bool):
     return jax.checkpoint(fn, policy=policy, prevent_cse=not scanned)
 
 
-def _block_fns(ctx: _Ctx, x0_BSD, e0_B6D, *, scanned):
+def _block_fns(ctx: Ctx, x0_BSD, e0_B6D, *, scanned):
     """(main, vace), each remat'd as configured. Unrolled: main(p, lp, kv, x) -> x and vace(p, lp, kv, c) -> (hint,
     c) on plain per-layer dicts (kv: the block's text (k, v) or None). Scanned: main(ps, lps, kvs, i, x) and
     vace(ps, lps, kvs, i, c) on the stacked trees and a layer index, the layer taken inside the rematerialised
@@ -502,7 +213,7 @@ def _block_fns(ctx: _Ctx, x0_BSD, e0_B6D, *, scanned):
 
     def vace(p, lp, kv, c_BSD):
         c_BSD = checkpoint_name(c_BSD, "block_input")
-        build = _vace_block_first if "before_proj" in p else VaceBlock
+        build = build_vace_block_first if "before_proj" in p else VaceBlock
         return layers.bind(build, cfg, p)(ctx, c_BSD, x0_BSD, e0_B6D, lp, kv)
 
     if scanned:
@@ -512,29 +223,29 @@ def _block_fns(ctx: _Ctx, x0_BSD, e0_B6D, *, scanned):
     return _remat(policy, main, scanned=scanned), _remat(policy, vace, scanned=scanned)
 
 
-def _run_unrolled(ctx: _Ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
+def _run_unrolled(ctx: Ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
     """VACE block j depends only on x0 and block j-1, so it runs just before its hint is added after main block
     vace_layers[j]: one hint is alive at a time instead of all J. kv: `Prepared.kv` (flat) or None."""
     cfg = ctx.cfg
     main, vace = _block_fns(ctx, x0_BSD, e0_B6D, scanned=False)
     x_BSD = x0_BSD
     for i in range(cfg.num_layers):
-        x_BSD = main(params["blocks"][str(i)], _sub(lp, "blocks", str(i)), _sub(kv, "blocks", str(i)), x_BSD)
+        x_BSD = main(params["blocks"][str(i)], subtree(lp, "blocks", str(i)), subtree(kv, "blocks", str(i)), x_BSD)
         if i in cfg.vace_layers:
             j = cfg.vace_layers.index(i)
-            hint_BSD, c_BSD = vace(params["vace_blocks"][str(j)], _sub(lp, "vace_blocks", str(j)),
-                                   _sub(kv, "vace_blocks", str(j)), c_BSD)
+            hint_BSD, c_BSD = vace(params["vace_blocks"][str(j)], subtree(lp, "vace_blocks", str(j)),
+                                   subtree(kv, "vace_blocks", str(j)), c_BSD)
             x_BSD = x_BSD + scales_J[j] * hint_BSD
     return x_BSD
 
 
-def _run_scanned(ctx: _Ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
+def _run_scanned(ctx: Ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
     """One lax.scan over VACE super-blocks (main block j*P, VACE block j + hint, main blocks j*P+1 .. j*P+P-1 as an
     inner scan), or over all blocks for T2V. lp is the stacked LoRA tree (or None); kv the stacked `Prepared.kv`
     (or None). The scans run over layer indices; every block reads its layer from the stacks (`_block_fns`)."""
     cfg = ctx.cfg
     main, vace = _block_fns(ctx, x0_BSD, e0_B6D, scanned=True)
-    p_main, l_main, k_main = params["blocks"], _sub(lp, "blocks"), _sub(kv, "blocks")
+    p_main, l_main, k_main = params["blocks"], subtree(lp, "blocks"), subtree(kv, "blocks")
 
     def scan_main(x_BSD, layer_ids):
         return jax.lax.scan(lambda x, i: (main(p_main, l_main, k_main, i, x), None), x_BSD, layer_ids)[0]
@@ -543,7 +254,7 @@ def _run_scanned(ctx: _Ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
         return scan_main(x0_BSD, jnp.arange(cfg.num_layers))
 
     j, per = len(cfg.vace_layers), scan_period(cfg)
-    p_vace, l_vace, k_vace = params["vace_blocks"], _sub(lp, "vace_blocks"), _sub(kv, "vace_blocks")
+    p_vace, l_vace, k_vace = params["vace_blocks"], subtree(lp, "vace_blocks"), subtree(kv, "vace_blocks")
 
     def super_block(carry, xs):
         x_BSD, c_BSD = carry
@@ -605,13 +316,13 @@ def _setup(cfg: WanConfig, opts: Options, stacked: bool, lora, grid=None):
         if unknown:
             raise ValueError(f"LoRA adapters without a matching Dense layer in the model: {unknown}")
         lp = stack_lora(cfg, lora.params) if stacked else lora.params
-    ctx = _Ctx(cfg, opts, _DTYPES[opts.dtype], 1.0 if lora is None else lora.config.scale)
+    ctx = Ctx(cfg, opts, DTYPES[opts.dtype], 1.0 if lora is None else lora.config.scale)
     if grid is not None:
-        # a context axis of c devices splits the S tokens: they are padded to a multiple of c (`_tokens`, the RoPE
-        # tables here), the padded keys are masked in self-attention (everything else is per token) and the padded
-        # rows are dropped before the head
+        # a context axis of c devices splits the S tokens: they are padded to a multiple of c
+        # (`wan_modules.patch_tokens`, the RoPE tables here), the padded keys are masked in self-attention (everything
+        # else is per token) and the padded rows are dropped before the head
         tokens = math.prod(grid)
-        padded = _padded(tokens)
+        padded = padded_length(tokens)
         rope = tuple(jnp.pad(a, ((0, 0), (0, padded - tokens), (0, 0), (0, 0)))
                      for a in layers.rope_tables(cfg.head_dim, grid, theta=cfg.rope_theta))
         ctx = dataclasses.replace(ctx, rope=rope, tokens=tokens, padded=padded)
@@ -619,7 +330,7 @@ def _setup(cfg: WanConfig, opts: Options, stacked: bool, lora, grid=None):
 
 
 def _stem_of(cfg: WanConfig, params):
-    return layers.bind(_stem, cfg, {k: v for k, v in params.items() if k not in STACKED_KEYS})
+    return layers.bind(build_stem, cfg, {k: v for k, v in params.items() if k not in STACKED_KEYS})
 
 
 def _grid(cfg: WanConfig, x):
@@ -633,26 +344,27 @@ def _scales(cfg: WanConfig, context_scale):
     return jnp.broadcast_to(jnp.asarray(context_scale, f32).reshape(-1), (len(cfg.vace_layers),))
 
 
-def _text_kv(ctx: _Ctx, params, lp, stacked: bool, text_BLD):
+def _text_kv(ctx: Ctx, params, lp, stacked: bool, text_BLD):
     """`Prepared.kv`: every block's cross-attention (k, v) of text_BLD, in the params' layout (stacked: one
     lax.map over the layer axis, the same per-layer computation as inside the scanned blocks)."""
-    kv_of = lambda p, l: layers.bind(Attention, ctx.cfg, p["cross_attn"]).text_kv(ctx, text_BLD, _sub(l, "cross_attn"))
+    kv_of = lambda p, l: layers.bind(Attention, ctx.cfg, p["cross_attn"]).text_kv(ctx, text_BLD,
+                                                                                   subtree(l, "cross_attn"))
     out = {}
     for name in ("blocks", "vace_blocks") if ctx.cfg.has_vace else ("blocks",):
         if stacked:
-            out[name] = jax.lax.map(lambda pl: kv_of(*pl), (params[name], _sub(lp, name)))
+            out[name] = jax.lax.map(lambda pl: kv_of(*pl), (params[name], subtree(lp, name)))
         else:
-            out[name] = {i: kv_of(p, _sub(lp, name, i)) for i, p in params[name].items()}
+            out[name] = {i: kv_of(p, subtree(lp, name, i)) for i, p in params[name].items()}
     return out
 
 
-def _run_blocks(ctx: _Ctx, stacked: bool, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
+def _run_blocks(ctx: Ctx, stacked: bool, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J):
     """The block stack (main + VACE) on patch tokens x0: the residual stream x before the head [B, S, D] fp32. c is
     the VACE context's patch embedding (before before_proj)."""
     if stacked:
         if ctx.cfg.has_vace:  # VACE block 0's input projection, hoisted out of the scan
-            before = layers.bind(_before_proj, ctx.cfg, params["vace_before_proj"])
-            c_BSD = _lin(ctx, before, c_BSD, lp, "vace_before_proj", out_dtype=f32) + x0_BSD
+            before = layers.bind(build_before_proj, ctx.cfg, params["vace_before_proj"])
+            c_BSD = lora_dense(ctx, before, c_BSD, lp, "vace_before_proj", out_dtype=f32) + x0_BSD
         return _run_scanned(ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J)
     return _run_unrolled(ctx, params, lp, kv, x0_BSD, c_BSD, e0_B6D, scales_J)
 
@@ -745,8 +457,8 @@ def apply_head(cfg: WanConfig, params, x_BSD, embedded: Embedded, *, lora=None, 
     options = Options.default() if options is None else options
     with _layout(cfg, params, lora, x_BSD):
         ctx, lp = _setup(cfg, options, is_stacked(cfg, params), lora)
-        # the rows a context axis padded the tokens with (`_tokens`) end here
-        out = _stem_of(cfg, params).head(ctx, x_BSD[:, :math.prod(embedded.grid)], embedded.e, _sub(lp, "head"))
+        # the rows a context axis padded the tokens with (`wan_modules.patch_tokens`) end here
+        out = _stem_of(cfg, params).head(ctx, x_BSD[:, :math.prod(embedded.grid)], embedded.e, subtree(lp, "head"))
         return unpatchify(out, embedded.grid, cfg.patch_size)
 
 
@@ -796,4 +508,4 @@ def _forward(cfg: WanConfig, opts: Options, stacked: bool, params, x, t, text, v
     x0_BSD, c_BSD, e_BD, e0_B6D, text_BLD = stem.embed(ctx, x, t, text_BLC, vace_context, lp)
     ctx = dataclasses.replace(ctx, text_BLD=text_BLD, text_bias=text_bias)
     x_BSD = _run_blocks(ctx, stacked, params, lp, None, x0_BSD, c_BSD, e0_B6D, _scales(cfg, context_scale))
-    return unpatchify(stem.head(ctx, x_BSD[:, :ctx.tokens], e_BD, _sub(lp, "head")), grid, cfg.patch_size)
+    return unpatchify(stem.head(ctx, x_BSD[:, :ctx.tokens], e_BD, subtree(lp, "head")), grid, cfg.patch_size)
