@@ -144,7 +144,8 @@ def main(argv=None) -> int:
         print(results.read_text())
     print(f"stage times: pretrain {t_pre:.0f} s, train {t_train:.0f} s, evaluate {t_eval:.0f} s; "
           f"total {time.perf_counter() - clock.t0:.0f} s")
-    print(f"outputs in {workdir / 'eval'} (results.md, mp4s, PNG strips); models in {workdir / 'models'}")
+    print(f"outputs in {workdir / 'eval'} (results.md, overview.png, mp4s, PNG strips); base models in "
+          f"{Path(config.model.dit).parent}")
     return 0
 
 
