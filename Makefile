@@ -55,7 +55,8 @@ demo: $(STAMP)
 # pickstyle_jax/demo/weights with the result and a fresh checksum manifest.
 demo-pretrain: $(STAMP)
 	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(BIN)/python -m pickstyle_jax.demo.pretrain --config=configs/demo.py \
-		--workdir=out/demo-pretrain --ship
+		--workdir=out/demo-pretrain
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pickstyle_jax.demo.shipped --workdir out/demo-pretrain
 
 # The converter round trip on a tiny random diffusers VACE model, and the parity it reaches.
 demo-convert: $(STAMP)

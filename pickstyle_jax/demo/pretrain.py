@@ -29,11 +29,12 @@ trains on pretrain.styles only; the autoencoder, a codec, compresses images of e
 checkpoint dirs (checkpoints.save) at config.model.{dit,vae,umt5}; each config.json carries the fingerprint of the
 settings that made it, and `run` skips the work when all three exist with the current fingerprint.
 
-    python -m pickstyle_jax.demo.pretrain --config=configs/demo.py [--workdir=DIR] [--ship] [--config.pretrain.X=...]
+    python -m pickstyle_jax.demo.pretrain --config=configs/demo.py [--workdir=DIR] [--config.pretrain.X=...]
 
 Resumable: each fitting loop saves its state to MODELS/pretrain_state/ every pretrain.checkpoint_every steps, and a
-rerun (after a kill, SIGTERM or Ctrl-C) continues from there to the same weights. `make demo-pretrain` runs it
-with --ship, which copies the result to pickstyle_jax/demo/weights with a checksum manifest (demo/shipped.py).
+rerun (after a kill, SIGTERM or Ctrl-C) continues from there to the same weights. `make demo-pretrain` runs it,
+then `python -m pickstyle_jax.demo.shipped`, which copies the result to pickstyle_jax/demo/weights with a checksum
+manifest.
 """
 from __future__ import annotations
 
@@ -624,7 +625,6 @@ def main(argv=None):
                                     lock_config=True)
     flags.DEFINE_bool("force", False, "refit even if matching checkpoints exist")
     flags.DEFINE_string("workdir", None, "put the models in WORKDIR/models (default: the config's model paths)")
-    flags.DEFINE_bool("ship", False, "then copy them, with a checksum manifest, to pickstyle_jax/demo/weights")
 
     def _main(argv):
         from absl import logging as absl_logging
@@ -639,10 +639,6 @@ def main(argv=None):
             run(config, force=flags.FLAGS.force, log=log)
         except ValueError as e:
             sys.exit(f"config error: {e}")
-        if flags.FLAGS.ship:
-            from pickstyle_jax.demo import shipped
-
-            shipped.ship(config, Path(config.model.dit).parent, log=log)
 
     app.run(_main, argv)
 

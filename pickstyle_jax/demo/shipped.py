@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+import sys
 from pathlib import Path
 
 import jax
@@ -162,3 +163,25 @@ def ship(config, models, root=WEIGHTS, log=print) -> dict:
     log(f"shipped {len(manifest['files'])} files ({size / 2**20:.1f} MiB) to {root}; one-step error "
         f"{manifest['one_step_error']['value']:.6g}")
     return manifest
+
+
+def main(argv=None) -> int:
+    """python -m pickstyle_jax.demo.shipped --workdir DIR [--config configs/demo.py]: ship DIR/models (a finished
+    `python -m pickstyle_jax.demo.pretrain --workdir DIR`) to pickstyle_jax/demo/weights."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pickstyle_jax.demo.shipped", description=main.__doc__.split(":")[0])
+    ap.add_argument("--workdir", required=True, help="the pretraining's workdir (its models/ are shipped)")
+    ap.add_argument("--config", default=str(pretrain.DEFAULT_CONFIG), help="the config they were fitted with")
+    a = ap.parse_args(argv)
+    config = pretrain.point_at(pretrain.load_config(a.config), Path(a.workdir).absolute())
+    try:
+        ship(config, Path(config.model.dit).parent)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
