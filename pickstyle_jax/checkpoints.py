@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from pickstyle_jax import lora
+from pickstyle_jax import files, lora
 from pickstyle_jax.models import autoencoders, umt5, vae, wan
 
 FORMAT = 1
@@ -118,13 +117,7 @@ def save(path, cfg, params, *, kind: str, extra: dict | None = None, overwrite: 
         if primary:
             meta = {"kind": kind, "format": FORMAT, "config": config_to_dict(cfg), **codec, **(extra or {})}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
+            files.replace_dir(tmp, path)
     finally:
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,20 @@ def atomic_write(path, write_fn: Callable[[Path], object]) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+def replace_dir(tmp, path) -> Path:
+    """Moves the finished directory `tmp` to `path`, replacing any directory there: the old one is renamed aside
+    first and removed last, so `path` is never a half-written mix (at worst briefly absent)."""
+    tmp, path = Path(tmp), Path(path)
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
     return path
 
 

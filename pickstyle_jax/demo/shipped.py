@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import uuid
 import sys
@@ -151,13 +150,7 @@ def ship(config, models, root=WEIGHTS, log=print) -> dict:
                     "one_step_error": {"seed": 0, "value": one_step_error(config, tmp)},
                     "files": {k: _sha256(p) for k, p in listed.items()}}
         files.write_json(tmp / MANIFEST, manifest, indent=1, sort_keys=True)
-        if root.exists():
-            old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(root, old)
-            os.rename(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, root)
+        files.replace_dir(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"shipped {len(manifest['files'])} files ({size / 2**20:.1f} MiB) to {root}; one-step error "
