@@ -110,8 +110,9 @@ def main(argv=None) -> int:
         fingerprint = manifest["fingerprint"]
     else:
         if not a.pretrain:
-            say(f"no shipped base models for {a.config}'s pretrain settings ({shipped.WEIGHTS} holds "
-                f"{'none' if shipped.read_manifest() is None else 'another fit'}): fitting them in {workdir / 'models'}")
+            held = "none" if shipped.read_manifest() is None else "another fit"
+            say(f"no shipped base models for {a.config}'s pretrain settings ({shipped.WEIGHTS} holds {held}): "
+                f"fitting them in {workdir / 'models'}")
         fingerprint = pretrain.run(config, log=say, cache_dir=config.text.cache_dir)["fingerprint"]
     t_pre = time.perf_counter() - t
     clear_stale_run(workdir, fingerprint, say)

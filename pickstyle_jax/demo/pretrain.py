@@ -8,10 +8,10 @@ small base models, then trains the LoRA on them exactly as on real weights:
   autoencoder pretrain.autoencoder: "conv" (configs/demo.py), the plain conv autoencoder of demo/conv_ae.py with
               the Wan VAE's latent geometry, or "wan", the Wan2.1 VAE architecture at small widths, which learns
               slowly at the demo's sizes (bench/demo_vae.py, 300 steps: 16.9 dB on held-out clips against 20.5 for
-              the conv model). Either is trained for reconstruction (L1 + L2, fp32, Adam)
-              on source and stylised clips of `vae_styles` (all four: like the released VAE, a general image codec
-              that has seen every look; it learns no source-to-style mapping), plus an L1 term on the frame differences of
-              the reconstruction error (`vae_temporal`; for the causal Wan VAE, whose frame 0 takes another path,
+              the conv model). Either is trained for reconstruction (L1 + L2, fp32, Adam) on source and stylised
+              clips of `vae_styles` (all four: like the released VAE, a general image codec that has seen every
+              look; it learns no source-to-style mapping), plus an L1 term on the frame differences of the
+              reconstruction error (`vae_temporal`; for the causal Wan VAE, whose frame 0 takes another path,
               that seam dominated the temporal error). The decoder reads the latent plus N(0, 0.1^2) noise, as a
               VAE with a fixed posterior variance, and an L2 term keeps the encoder near unit scale against it; so
               the decoder tolerates the imperfect latents a sampler produces. After training the latent mean/std
@@ -24,10 +24,10 @@ small base models, then trains the LoRA on them exactly as on real weights:
               samples per batch get the null text instead (text dropout, as base models are trained for
               classifier-free guidance), so the CS-CFG null branches are in distribution.
 
-The held-out style's mapping (config.data.synthetic_styles) is never seen before the LoRA stage: the backbone
-trains on pretrain.styles only; the autoencoder, a codec, compresses images of every style. Outputs are ordinary converted-format
-checkpoint dirs (checkpoints.save) at config.model.{dit,vae,umt5}; each config.json carries the fingerprint of the
-settings that made it, and `run` skips the work when all three exist with the current fingerprint.
+The held-out style's mapping (config.data.synthetic_styles) is unseen before the LoRA stage: the backbone trains on
+pretrain.styles only; the autoencoder, a codec, compresses every style's images. Outputs: converted-format checkpoint
+dirs at config.model.{dit,vae,umt5}, each config.json with the fingerprint of the settings that made it (`run`
+skips the work when all three exist with the current fingerprint).
 
     python -m pickstyle_jax.demo.pretrain --config=configs/demo.py [--workdir=DIR] [--config.pretrain.X=...]
 
@@ -57,7 +57,7 @@ import optax
 from pickstyle_jax import checkpoints, conditioning, files, flow, text
 from pickstyle_jax.data import pipeline
 from pickstyle_jax.data.synthetic import SYNTHETIC_STYLES
-from pickstyle_jax.demo import conv_ae
+from pickstyle_jax.demo import conv_ae, resume
 from pickstyle_jax.eval import metrics as eval_metrics
 from pickstyle_jax import tokenizer as tokenizer_lib
 from pickstyle_jax.models import autoencoders, umt5, vae, wan
@@ -151,14 +151,19 @@ def check_config(config) -> None:
         raise ValueError("pretrain.vae_steps, dit_steps and clips must be >= 1")
 
 
-def fingerprint(config) -> str:
-    """sha256 of everything that changes the pretrained models."""
+def _digest(config, **spec) -> str:
+    """sha256 of `spec` with what every stage depends on: the recipe format, clip geometry and motion, the held-out
+    style(s) and the model names."""
     d = config.data
     keys = ("frames", "height", "width", "move_prob", "zoom_range", "shift_range", "angle_range", "allow_upscale")
-    spec = {"format": FORMAT, "pretrain": config.pretrain.to_dict(), "data": {k: d[k] for k in keys},
-            "held_out": list(d.synthetic_styles), "model": {k: config.model[k] for k in
-                                                            ("variant", "vae_variant", "umt5_variant", "attention")}}
+    spec.update(format=FORMAT, data={k: d[k] for k in keys}, held_out=list(d.synthetic_styles),
+                model={k: config.model[k] for k in ("variant", "vae_variant", "umt5_variant", "attention")})
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def fingerprint(config) -> str:
+    """sha256 of everything that changes the pretrained models."""
+    return _digest(config, pretrain=config.pretrain.to_dict())
 
 
 _BOOKKEEPING = ("log_every", "checkpoint_every", "report_psnr")  # change no weight
@@ -168,14 +173,9 @@ _BACKBONE_ONLY = ("dit", "dit_steps", "dit_batch", "dit_lr", "warmup", "clips", 
 def stage_fingerprint(config, stage: str) -> str:
     """sha256 of what changes one stage's weights: the autoencoder's ignores the backbone's settings (so a new
     backbone recipe resumes on the fitted autoencoder), the backbone's covers everything; neither covers logging."""
-    d = config.data
-    keys = ("frames", "height", "width", "move_prob", "zoom_range", "shift_range", "angle_range", "allow_upscale")
     skip = _BOOKKEEPING + (_BACKBONE_ONLY if stage == "autoencoder" else ())
-    spec = {"format": FORMAT, "stage": stage, "data": {k: d[k] for k in keys},
-            "pretrain": {k: v for k, v in config.pretrain.to_dict().items() if k not in skip},
-            "held_out": list(d.synthetic_styles), "model": {k: config.model[k] for k in
-                                                            ("variant", "vae_variant", "umt5_variant", "attention")}}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()
+    return _digest(config, stage=stage,
+                   pretrain={k: v for k, v in config.pretrain.to_dict().items() if k not in skip})
 
 
 def is_done(config) -> bool:
@@ -231,46 +231,10 @@ class _Progress:
         self.log(f"{self.name} {step}/{self.total} {parts}  ({rate:.2f} s/step, eta {eta:.0f} s)")
 
 
-class StageState:
-    """Resumable progress of one fitting loop (the autoencoder or the backbone): params, optimiser state and the
-    loop's own state (step, elapsed seconds, data-iterator state, loss curve) in one file STATE_DIR/NAME.npz,
-    replaced atomically every `every` steps, so a kill at any moment leaves the previous save whole. The fingerprint
-    of the settings is stored in it: a state made from other settings is ignored (and later overwritten), so a
-    changed recipe never resumes from a stale fit."""
-
-    def __init__(self, state_dir, name: str, fingerprint: str, every: int):
-        self.path = Path(state_dir) / f"{name}.npz"
-        self.fp, self.every = fingerprint, max(1, int(every))
-
-    def load(self, like):
-        """(tree shaped like `like`, loop state dict) of the last save for these settings, or None."""
-        try:
-            with np.load(self.path) as z:
-                meta = json.loads(str(z["meta"]))
-                leaves, treedef = jax.tree.flatten(like)
-                if meta.get("fingerprint") != self.fp or len(z.files) != len(leaves) + 1:
-                    return None
-                arrays = [z[f"a{i}"] for i in range(len(leaves))]
-        except (OSError, ValueError, KeyError):
-            return None
-        if any(a.shape != np.shape(b) for a, b in zip(arrays, leaves)):
-            return None
-        return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in arrays]), meta["loop"]
-
-    def save(self, tree, loop: dict) -> None:
-        leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
-        meta = np.asarray(json.dumps({"fingerprint": self.fp, "loop": loop}))
-        files.atomic_write(self.path, lambda f: np.savez(f, meta=meta, **{f"a{i}": a for i, a in enumerate(leaves)}))
-
-    def due(self, step: int, total: int) -> bool:
-        return step % self.every == 0 or step == total
-
-
 # ------------------------------------------------------------------------------------------------ autoencoder
 def temporal_l1(err_BFHWC):
-    """Mean |e[t+1] - e[t]| of a reconstruction error e = rec - clip: zero when every frame carries the same error
-    (a steady blur or colour shift), large when frame 0 (the causal VAE's separate first-frame path) differs from
-    the rest. 0 for one-frame clips."""
+    """Mean |e[t+1] - e[t]| of a reconstruction error e = rec - clip (0 for one frame): zero for a steady blur or
+    colour shift, large when frame 0 (the causal VAE's separate first-frame path) differs from the rest."""
     if err_BFHWC.shape[1] < 2:
         return jnp.zeros((), f32)
     return jnp.mean(jnp.abs(jnp.diff(err_BFHWC, axis=1)))
@@ -301,13 +265,12 @@ def make_vae_step(vcfg, optimizer, latent_noise: float, latent_l2: float, tempor
 
 
 def _pick_videos(batch) -> np.ndarray:
-    """One clip per pair: the sources of the first half, the stylised side of the rest (other scenes), so every
-    batch holds both kinds of image in equal parts."""
+    """One clip per pair: the sources of the first half, the stylised side of the rest (other scenes)."""
     h = (len(batch["source"]) + 1) // 2
     return np.concatenate([batch["source"][:h], batch["target"][h:]])
 
 
-def train_autoencoder(config, log=print, state: StageState | None = None):
+def train_autoencoder(config, log=print, state: resume.StageState | None = None):
     """(VaeConfig with identity normalisation, trained params, metrics dict); `normalise` sets the statistics.
     With `state`, resumes from its last save and saves every `state.every` steps (same result as one straight run:
     the data iterator's position is saved with the weights, and every step's noise key is folded from the step)."""
@@ -478,7 +441,7 @@ def pair_captions(pairs) -> list[str]:
     return list(pairs["caption"]) + [f"{RECON_PREFIX} {_scene(c)}" for c in pairs["caption"]]
 
 
-def fit_backbone(config, pairs, rows: _TextRows, log=print, state: StageState | None = None):
+def fit_backbone(config, pairs, rows: _TextRows, log=print, state: resume.StageState | None = None):
     """(WanConfig, params, metrics) of the full-parameter flow-matching fit. Step s draws its batch from
     rng((seed, 13, s)) and its noise from fold_in(key, s), so a run resumed from `state` equals a straight one."""
     p = config.pretrain
@@ -518,15 +481,6 @@ def fit_backbone(config, pairs, rows: _TextRows, log=print, state: StageState | 
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def machine() -> dict:
-    """Where a fit ran: recorded with its wall time."""
-    import os
-    import platform
-
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-            "devices": [d.device_kind for d in jax.devices()]}
-
-
 def describe(vcfg) -> str:
     if isinstance(vcfg, vae.VaeConfig):
         return f"Wan VAE architecture, base_dim {vcfg.base_dim}"
@@ -579,10 +533,9 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
     log(f"autoencoder: {describe(vcfg)}, {autoencoders.num_params(vcfg) / 1e6:.2f} M params, "
         f"{p.vae_steps} steps of batch {p.vae_batch} on {config.data.frames}x{config.data.height}x"
         f"{config.data.width} clips of {', '.join(p.vae_styles)}")
-    state_dir = Path(config.model.dit).parent / "pretrain_state"
-    every = int(p.checkpoint_every)
-    vcfg, vparams, vae_metrics = train_autoencoder(
-        config, log, StageState(state_dir, "autoencoder", stage_fingerprint(config, "autoencoder"), every))
+    state_dir = Path(config.model.dit).parent / "pretrain_state"  # the fitting loops' resumable progress
+    state = lambda name: resume.StageState(state_dir, name, stage_fingerprint(config, name), p.checkpoint_every)
+    vcfg, vparams, vae_metrics = train_autoencoder(config, log, state("autoencoder"))
     vcfg, pairs = normalise(vcfg, encode_clips(config, vcfg, vparams, log))
     vae_metrics.update(latent_mean=list(vcfg.latents_mean), latent_std=list(vcfg.latents_std))
     if p.report_psnr:
@@ -598,14 +551,13 @@ def run(config, *, log: Callable[[str], None] = print, cache_dir=None, force: bo
     log(f"backbone: Wan-VACE dim {wcfg.dim}, {wcfg.num_layers} blocks, VACE after {wcfg.vace_layers}; "
         f"{p.dit_steps} flow-matching steps of batch {p.dit_batch} (recon share {p.recon_prob}, "
         f"{p.null_per_batch} null-text samples per batch)")
-    wcfg, dparams, dit_metrics = fit_backbone(
-        config, pairs, rows, log, StageState(state_dir, "backbone", stage_fingerprint(config, "backbone"), every))
+    wcfg, dparams, dit_metrics = fit_backbone(config, pairs, rows, log, state("backbone"))
 
     summary = {"fingerprint": fp, "seconds": time.perf_counter() - t_start,
                "fit_seconds": vae_metrics["train_s"] + dit_metrics["train_s"],  # over every resumed session
-               "recipe": {"pretrain": config.pretrain.to_dict(), "clip": [int(config.data.frames),
-                          int(config.data.height), int(config.data.width)], "held_out": list(config.data.synthetic_styles)},
-               "machine": machine(),
+               "recipe": {"pretrain": config.pretrain.to_dict(), "held_out": list(config.data.synthetic_styles),
+                          "clip": [int(config.data[k]) for k in ("frames", "height", "width")]},
+               "machine": resume.machine(),
                "vae": {k: v for k, v in vae_metrics.items() if k != "curve"},
                "dit": {k: v for k, v in dit_metrics.items() if k != "curve"}}
     checkpoints.save(config.model.vae, vcfg, vparams, kind=checkpoints.AUTOENCODER, extra={"pretrain": summary})
